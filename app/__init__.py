@@ -1,0 +1,1 @@
+"""gptqd service: API, job store, settings and the `gptqd` command."""

@@ -1,0 +1,71 @@
+"""What a quantization run is asked to do: the quantization settings and the calibration set."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """GPTQ settings. Defaults follow the reference GPTQ code and the ecosystem (4-bit, g128, sym)."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    static_groups: bool = False
+    damp_percent: float = 0.01
+    # on Cholesky failure the damping is raised by this much and the solve retried
+    damp_auto_increment: float = 0.0025
+    max_damp_percent: float = 1.0
+    true_sequential: bool = True
+    mse: bool = False  # search a clipping ratio per group that minimises the quantization MSE
+    block_size: int = 128  # columns per lazy batch update
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ValueError(
+                f"group_size must be one of {SUPPORTED_GROUP_SIZES}, got {self.group_size}"
+            )
+        if not 0 < self.damp_percent < 1:
+            raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def checkpoint_format(self) -> str:
+        """v1 ('gptq', zeros stored minus one) for sym; v2 for asym, where v1 would underflow."""
+        return "gptq" if self.sym else "gptq_v2"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Where calibration text comes from and how it is cut into windows.
+
+    source: "builtin", a local file (.txt, .jsonl, .parquet), or a hub dataset "NAME[:CONFIG[:SPLIT]]".
+    """
+
+    source: str = "builtin"
+    text_field: str = "text"
+    num_samples: int = 128
+    seq_length: int = 512
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.seq_length < 8:
+            raise ValueError(f"seq_length must be >= 8, got {self.seq_length}")

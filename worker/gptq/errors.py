@@ -1,0 +1,47 @@
+"""Engine errors a person can act on. Each has a stable code the service stores with a failed job."""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    code = "engine_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ModelNotFound(EngineError):
+    code = "model_not_found"
+
+
+class ModelAccessDenied(EngineError):
+    code = "model_access_denied"
+
+
+class UnsupportedArchitecture(EngineError):
+    code = "unsupported_architecture"
+
+
+class LayerShapeError(EngineError):
+    code = "layer_shape"
+
+
+class CalibrationError(EngineError):
+    code = "calibration"
+
+
+class CholeskyError(EngineError):
+    code = "cholesky_failed"
+
+
+class OutOfMemory(EngineError):
+    code = "out_of_memory"
+
+
+class DiskFull(EngineError):
+    code = "disk_full"
+
+
+class InvalidCheckpoint(EngineError):
+    code = "invalid_checkpoint"

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.gptq.quantizer import dequantize, find_params, quantize
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_zero_is_midpoint_and_range_covers_row(bits: int) -> None:
+    w = torch.randn(16, 64)
+    scale, zero = find_params(w, bits, sym=True)
+    maxq = 2**bits - 1
+    assert torch.all(zero == (maxq + 1) / 2)
+    q = quantize(w, scale, zero, maxq)
+    assert q.min() >= 0 and q.max() <= maxq
+    # a symmetric grid puts the largest |w| within half a step of the grid's edge
+    err = (dequantize(q, scale, zero) - w).abs()
+    assert torch.all(err <= scale * 1.001)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_asymmetric_grid_error_is_at_most_one_step(bits: int) -> None:
+    w = torch.rand(16, 64) * 3 - 0.5  # skewed range
+    scale, zero = find_params(w, bits, sym=False)
+    assert torch.all((zero >= 0) & (zero <= 2**bits - 1))
+    dq = dequantize(quantize(w, scale, zero, 2**bits - 1), scale, zero)
+    err = (dq - w).abs()
+    # rounding the zero point can shift the grid by half a step, so the row's edge may clip
+    assert torch.all(err <= scale + 1e-5)
+    assert err.mean() < (scale / 2).mean()
+
+
+def test_scales_are_fp16_representable_and_zero_rows_are_safe() -> None:
+    w = torch.randn(4, 32)
+    w[1] = 0
+    scale, zero = find_params(w, 4, sym=False)
+    assert torch.equal(scale, scale.half().float())
+    assert torch.all(scale > 0)
+    assert torch.all(quantize(w[1:2], scale[1:2], zero[1:2], 15) == zero[1])
+
+
+def test_mse_clipping_never_increases_error() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 128)
+    w[:, 0] *= 20  # outliers make the full range wasteful
+    for sym in (True, False):
+        s0, z0 = find_params(w, 3, sym)
+        s1, z1 = find_params(w, 3, sym, mse=True)
+        e0 = (dequantize(quantize(w, s0, z0, 7), s0, z0) - w).abs().pow(2.4).sum(1)
+        e1 = (dequantize(quantize(w, s1, z1, 7), s1, z1) - w).abs().pow(2.4).sum(1)
+        assert torch.all(e1 <= e0 + 1e-5)
+        assert e1.sum() < e0.sum()

@@ -1,0 +1,160 @@
+"""How much a quantized model lost: perplexity, agreement with the original, sample text.
+
+Perplexity protocol (the GPTQ paper's, fixed so numbers are comparable across runs):
+the texts are joined with "\\n\\n" and tokenized once, without special tokens; the token stream
+is cut into non-overlapping windows of seq_length tokens (a trailing partial window is dropped);
+each window is scored on its own, with no context carried over; perplexity is exp of the mean
+negative log-likelihood over every predicted token (seq_length - 1 per window).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What to measure after quantizing.
+
+    source: held-out text, in the same forms as CalibrationSpec.source ("builtin", a local
+    .txt/.jsonl/.parquet file, or a hub dataset "NAME[:CONFIG[:SPLIT]]"). Keep it apart from
+    the calibration text, or the perplexity flatters the quantized model.
+    """
+
+    source: str
+    text_field: str = "text"
+    seq_length: int = 512
+    max_windows: int | None = None
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    max_new_tokens: int = 32
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ValueError("eval source must not be empty")
+        if self.seq_length < 2:
+            raise ValueError(f"eval seq_length must be >= 2, got {self.seq_length}")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError(f"eval max_windows must be >= 1, got {self.max_windows}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"eval max_new_tokens must be >= 0, got {self.max_new_tokens}")
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """The longest input the model's position embeddings admit, when its config says."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def eval_windows(
+    tokenizer, texts: str | Sequence[str], seq_length: int, max_windows: int | None = None
+) -> torch.Tensor:
+    """The protocol's windows: [n_windows, seq_length] token ids (long)."""
+    text = texts if isinstance(texts, str) else "\n\n".join(texts)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    n = ids.numel() // seq_length
+    if n == 0:
+        raise ValueError(
+            f"eval text has {ids.numel()} tokens, fewer than one window of seq_length={seq_length}"
+        )
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return ids[: n * seq_length].view(n, seq_length)
+
+
+def _check_fits(model: torch.nn.Module, seq_length: int) -> None:
+    limit = context_length(model)
+    if limit is not None and seq_length > limit:
+        raise ValueError(f"seq_length={seq_length} exceeds the model's context length {limit}")
+
+
+@torch.inference_mode()
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids.to(_model_device(model)), use_cache=False)
+    return out.logits.float()
+
+
+@torch.inference_mode()
+def perplexity(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: str | Sequence[str],
+    seq_length: int,
+    max_windows: int | None = None,
+    batch_size: int = 8,
+) -> float:
+    """Perplexity of `model` on `texts` under the module's protocol."""
+    _check_fits(model, seq_length)
+    windows = eval_windows(tokenizer, texts, seq_length, max_windows)
+    nll, count = 0.0, 0
+    for batch in windows.split(batch_size):
+        logits = _logits(model, batch)
+        targets = batch[:, 1:].to(logits.device)
+        nll += float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+        )
+        count += targets.numel()
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def agreement(
+    ref_model: torch.nn.Module,
+    q_model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """How often the quantized model's top-1 token equals the original's, and KL(ref ‖ quantized).
+
+    Both are averaged over every position of input_ids ([B, T] long); KL is in nats.
+    """
+    same, kl, positions = 0, 0.0, 0
+    for batch in input_ids.split(batch_size):
+        ref = F.log_softmax(_logits(ref_model, batch), dim=-1)
+        q = F.log_softmax(_logits(q_model, batch), dim=-1).to(ref.device)
+        same += int((ref.argmax(-1) == q.argmax(-1)).sum())
+        kl += float((ref.exp() * (ref - q)).sum())
+        positions += ref.shape[0] * ref.shape[1]
+    return {"top1": same / positions, "kl": kl / positions}
+
+
+@torch.inference_mode()
+def generate_samples(
+    model: torch.nn.Module, tokenizer, prompts: Sequence[str], max_new_tokens: int
+) -> list[str]:
+    """Greedy continuations, returned as prompt + continuation."""
+    samples = []
+    device = _model_device(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
+    return samples

@@ -1,0 +1,355 @@
+// gptqd dashboard: plain JS, no build step. Lists jobs with live progress (server-sent events
+// read through fetch, so an API key can ride along), submits jobs, shows one job's results.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const keyInput = $("#api-key");
+keyInput.value = localStorage.getItem("gptqd-key") || "";
+keyInput.addEventListener("change", () => {
+  localStorage.setItem("gptqd-key", keyInput.value.trim());
+  route();
+});
+
+function headers(extra = {}) {
+  const key = keyInput.value.trim();
+  return key ? { ...extra, Authorization: `Bearer ${key}` } : extra;
+}
+
+async function api(path, options = {}) {
+  const resp = await fetch(path, { ...options, headers: headers(options.headers || {}) });
+  const body = resp.headers.get("content-type")?.includes("json") ? await resp.json() : null;
+  if (!resp.ok) throw new Error(describeError(resp.status, body));
+  return body;
+}
+
+function describeError(status, body) {
+  const detail = body && body.detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => `${(d.loc || []).filter((p) => p !== "body").join(".")}: ${d.msg}`).join("\n");
+  }
+  if (detail && typeof detail === "object") return detail.message || JSON.stringify(detail);
+  return detail || `HTTP ${status}`;
+}
+
+function text(tag, value, cls) {
+  const el = document.createElement(tag);
+  el.textContent = value ?? "";
+  if (cls) el.className = cls;
+  return el;
+}
+
+function formatSeconds(s) {
+  if (s == null || !isFinite(s)) return "";
+  s = Math.max(0, Math.round(s));
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  return h ? `${h}h${String(m).padStart(2, "0")}m` : m ? `${m}m${String(sec).padStart(2, "0")}s` : `${sec}s`;
+}
+
+function formatBytes(n) {
+  if (n == null) return "";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function progressLabel(job) {
+  const p = job.progress || {};
+  if (job.status === "succeeded") return "done";
+  if (job.status !== "running") return job.status;
+  const parts = [];
+  if (p.stage) parts.push(p.stage);
+  if (p.block && p.num_blocks) parts.push(`block ${p.block}/${p.num_blocks}`);
+  if (p.eta_seconds != null) parts.push(`ETA ${formatSeconds(p.eta_seconds)}`);
+  return parts.join(" · ");
+}
+
+function setProgress(el, job) {
+  const fraction = job.status === "succeeded" ? 1 : (job.progress?.fraction || 0);
+  el.querySelector(".bar").style.width = `${(100 * fraction).toFixed(1)}%`;
+  el.querySelector(".label").textContent = progressLabel(job);
+  el.dataset.fraction = fraction;
+}
+
+function progressBar() {
+  const el = document.createElement("div");
+  el.className = "progress";
+  el.append(text("div", "", "bar"), text("span", "", "label"));
+  return el;
+}
+
+// --- live updates: one event stream per job that is not finished ---------------------------
+const streams = new Map();
+
+function follow(jobId, onChange) {
+  if (streams.has(jobId)) return;
+  const controller = new AbortController();
+  streams.set(jobId, controller);
+  let lastId = null;
+  let pending = null;
+  const refresh = () => {
+    if (pending) return;
+    pending = setTimeout(async () => {
+      pending = null;
+      try { onChange(await api(`/jobs/${jobId}`)); } catch (e) { /* next event retries */ }
+    }, 250);
+  };
+  (async function read() {
+    while (!controller.signal.aborted) {
+      try {
+        const h = headers({ Accept: "text/event-stream" });
+        if (lastId) h["Last-Event-ID"] = lastId;
+        const resp = await fetch(`/jobs/${jobId}/events`, { headers: h, signal: controller.signal });
+        if (!resp.ok) throw new Error(`events: HTTP ${resp.status}`);
+        const reader = resp.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut);
+            buffer = buffer.slice(cut + 2);
+            for (const line of block.split("\n")) {
+              if (line.startsWith("id:")) lastId = line.slice(3).trim();
+            }
+            refresh();
+          }
+        }
+        refresh();
+        break; // the server ends the stream after the terminal event
+      } catch (e) {
+        if (controller.signal.aborted) break;
+        await new Promise((r) => setTimeout(r, 2000));
+      }
+    }
+    streams.delete(jobId);
+  })();
+}
+
+function stopFollowing() {
+  for (const c of streams.values()) c.abort();
+  streams.clear();
+}
+
+// --- job list -------------------------------------------------------------------------------
+const rows = new Map();
+
+function settingsOf(job) {
+  const s = job.spec || {};
+  return `${s.bits ?? "?"}-bit g${s.group_size ?? "?"}${s.desc_act ? " act-order" : ""}${s.sym === false ? " asym" : ""}`;
+}
+
+function renderRow(job) {
+  let row = rows.get(job.id);
+  if (!row) {
+    row = document.createElement("tr");
+    row.className = "job";
+    row.dataset.jobId = job.id;
+    row.addEventListener("click", () => { location.hash = `#/jobs/${job.id}`; });
+    row.append(text("td", ""), text("td", ""), text("td", ""), text("td", ""), document.createElement("td"));
+    row.cells[4].append(progressBar());
+    rows.set(job.id, row);
+  }
+  row.cells[0].textContent = job.name || job.id.slice(0, 12);
+  row.cells[1].textContent = job.model_id;
+  row.cells[2].textContent = settingsOf(job);
+  row.cells[3].textContent = job.status;
+  row.cells[3].className = `status ${job.status}`;
+  row.dataset.status = job.status;
+  setProgress(row.cells[4].firstChild, job);
+  return row;
+}
+
+async function loadJobs() {
+  const status = $("#status-filter").value;
+  const page = await api(`/jobs?limit=50${status ? `&status=${status}` : ""}`);
+  const body = $("#jobs tbody");
+  body.replaceChildren(...page.items.map(renderRow));
+  $("#jobs-empty").hidden = page.items.length > 0;
+  for (const job of page.items) {
+    if (job.status === "queued" || job.status === "running") follow(job.id, renderRow);
+  }
+}
+
+async function loadDatasets() {
+  try {
+    const items = await api("/datasets");
+    const select = $("#submit-form [name=dataset_id]");
+    select.replaceChildren(new Option("(none)", ""), ...(items.items || items).map((d) => new Option(`${d.filename} (${d.id.slice(0, 10)})`, d.id)));
+  } catch (e) { /* datasets are optional for the form */ }
+}
+
+$("#status-filter").addEventListener("change", () => { stopFollowing(); rows.clear(); loadJobs(); });
+
+$("#submit-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const f = event.target.elements;
+  const calibration = {
+    num_samples: Number(f.num_samples.value),
+    seq_length: Number(f.seq_length.value),
+  };
+  if (f.dataset_id.value) {
+    calibration.dataset_id = f.dataset_id.value;
+  } else {
+    calibration.dataset = f.dataset.value.trim();
+    if (f.config.value.trim()) calibration.config = f.config.value.trim();
+    if (f.split.value.trim()) calibration.split = f.split.value.trim();
+  }
+  const spec = {
+    model_id: f.model_id.value.trim(),
+    bits: Number(f.bits.value),
+    group_size: Number(f.group_size.value),
+    damp_percent: Number(f.damp_percent.value),
+    sym: f.sym.checked,
+    desc_act: f.desc_act.checked,
+    static_groups: f.static_groups.checked,
+    calibration,
+  };
+  if (f.name.value.trim()) spec.name = f.name.value.trim();
+  $("#submit-error").textContent = "";
+  try {
+    const job = await api("/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(spec) });
+    $("#jobs tbody").prepend(renderRow(job));
+    $("#jobs-empty").hidden = true;
+    follow(job.id, renderRow);
+  } catch (e) {
+    $("#submit-error").textContent = e.message;
+  }
+});
+
+// --- one job --------------------------------------------------------------------------------
+function moduleLosses(metrics) {
+  // metrics.modules: [{name, block, loss, ...}] as the engine reports them
+  const mods = metrics?.modules || metrics?.layers || [];
+  return mods.filter((m) => m && m.loss != null).map((m) => ({ name: m.name || m.module, block: m.block, loss: Number(m.loss) }));
+}
+
+function drawLossChart(svg, mods) {
+  const NS = "http://www.w3.org/2000/svg";
+  svg.replaceChildren();
+  const W = 720, H = 260, left = 50, bottom = 40, top = 10;
+  if (!mods.length) {
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", 20); t.setAttribute("y", 30); t.textContent = "no per-layer loss yet";
+    svg.append(t);
+    return;
+  }
+  const logs = mods.map((m) => Math.log10(Math.max(m.loss, 1e-12)));
+  const lo = Math.floor(Math.min(...logs)), hi = Math.ceil(Math.max(...logs)) || lo + 1;
+  const span = Math.max(hi - lo, 1);
+  const bw = (W - left - 10) / mods.length;
+  mods.forEach((m, i) => {
+    const h = ((logs[i] - lo) / span) * (H - bottom - top) + 2;
+    const r = document.createElementNS(NS, "rect");
+    r.setAttribute("class", "bar");
+    r.setAttribute("x", left + i * bw + 1);
+    r.setAttribute("width", Math.max(bw - 2, 1));
+    r.setAttribute("y", H - bottom - h);
+    r.setAttribute("height", h);
+    const title = document.createElementNS(NS, "title");
+    title.textContent = `${m.name}: ${m.loss.toPrecision(4)}`;
+    r.append(title);
+    svg.append(r);
+  });
+  for (let v = lo; v <= hi; v++) {
+    const y = H - bottom - ((v - lo) / span) * (H - bottom - top);
+    const t = document.createElementNS(NS, "text");
+    t.setAttribute("x", 4); t.setAttribute("y", y + 3); t.textContent = `1e${v}`;
+    svg.append(t);
+  }
+  const blocks = [...new Set(mods.map((m) => m.block))];
+  const caption = document.createElementNS(NS, "text");
+  caption.setAttribute("x", left); caption.setAttribute("y", H - 10);
+  caption.textContent = `${mods.length} modules in ${blocks.length} blocks (log scale, true-sequential order)`;
+  svg.append(caption);
+}
+
+function metricRows(job) {
+  const m = job.metrics || {};
+  const ppl = m.perplexity || {};
+  const rows = [
+    ["status", job.status],
+    ["settings", settingsOf(job)],
+    ["perplexity before", ppl.before ?? m.perplexity_before],
+    ["perplexity after", ppl.after ?? m.perplexity_after],
+    ["size before", formatBytes(m.size_before ?? m.sizes?.before)],
+    ["size after", formatBytes(m.size_after ?? m.sizes?.after)],
+    ["duration", formatSeconds(m.duration_seconds ?? m.duration)],
+    ["attempts", job.attempts],
+  ];
+  return rows.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => {
+    const tr = document.createElement("tr");
+    tr.append(text("td", k), text("td", typeof v === "number" ? (Number.isInteger(v) ? v : v.toFixed(3)) : v));
+    return tr;
+  });
+}
+
+function renderJob(job) {
+  $("#job-title").textContent = `${job.name || job.id} — ${job.model_id}`;
+  setProgress($("#job-view .progress"), job);
+  $("#job-view .progress").dataset.status = job.status;
+  $("#job-message").textContent = job.progress?.message || "";
+  $("#job-error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
+  $("#job-metrics tbody").replaceChildren(...metricRows(job));
+  drawLossChart($("#loss-chart"), moduleLosses(job.metrics));
+  const list = $("#artifacts");
+  list.replaceChildren(...(job.artifacts || []).map((a) => {
+    const li = document.createElement("li");
+    const link = text("a", a.name);
+    link.href = `/jobs/${job.id}/artifacts/${encodeURIComponent(a.name)}`;
+    link.addEventListener("click", (e) => download(e, link.href, a.name));
+    li.append(link, text("span", ` ${formatBytes(a.size)}`, "muted"));
+    return li;
+  }));
+  if (job.status === "succeeded") {
+    const li = document.createElement("li");
+    const link = text("a", "whole checkpoint (.tar)");
+    link.href = `/jobs/${job.id}/archive`;
+    link.addEventListener("click", (e) => download(e, link.href, `${job.id}.tar`));
+    li.append(link);
+    list.append(li);
+  }
+  const samples = job.metrics?.samples || [];
+  $("#samples").replaceChildren(...samples.map((s) => text("pre", typeof s === "string" ? s : `${s.prompt ?? ""}${s.text ?? s.output ?? ""}`)));
+  $("#cancel-button").hidden = !(job.status === "queued" || job.status === "running");
+  $("#cancel-button").onclick = async () => { try { renderJob(await api(`/jobs/${job.id}/cancel`, { method: "POST" })); } catch (e) { $("#job-error").textContent = e.message; } };
+}
+
+async function download(event, url, name) {
+  // with an API key the browser cannot add the header to a plain link: fetch, then save
+  if (!keyInput.value.trim()) return;
+  event.preventDefault();
+  const resp = await fetch(url, { headers: headers() });
+  const blob = await resp.blob();
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = name;
+  a.click();
+  URL.revokeObjectURL(a.href);
+}
+
+// --- routing --------------------------------------------------------------------------------
+async function route() {
+  stopFollowing();
+  const match = location.hash.match(/^#\/jobs\/([\w-]+)/);
+  $("#list-view").hidden = !!match;
+  $("#job-view").hidden = !match;
+  try {
+    if (match) {
+      const job = await api(`/jobs/${match[1]}`);
+      renderJob(job);
+      if (job.status === "queued" || job.status === "running") follow(job.id, renderJob);
+    } else {
+      rows.clear();
+      await Promise.all([loadJobs(), loadDatasets()]);
+    }
+  } catch (e) {
+    (match ? $("#job-error") : $("#submit-error")).textContent = e.message;
+  }
+}
+
+window.addEventListener("hashchange", route);
+route();

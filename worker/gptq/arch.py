@@ -1,0 +1,243 @@
+"""Where the decoder blocks and their linear layers are, for each supported model family.
+
+An ArchSpec names the ModuleList of decoder blocks and, inside one block, the linear layers in
+true-sequential order: groups of modules that see the same input are solved together (attention
+in-projections, then the out-projection, then the MLP in-projections, then the MLP
+out-projection), so each later group is calibrated on the outputs of the already-quantized
+earlier ones. GPT-2 stores its linears as transformers' Conv1D with the weight as [in, out];
+the helpers here hide that and always speak [out, in] like nn.Linear.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.gptq.config import QuantizeConfig
+from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    family: str
+    model_types: tuple[str, ...]
+    blocks_path: str  # attribute path of the ModuleList of decoder blocks, e.g. "model.layers"
+    sequential: tuple[tuple[str, ...], ...]  # module names relative to a block, in solve order
+    conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        """Every quantized module of a block, relative to the block, in solve order."""
+        return tuple(name for group in self.sequential for name in group)
+
+    def groups(self, true_sequential: bool) -> tuple[tuple[str, ...], ...]:
+        """The solve groups: the sequential ones, or all modules at once (true_sequential off)."""
+        return self.sequential if true_sequential else (self.module_names,)
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        blocks = _get_attr(model, self.blocks_path)
+        if not isinstance(blocks, nn.ModuleList):
+            raise UnsupportedArchitecture(
+                f"{self.family}: expected the decoder blocks at {self.blocks_path}, "
+                f"found {type(blocks).__name__}"
+            )
+        return blocks
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}"
+
+    def block_linears(self, block: nn.Module, index: int = 0) -> dict[str, nn.Module]:
+        """The block's quantizable modules by relative name; a missing one is an error."""
+        found: dict[str, nn.Module] = {}
+        for name in self.module_names:
+            try:
+                module = block.get_submodule(name)
+            except AttributeError:
+                module = None
+            if module is None or not is_linear(module):
+                raise UnsupportedArchitecture(
+                    f"{self.family}: block {self.block_prefix(index)} has no linear layer "
+                    f"'{name}'; this model does not have the {self.family} layout"
+                )
+            found[name] = module
+        return found
+
+
+_LLAMA_SEQUENTIAL = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+
+ARCHS: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_SEQUENTIAL),
+    ArchSpec(
+        "gpt2",
+        ("gpt2",),
+        "transformer.h",
+        (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+        conv1d=True,
+    ),
+    ArchSpec(
+        "opt",
+        ("opt",),
+        "model.decoder.layers",
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.out_proj",),
+            ("fc1",),
+            ("fc2",),
+        ),
+    ),
+    ArchSpec(
+        "gpt_neox",
+        ("gpt_neox",),
+        "gpt_neox.layers",
+        (
+            ("attention.query_key_value",),
+            ("attention.dense",),
+            ("mlp.dense_h_to_4h",),
+            ("mlp.dense_4h_to_h",),
+        ),
+    ),
+)
+
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for arch in ARCHS for t in arch.model_types)
+
+
+def model_type_of(config_or_model: Any) -> str | None:
+    """model_type from a model, a PretrainedConfig, a config dict or a plain string."""
+    if isinstance(config_or_model, str):
+        return config_or_model
+    if isinstance(config_or_model, Mapping):
+        return config_or_model.get("model_type")
+    config = getattr(config_or_model, "config", config_or_model)
+    return getattr(config, "model_type", None)
+
+
+def get_arch(config_or_model: Any) -> ArchSpec:
+    model_type = model_type_of(config_or_model)
+    for arch in ARCHS:
+        if model_type in arch.model_types:
+            return arch
+    raise UnsupportedArchitecture(
+        f"model type {model_type!r} is not supported; supported model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+    )
+
+
+# --- linear layers in [out, in] orientation ---------------------------------------------------
+
+
+def _conv1d_type() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return Conv1D
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features N, in_features K) of an nn.Linear or a Conv1D."""
+    rows, cols = module.weight.shape
+    return (cols, rows) if is_conv1d(module) else (rows, cols)
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as a float32 [out, in] tensor (a copy; Conv1D's [in, out] is transposed)."""
+    weight = module.weight.detach()
+    if is_conv1d(module):
+        weight = weight.t()
+    return weight.to(torch.float32, copy=True).contiguous()
+
+
+def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
+    """Write an [out, in] weight back in the module's own orientation, dtype and device."""
+    if is_conv1d(module):
+        weight = weight.t()
+    if tuple(weight.shape) != tuple(module.weight.shape):
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} does not fit a module of shape "
+            f"{tuple(module.weight.shape)}"
+        )
+    with torch.no_grad():
+        module.weight.copy_(weight.to(module.weight.dtype))
+
+
+# --- shape checks before any work -------------------------------------------------------------
+
+
+def packing_multiple(bits: int) -> int:
+    """Sizes must be multiples of this to fill whole int32 words (3-bit packs 32 values in 3)."""
+    return 32 if bits == 3 else 32 // bits
+
+
+def shape_problems(name: str, out_features: int, in_features: int, config: QuantizeConfig) -> list[str]:
+    """Why a layer of this shape cannot be quantized and packed; empty when it can."""
+    problems = []
+    group = config.group_size
+    if group != -1 and in_features % group:
+        problems.append(f"in_features {in_features} is not divisible by group_size {group}")
+    multiple = packing_multiple(config.bits)
+    if in_features % multiple:
+        problems.append(
+            f"in_features {in_features} is not a multiple of {multiple} "
+            f"(qweight packs {config.bits}-bit codes into int32 words along the input)"
+        )
+    if out_features % multiple:
+        problems.append(
+            f"out_features {out_features} is not a multiple of {multiple} "
+            f"(qzeros packs {config.bits}-bit zeros into int32 words along the output)"
+        )
+    return [f"{name} [{out_features}x{in_features}]: {p}" for p in problems]
+
+
+def validate_layers(model: nn.Module, arch: ArchSpec, config: QuantizeConfig) -> list[str]:
+    """Check every quantizable layer before any work; returns their full names in order.
+
+    Raises LayerShapeError naming each layer whose sizes do not fit the group size or the
+    int32 packing, and UnsupportedArchitecture if a block lacks a layer the family has.
+    """
+    names: list[str] = []
+    problems: list[str] = []
+    for index, block in enumerate(arch.blocks(model)):
+        for rel, module in arch.block_linears(block, index).items():
+            full = f"{arch.block_prefix(index)}.{rel}"
+            names.append(full)
+            problems.extend(shape_problems(full, *linear_shape(module), config))
+    if problems:
+        shown = problems[:8]
+        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+        raise LayerShapeError(
+            f"{len(problems)} layer size problem(s) for bits={config.bits}, "
+            f"group_size={config.group_size}; nothing was quantized:\n  "
+            + "\n  ".join(shown)
+            + more
+        )
+    return names
+
+
+def _get_attr(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise UnsupportedArchitecture(
+                f"{type(root).__name__} has no '{path}' (missing '{part}'); "
+                "the model does not have the layout its model_type promises"
+            )
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,131 @@
+"""Load a causal LM and its tokenizer from a hub id or a local directory.
+
+The config is read first and the model family checked (get_arch) before any weights are read,
+so an unsupported model fails in a second, not after a multi-GB download. Hub and file errors
+are mapped to ModelNotFound / ModelAccessDenied with a message a person can act on.
+revision, token and trust_remote_code are always passed explicitly (never a prompt, never a
+token from a job spec echoed back). Weights: safetensors when the repository has them
+(use_safetensors=None lets transformers prefer them; its .bin fallback uses
+torch.load(weights_only=True)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from worker.gptq.arch import ArchSpec, get_arch
+from worker.gptq.errors import EngineError, ModelAccessDenied, ModelNotFound
+
+T = TypeVar("T")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    arch: ArchSpec
+    source: str  # the hub id or local directory it came from
+
+
+def load_model(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | str = torch.float32,
+) -> LoadedModel:
+    """Config (and family check), tokenizer, then weights onto the CPU, in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    _check_local_path(model_id)
+    common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+    config = _mapped(model_id, revision, lambda: AutoConfig.from_pretrained(model_id, **common))
+    arch = get_arch(config)
+    tokenizer = _mapped(
+        model_id, revision, lambda: AutoTokenizer.from_pretrained(model_id, **common)
+    )
+    model = _mapped(
+        model_id,
+        revision,
+        lambda: AutoModelForCausalLM.from_pretrained(
+            model_id, config=config, dtype=dtype, use_safetensors=None, **common
+        ),
+    )
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=model_id)
+
+
+def _check_local_path(model_id: str) -> None:
+    """A path-looking id that is not a directory is a local mistake, not a hub lookup."""
+    if not model_id or not model_id.strip():
+        raise ModelNotFound("model is empty: give a hub id like 'org/name' or a local directory")
+    path = Path(model_id).expanduser()
+    looks_local = model_id.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise ModelNotFound(f"model directory {model_id} does not exist")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ModelNotFound(f"model directory {model_id} has no config.json")
+
+
+def _mapped(model_id: str, revision: str | None, load: Callable[[], T]) -> T:
+    try:
+        return load()
+    except EngineError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise map_load_error(model_id, revision, exc) from exc
+
+
+def map_load_error(model_id: str, revision: str | None, exc: BaseException) -> EngineError:
+    """The EngineError a person can act on for a hub/file error (looks down the cause chain)."""
+    from huggingface_hub import errors as hub
+
+    at = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
+    for cause in _chain(exc):
+        if isinstance(cause, hub.GatedRepoError):
+            return ModelAccessDenied(
+                f"model {at} is gated: accept its terms on the model page with your account, "
+                "then give the worker a token (HF_TOKEN) of that account"
+            )
+        if isinstance(cause, hub.RepositoryNotFoundError):
+            return ModelNotFound(
+                f"model {at} was not found on the hub: check the id, or if it is private "
+                "give the worker a token (HF_TOKEN) that can read it"
+            )
+        if isinstance(cause, hub.RevisionNotFoundError):
+            return ModelNotFound(f"revision {revision!r} of model {model_id!r} does not exist")
+        if isinstance(cause, hub.LocalEntryNotFoundError):
+            return ModelNotFound(
+                f"model {at} could not be fetched: the hub is unreachable (offline?) and it is "
+                "not in the local cache; download it first or give a local directory"
+            )
+        if isinstance(cause, hub.HFValidationError):
+            return ModelNotFound(
+                f"model {model_id!r} is neither a local directory nor a valid hub id "
+                "('name' or 'org/name')"
+            )
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if status in (401, 403):
+            return ModelAccessDenied(
+                f"access to model {at} was refused (HTTP {status}): give the worker a token "
+                "(HF_TOKEN) that can read it"
+            )
+        if isinstance(cause, hub.EntryNotFoundError):
+            return ModelNotFound(f"model {at} lacks a file it needs: {cause}")
+    return ModelNotFound(f"model {at} could not be loaded: {exc}")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen

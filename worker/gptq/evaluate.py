@@ -5,6 +5,8 @@ the texts are joined with "\\n\\n" and tokenized once, without special tokens; t
 is cut into non-overlapping windows of seq_length tokens (a trailing partial window is dropped);
 each window is scored on its own, with no context carried over; perplexity is exp of the mean
 negative log-likelihood over every predicted token (seq_length - 1 per window).
+A .txt file counts as one text, read as it is (see load_texts): on wikitext-2's test.txt this
+reproduces the perplexity the fixture's trainer measured.
 """
 
 from __future__ import annotations
@@ -12,9 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .calibration import FILE_SUFFIXES, builtin_rows, hub_rows, read_file_rows, tokenize
+from .errors import CalibrationError
 
 DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is")
 
@@ -47,6 +53,25 @@ class EvalSpec:
             raise ValueError(f"eval max_new_tokens must be >= 0, got {self.max_new_tokens}")
 
 
+def load_texts(source: str, text_field: str = "text") -> list[str]:
+    """The texts of an eval source, kept as they are (no stripping, blank rows kept).
+
+    A .txt file is one text, its layout untouched; the rows of a .jsonl/.parquet file, of a hub
+    dataset or of "builtin" are separate texts, which the protocol joins with "\n\n" (how the
+    GPTQ paper joins wikitext's rows).
+    """
+    if source == "builtin":
+        return builtin_rows()
+    path = Path(source).expanduser()
+    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise CalibrationError(f"eval text file {path} does not exist")
+        if path.suffix.lower() == ".txt":
+            return [path.read_text(encoding="utf-8")]
+        return read_file_rows(path, text_field)
+    return hub_rows(source, text_field)
+
+
 def context_length(model: torch.nn.Module) -> int | None:
     """The longest input the model's position embeddings admit, when its config says."""
     config = getattr(model, "config", None)
@@ -70,7 +95,7 @@ def eval_windows(
 ) -> torch.Tensor:
     """The protocol's windows: [n_windows, seq_length] token ids (long)."""
     text = texts if isinstance(texts, str) else "\n\n".join(texts)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = tokenize(tokenizer, text)
     n = ids.numel() // seq_length
     if n == 0:
         raise ValueError(
@@ -93,7 +118,6 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.logits.float()
 
 
-@torch.inference_mode()
 def perplexity(
     model: torch.nn.Module,
     tokenizer,
@@ -104,7 +128,13 @@ def perplexity(
 ) -> float:
     """Perplexity of `model` on `texts` under the module's protocol."""
     _check_fits(model, seq_length)
-    windows = eval_windows(tokenizer, texts, seq_length, max_windows)
+    return window_perplexity(model, eval_windows(tokenizer, texts, seq_length, max_windows), batch_size)
+
+
+@torch.inference_mode()
+def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
+    """exp(mean NLL) over every predicted token of windows ([n, seq_length] long), each scored alone."""
+    _check_fits(model, windows.shape[1])
     nll, count = 0.0, 0
     for batch in windows.split(batch_size):
         logits = _logits(model, batch)
@@ -158,3 +188,18 @@ def generate_samples(
         )
         samples.append(tokenizer.decode(out[0], skip_special_tokens=True))
     return samples
+
+
+def evaluate_model(model: torch.nn.Module, tokenizer, spec: EvalSpec) -> dict:
+    """Perplexity on the spec's text and greedy samples: what a report shows for one model."""
+    texts = load_texts(spec.source, spec.text_field)
+    _check_fits(model, spec.seq_length)
+    windows = eval_windows(tokenizer, texts, spec.seq_length, spec.max_windows)
+    return {
+        "perplexity": window_perplexity(model, windows),
+        "windows": int(windows.shape[0]),
+        "seq_length": spec.seq_length,
+        "samples": generate_samples(model, tokenizer, spec.prompts, spec.max_new_tokens)
+        if spec.max_new_tokens > 0
+        else [],
+    }

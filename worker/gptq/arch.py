@@ -186,7 +186,7 @@ def packing_multiple(bits: int) -> int:
     return 32 if bits == 3 else 32 // bits
 
 
-def shape_problems(name: str, out_features: int, in_features: int, config: QuantizeConfig) -> list[str]:
+def shape_problems(out_features: int, in_features: int, config: QuantizeConfig) -> list[str]:
     """Why a layer of this shape cannot be quantized and packed; empty when it can."""
     problems = []
     group = config.group_size
@@ -203,28 +203,32 @@ def shape_problems(name: str, out_features: int, in_features: int, config: Quant
             f"out_features {out_features} is not a multiple of {multiple} "
             f"(qzeros packs {config.bits}-bit zeros into int32 words along the output)"
         )
-    return [f"{name} [{out_features}x{in_features}]: {p}" for p in problems]
+    return problems
 
 
 def validate_layers(model: nn.Module, arch: ArchSpec, config: QuantizeConfig) -> list[str]:
     """Check every quantizable layer before any work; returns their full names in order.
 
-    Raises LayerShapeError naming each layer whose sizes do not fit the group size or the
-    int32 packing, and UnsupportedArchitecture if a block lacks a layer the family has.
+    Works on a weightless (meta device) model too. Raises LayerShapeError naming each layer
+    whose sizes do not fit the group size or the int32 packing, and UnsupportedArchitecture
+    if a block lacks a layer the family has.
     """
     names: list[str] = []
-    problems: list[str] = []
+    refused: list[str] = []
     for index, block in enumerate(arch.blocks(model)):
         for rel, module in arch.block_linears(block, index).items():
             full = f"{arch.block_prefix(index)}.{rel}"
             names.append(full)
-            problems.extend(shape_problems(full, *linear_shape(module), config))
-    if problems:
-        shown = problems[:8]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+            out_features, in_features = linear_shape(module)
+            problems = shape_problems(out_features, in_features, config)
+            if problems:
+                refused.append(f"{full} [out {out_features}, in {in_features}]: " + "; ".join(problems))
+    if refused:
+        shown = refused[:8]
+        more = f"\n  ... and {len(refused) - len(shown)} more" if len(refused) > len(shown) else ""
         raise LayerShapeError(
-            f"{len(problems)} layer size problem(s) for bits={config.bits}, "
-            f"group_size={config.group_size}; nothing was quantized:\n  "
+            f"{len(refused)} of {len(names)} layers cannot be quantized with bits={config.bits}, "
+            f"group_size={config.group_size} (refused before any work):\n  "
             + "\n  ".join(shown)
             + more
         )

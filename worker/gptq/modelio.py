@@ -33,6 +33,35 @@ class LoadedModel:
     source: str  # the hub id or local directory it came from
 
 
+def load_config(
+    model_id: str,
+    *,
+    revision: str | None = None,
+    token: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[Any, ArchSpec]:
+    """The model's config and family, read without any weights (refuses unsupported types)."""
+    from transformers import AutoConfig
+
+    _check_local_path(model_id)
+    config = _mapped(
+        model_id,
+        revision,
+        lambda: AutoConfig.from_pretrained(
+            model_id, revision=revision, token=token, trust_remote_code=trust_remote_code
+        ),
+    )
+    return config, get_arch(config)
+
+
+def skeleton(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model built on the meta device: every shape, no memory, no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_model(
     model_id: str,
     *,
@@ -40,14 +69,18 @@ def load_model(
     token: str | None = None,
     trust_remote_code: bool = False,
     dtype: torch.dtype | str = torch.float32,
+    config: Any = None,
 ) -> LoadedModel:
     """Config (and family check), tokenizer, then weights onto the CPU, in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _check_local_path(model_id)
+    if config is None:
+        config, arch = load_config(
+            model_id, revision=revision, token=token, trust_remote_code=trust_remote_code
+        )
+    else:
+        arch = get_arch(config)
     common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-    config = _mapped(model_id, revision, lambda: AutoConfig.from_pretrained(model_id, **common))
-    arch = get_arch(config)
     tokenizer = _mapped(
         model_id, revision, lambda: AutoTokenizer.from_pretrained(model_id, **common)
     )

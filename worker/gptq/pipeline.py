@@ -1,0 +1,365 @@
+"""Block-by-block GPTQ over a whole causal LM (the reference GPTQ procedure).
+
+1. Capture: one forward pass of the calibration batches up to the decoder blocks, with every
+   block's forward swapped for a recorder, gives the hidden states entering block 0 and the
+   exact extra arguments each block is called with (attention mask, position ids, rotary
+   position embeddings...; these can differ per block, e.g. sliding-window layers).
+2. For each block, on the compute device: for each true-sequential group, hooks on the group's
+   linears feed their inputs to a GPTQ solver while the block runs over all calibration
+   batches; each linear is solved and its dequantized weight written back, so the next group
+   sees the quantized outputs. Then the block runs once more: its outputs, computed with the
+   quantized weights, are the next block's inputs.
+Only the current block (and, during capture, what lies before the blocks) is on the device.
+Embeddings, final norm and lm_head are never quantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from worker.gptq.arch import ArchSpec, get_arch, get_weight, linear_shape, set_weight
+from worker.gptq.config import QuantizeConfig
+from worker.gptq.gptq import GPTQ, LayerQuantResult
+from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
+
+# transformers 5 decoder layers return the hidden states; 4.x returns a tuple
+_LAYERS_RETURN_TUPLES = int(transformers.__version__.split(".")[0]) < 5
+_CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+@dataclass
+class ModuleReport:
+    name: str  # full module name, e.g. "model.layers.0.self_attn.q_proj"
+    block: int  # 1-based block number
+    module: str  # name inside the block, e.g. "self_attn.q_proj"
+    out_features: int
+    in_features: int
+    loss: float
+    damp_percent: float
+    nsamples: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class PipelineResult:
+    layers: dict[str, LayerQuantResult]
+    modules: list[ModuleReport]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    num_blocks: int = 0
+
+
+@dataclass
+class BlockCall:
+    """How one block is called for one calibration batch: positional args after the hidden
+    states, and keyword args, both as the model itself passed them."""
+
+    args: tuple
+    kwargs: dict
+
+
+class _CaptureDone(Exception):
+    """Stops the capture forward pass once the last block has been reached."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def quantize_model(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    config: QuantizeConfig,
+    *,
+    device: str | torch.device | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    batch_size: int = 8,
+    arch: ArchSpec | None = None,
+) -> PipelineResult:
+    """Quantize every linear of every decoder block in place; returns their GPTQ results."""
+    arch = arch or get_arch(model)
+    device = torch.device(device) if device is not None else default_device()
+    run = _Run(model, arch, config, device, progress, should_stop)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            run.execute(calib_ids, batch_size)
+    finally:
+        model.train(was_training)
+    return run.result
+
+
+class _Run:
+    """The state of one pipeline run: timings, progress and results."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchSpec,
+        config: QuantizeConfig,
+        device: torch.device,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+    ) -> None:
+        self.model, self.arch, self.config, self.device = model, arch, config, device
+        self.progress, self.should_stop = progress, should_stop
+        self.blocks = arch.blocks(model)
+        self.num_blocks = len(self.blocks)
+        self.groups = arch.groups(config.true_sequential)
+        self.per_block = len(arch.module_names)
+        self.stage_seconds = {"capture": 0.0, "forward": 0.0, "hessian": 0.0, "solve": 0.0}
+        self.result = PipelineResult({}, [], self.stage_seconds, self.num_blocks)
+        self.start = time.perf_counter()
+        self.block_seconds: list[float] = []
+
+    # --- the run ---------------------------------------------------------------------------
+
+    def execute(self, calib_ids: torch.Tensor, batch_size: int) -> None:
+        if calib_ids.dim() != 2 or calib_ids.numel() == 0:
+            raise ValueError(f"calib_ids must be a non-empty [samples, tokens] tensor, got {tuple(calib_ids.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self._check_stop("before capturing the calibration inputs")
+        began = time.perf_counter()
+        hidden, calls = capture_inputs(self.model, self.arch, calib_ids.split(batch_size), self.device)
+        self.stage_seconds["capture"] += time.perf_counter() - began
+        for index, block in enumerate(self.blocks):
+            began = time.perf_counter()
+            home = _device_of(block)
+            block.to(self.device)
+            try:
+                self._quantize_block(index, block, hidden, calls[index])
+                self._check_stop(f"after block {index + 1}/{self.num_blocks}")
+                hidden = self._forward(block, hidden, calls[index])
+            finally:
+                block.to(home)
+            self.block_seconds.append(time.perf_counter() - began)
+            self._emit(index, self.per_block, message=f"block {index + 1}/{self.num_blocks} done")
+
+    def _quantize_block(
+        self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
+    ) -> None:
+        linears = self.arch.block_linears(block, index)
+        done = 0
+        for group in self.groups:
+            self._check_stop(f"at block {index + 1}/{self.num_blocks}")
+            solvers = {name: GPTQ(get_weight(linears[name])) for name in group}
+            handles = [
+                linears[name].register_forward_hook(self._hessian_hook(solver))
+                for name, solver in solvers.items()
+            ]
+            try:
+                self._forward(block, hidden, calls)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for name, solver in solvers.items():
+                self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {name}")
+                self._solve(index, name, linears[name], solver)
+                done += 1
+                report = self.result.modules[-1]
+                self._emit(index, done, module=name, loss=report.loss, damp=report.damp_percent)
+
+    def _solve(self, index: int, name: str, module: nn.Module, solver: GPTQ) -> None:
+        began = time.perf_counter()
+        layer = solver.solve(self.config)
+        solver.free()
+        set_weight(module, layer.weight)
+        self.stage_seconds["solve"] += time.perf_counter() - began
+        full = f"{self.arch.block_prefix(index)}.{name}"
+        self.result.layers[full] = _to_cpu(layer)
+        out_features, in_features = linear_shape(module)
+        self.result.modules.append(
+            ModuleReport(
+                name=full,
+                block=index + 1,
+                module=name,
+                out_features=out_features,
+                in_features=in_features,
+                loss=layer.loss,
+                damp_percent=layer.damp_percent,
+                nsamples=layer.nsamples,
+                seconds=layer.seconds,
+            )
+        )
+
+    def _hessian_hook(self, solver: GPTQ) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            began = time.perf_counter()
+            solver.add_batch(args[0])
+            self.stage_seconds["hessian"] += time.perf_counter() - began
+
+        return hook
+
+    def _forward(
+        self, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
+    ) -> list[torch.Tensor]:
+        """Run the block over every calibration batch (time inside hooks counts as hessian)."""
+        began = time.perf_counter()
+        hessian_before = self.stage_seconds["hessian"]
+        outputs = run_block(block, hidden, calls)
+        hook_time = self.stage_seconds["hessian"] - hessian_before
+        self.stage_seconds["forward"] += time.perf_counter() - began - hook_time
+        return outputs
+
+    # --- progress --------------------------------------------------------------------------
+
+    def _check_stop(self, where: str) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(f"quantization cancelled {where}")
+
+    def _emit(
+        self,
+        index: int,
+        done: int,
+        *,
+        module: str | None = None,
+        loss: float | None = None,
+        damp: float | None = None,
+        message: str = "",
+    ) -> None:
+        if self.progress is None:
+            return
+        fraction = min(1.0, (index + done / self.per_block) / self.num_blocks)
+        elapsed = time.perf_counter() - self.start
+        self.progress(
+            ProgressEvent(
+                stage="quantizing",
+                fraction=fraction,
+                block=index + 1,
+                num_blocks=self.num_blocks,
+                module=module,
+                loss=loss,
+                damp=damp,
+                seconds=elapsed,
+                eta_seconds=self._eta(fraction, elapsed),
+                message=message,
+                stage_seconds=dict(self.stage_seconds),
+            )
+        )
+
+    def _eta(self, fraction: float, elapsed: float) -> float | None:
+        """Mean time per finished block times the blocks left; extrapolated within block 1."""
+        if self.block_seconds:
+            mean = sum(self.block_seconds) / len(self.block_seconds)
+            in_flight = elapsed - self.stage_seconds["capture"] - sum(self.block_seconds)
+            remaining_blocks = self.num_blocks - len(self.block_seconds)
+            return max(0.0, mean * remaining_blocks - max(0.0, in_flight))
+        if fraction <= 0:
+            return None
+        return elapsed / fraction * (1 - fraction)
+
+
+def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:
+    """The block's output hidden states for each batch, called as the model calls it."""
+    outputs = []
+    for states, call in zip(hidden, calls, strict=True):
+        out = block(states, *call.args, **call.kwargs)
+        outputs.append(out[0] if isinstance(out, tuple | list) else out)
+    return outputs
+
+
+def capture_inputs(
+    model: nn.Module, arch: ArchSpec, batches: tuple[torch.Tensor, ...], device: torch.device
+) -> tuple[list[torch.Tensor], list[list[BlockCall]]]:
+    """Hidden states entering block 0 per batch, and how each block is called per batch.
+
+    Each block's forward is swapped for a recorder that passes the hidden states through
+    unchanged, so no block computes anything and none needs to be on the device.
+    """
+    blocks = arch.blocks(model)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[BlockCall]] = [[] for _ in blocks]
+    last = len(blocks) - 1
+
+    def recorder(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            by_name = "hidden_states" in kwargs
+            states = kwargs.pop("hidden_states") if by_name else args[0]
+            for key in _CACHE_KWARGS:
+                if key in kwargs:
+                    kwargs[key] = None
+            if "use_cache" in kwargs:
+                kwargs["use_cache"] = False
+            calls[index].append(BlockCall(tuple(args if by_name else args[1:]), kwargs))
+            if index == 0:
+                hidden.append(states)
+            if index == last:
+                raise _CaptureDone
+            return (states,) if _LAYERS_RETURN_TUPLES else states
+
+        return forward
+
+    moved = _move_outside_blocks(model, arch, device)
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = recorder(index)
+        for batch in batches:
+            with contextlib.suppress(_CaptureDone):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for block in blocks:
+            del block.forward
+        _restore(moved)
+    if any(len(block_calls) != len(batches) for block_calls in calls):
+        raise RuntimeError(f"{arch.family}: not every decoder block was reached during capture")
+    return hidden, calls
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_cpu(layer: LayerQuantResult) -> LayerQuantResult:
+    moved = {
+        f.name: getattr(layer, f.name).cpu()
+        for f in dataclasses.fields(layer)
+        if isinstance(getattr(layer, f.name), torch.Tensor)
+    }
+    return dataclasses.replace(layer, **moved)
+
+
+def _move_outside_blocks(
+    model: nn.Module, arch: ArchSpec, device: torch.device
+) -> list[tuple[dict, str, torch.device]]:
+    """Put every parameter and buffer outside the decoder blocks on the device (for the
+    capture pass: embeddings, rotary tables...); returns what to move back."""
+    prefix = arch.blocks_path + "."
+    moved = []
+    for name, module in model.named_modules():
+        if name == arch.blocks_path or name.startswith(prefix):
+            continue
+        for store in (module._parameters, module._buffers):
+            for key, tensor in store.items():
+                if tensor is not None and tensor.device != device:
+                    moved.append((store, key, tensor.device))
+                    _assign(store, key, tensor.to(device))
+    return moved
+
+
+def _restore(moved: list[tuple[dict, str, torch.device]]) -> None:
+    for store, key, home in moved:
+        _assign(store, key, store[key].to(home))
+
+
+def _assign(store: dict, key: str, tensor: torch.Tensor) -> None:
+    current = store[key]
+    if isinstance(current, nn.Parameter):
+        current.data = tensor  # keep the Parameter object: tied weights share it
+    else:
+        store[key] = tensor

@@ -1,0 +1,1 @@
+"""Command groups of the `gptqd` CLI; each module has register(app: typer.Typer)."""

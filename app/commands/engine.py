@@ -1,0 +1,297 @@
+"""`gptqd quantize` and `gptqd eval`: the engine from the command line, no server needed.
+
+Argument errors exit with code 2 and a usage message naming the option; engine errors (model
+not found, calibration too short, layer sizes that cannot be packed...) exit with code 1 and
+one line `error [code]: message`. Neither prints a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+T = TypeVar("T")
+
+# options whose values the engine's config classes validate: field name -> option
+_FIELD_OPTIONS = {
+    "bits": "--bits",
+    "group_size": "--group-size",
+    "damp_percent": "--damp-percent",
+    "num_samples": "--num-samples",
+    "seq_length": "--seq-length",
+    "eval seq_length": "--seq-length",
+    "eval max_windows": "--eval-max-windows",
+    "eval source": "--eval-text",
+}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("quantize")(quantize)
+    app.command("eval")(evaluate)
+
+
+def _build(make: Callable[[], T]) -> T:
+    """Construct an engine config; its ValueError becomes a usage error naming the option."""
+    try:
+        return make()
+    except ValueError as exc:
+        message = str(exc)
+        hint = next(
+            (opt for field, opt in sorted(_FIELD_OPTIONS.items(), key=lambda kv: -len(kv[0]))
+             if message.startswith(field + " ")),
+            None,
+        )
+        raise typer.BadParameter(message, param_hint=f"'{hint}'" if hint else None) from exc
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    code = getattr(exc, "code", None)
+    prefix = f"error [{code}]" if code else "error"
+    typer.echo(f"{prefix}: {getattr(exc, 'message', None) or exc}", err=True)
+    return typer.Exit(1)
+
+
+class ProgressBar:
+    """A tqdm bar fed by the engine's ProgressEvents: stage, block i/n, module, loss, ETA."""
+
+    STEPS = 1000
+
+    def __init__(self, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=self.STEPS,
+            disable=not enabled,
+            file=sys.stderr,
+            bar_format="{desc:<12}{percentage:3.0f}%|{bar:24}| {postfix}",
+            dynamic_ncols=True,
+            mininterval=0.2,
+        )
+
+    def __call__(self, event: Any) -> None:
+        self.bar.set_description_str(event.stage, refresh=False)
+        parts = []
+        if event.block is not None and event.num_blocks:
+            parts.append(f"block {event.block}/{event.num_blocks}")
+        if event.module:
+            parts.append(event.module)
+        if event.loss is not None:
+            parts.append(f"loss {event.loss:.4g}")
+        parts.append(f"elapsed {_clock(event.seconds)}")
+        if event.eta_seconds is not None:
+            parts.append(f"ETA {_clock(event.eta_seconds)}")
+        self.bar.set_postfix_str(" | ".join(parts), refresh=False)
+        self.bar.update(max(0, round(event.fraction * self.STEPS) - self.bar.n))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """The .partial directory to write into; refuses a non-empty out unless overwrite."""
+    from worker.gptq.export import partial_dir
+
+    if out.exists() and not out.is_dir():
+        raise typer.BadParameter(f"{out} exists and is not a directory", param_hint="'--out'")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise typer.BadParameter(
+            f"{out} already exists and is not empty (use --overwrite to replace it)",
+            param_hint="'--out'",
+        )
+    tmp = partial_dir(out)
+    if tmp.exists():  # left over from an interrupted run
+        shutil.rmtree(tmp)
+    return tmp
+
+
+def quantize(
+    model: str = typer.Option(..., "--model", help="Hub id (org/name) or local model directory."),
+    out: Path = typer.Option(..., "--out", help="Directory for the GPTQ checkpoint."),
+    bits: int = typer.Option(4, "--bits", help="Bits per weight: 2, 3, 4 or 8."),
+    group_size: int = typer.Option(
+        128, "--group-size", help="Input columns per scale/zero group; -1 for one per output channel."
+    ),
+    damp_percent: float = typer.Option(
+        0.01, "--damp-percent", help="Hessian damping as a fraction of its mean diagonal."
+    ),
+    desc_act: bool = typer.Option(False, "--desc-act", help="Act-order: quantize columns by descending Hessian diagonal."),
+    asym: bool = typer.Option(False, "--asym", help="Asymmetric quantization (written as format gptq_v2)."),
+    static_groups: bool = typer.Option(False, "--static-groups", help="Fix group parameters before act-order."),
+    mse: bool = typer.Option(False, "--mse", help="Search a clipping range per group minimising the MSE."),
+    true_sequential: bool = typer.Option(
+        True, "--true-sequential/--no-true-sequential", help="Solve a block's layers in order."
+    ),
+    calibration: str = typer.Option(
+        "builtin", "--calibration",
+        help="Calibration text: 'builtin', a .txt/.jsonl/.parquet file, or a hub dataset NAME[:CONFIG[:SPLIT]].",
+    ),
+    text_field: str = typer.Option("text", "--text-field", help="Text column of .jsonl/.parquet/hub sources."),
+    num_samples: int = typer.Option(128, "--num-samples", help="Calibration windows."),
+    seq_length: int = typer.Option(512, "--seq-length", help="Tokens per calibration (and eval) window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing the calibration windows."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+    device: str | None = typer.Option(None, "--device", help="Compute device (default: cuda if present, else cpu)."),
+    eval_text: str | None = typer.Option(
+        None, "--eval-text", help="Held-out text to measure perplexity before and after."
+    ),
+    eval_max_windows: int | None = typer.Option(None, "--eval-max-windows", help="Limit the eval windows."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+) -> None:
+    """Quantize a causal LM with GPTQ and write a checkpoint the ecosystem loads."""
+    from worker.gptq.config import CalibrationSpec, QuantizeConfig
+    from worker.gptq.evaluate import EvalSpec
+
+    config = _build(lambda: QuantizeConfig(
+        bits=bits, group_size=group_size, sym=not asym, desc_act=desc_act,
+        static_groups=static_groups, damp_percent=damp_percent, true_sequential=true_sequential,
+        mse=mse,
+    ))
+    calib = _build(lambda: CalibrationSpec(
+        source=calibration, text_field=text_field, num_samples=num_samples,
+        seq_length=seq_length, seed=seed,
+    ))
+    eval_spec = None
+    if eval_text is not None:
+        eval_spec = _build(lambda: EvalSpec(
+            source=eval_text, text_field=text_field, seq_length=seq_length,
+            max_windows=eval_max_windows,
+        ))
+    tmp = _prepare_out(out, overwrite)
+    report = _run_engine(
+        lambda bar: _quantize(model, tmp, config, calib, eval_spec, revision,
+                              trust_remote_code, device, bar),
+        progress,
+        cleanup=tmp,
+    )
+    from worker.gptq.export import publish_atomically
+
+    publish_atomically(tmp, out, overwrite=overwrite)
+    _print_summary(report, out)
+
+
+def _quantize(model, out_dir, config, calib, eval_spec, revision, trust_remote_code, device, bar):
+    from worker.gptq import api
+
+    return api.quantize(
+        model, out_dir, config, calib, revision=revision, trust_remote_code=trust_remote_code,
+        device=device, progress=bar, evaluate=eval_spec,
+    )
+
+
+def _run_engine(run: Callable[[Any], T], progress: bool, cleanup: Path | None = None) -> T:
+    """Run an engine call with a progress bar; engine errors become one clean line, exit 1."""
+    from worker.gptq.errors import EngineError
+    from worker.gptq.progress import Cancelled
+
+    bar = ProgressBar(enabled=progress)
+    finished = False
+    try:
+        result = run(bar)
+        finished = True
+        return result
+    except (EngineError, Cancelled, OSError) as exc:
+        bar.close()
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        bar.close()
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        bar.close()
+        if not finished and cleanup is not None and cleanup.exists():
+            shutil.rmtree(cleanup, ignore_errors=True)
+
+
+def _print_summary(report: Any, out: Path) -> None:
+    data = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
+    typer.echo(f"checkpoint: {out}")
+    for key, label in (("duration_seconds", "time (s)"), ("peak_rss_bytes", "peak RSS (bytes)")):
+        if data.get(key) is not None:
+            typer.echo(f"{label}: {data[key]}")
+    for key in ("perplexity_before", "perplexity_after"):
+        if data.get(key) is not None:
+            typer.echo(f"{key.replace('_', ' ')}: {data[key]:.4f}")
+
+
+def evaluate(
+    model: str = typer.Option(..., "--model", help="Model directory (original or GPTQ) or hub id."),
+    text: Path = typer.Option(
+        ..., "--text", exists=True, dir_okay=False, readable=True,
+        help="Text to score: a .txt file (read as it is), or .jsonl/.parquet rows.",
+    ),
+    seq_length: int | None = typer.Option(
+        None, "--seq-length", min=2, help="Tokens per window (default: the model's context length)."
+    ),
+    max_windows: int | None = typer.Option(None, "--max-windows", min=1, help="Score at most this many windows."),
+    text_field: str = typer.Option("text", "--text-field", help="Text column of .jsonl/.parquet files."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Print the perplexity of an original or a GPTQ-quantized model on a text."""
+    result = _run_engine(
+        lambda _bar: _perplexity(model, text, seq_length, max_windows, text_field, trust_remote_code),
+        progress=False,
+    )
+    if as_json:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(
+            f"perplexity {result['perplexity']:.4f} ({result['windows']} windows of "
+            f"{result['seq_length']} tokens, {result['kind']} model {model})"
+        )
+
+
+def _perplexity(
+    model: str, text: Path, seq_length: int | None, max_windows: int | None,
+    text_field: str, trust_remote_code: bool,
+) -> dict:
+    from worker.gptq.errors import EngineError
+    from worker.gptq.evaluate import context_length, eval_windows, load_texts, window_perplexity
+
+    loaded, tokenizer, kind = _load_for_eval(model, trust_remote_code)
+    if tokenizer is None:
+        raise EngineError(f"{model} has no tokenizer files")
+    length = seq_length or context_length(loaded) or 512
+    limit = context_length(loaded)
+    if limit is not None and length > limit:
+        raise typer.BadParameter(
+            f"{length} exceeds the model's context length {limit}", param_hint="'--seq-length'"
+        )
+    texts = load_texts(str(text), text_field)
+    try:
+        windows = eval_windows(tokenizer, texts, length, max_windows)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--text'") from exc
+    return {
+        "perplexity": window_perplexity(loaded, windows),
+        "windows": int(windows.shape[0]),
+        "seq_length": length,
+        "kind": kind,
+    }
+
+
+def _load_for_eval(model: str, trust_remote_code: bool) -> tuple[Any, Any, str]:
+    """A GPTQ checkpoint through our loader, anything else through transformers."""
+    from worker.gptq.loader import is_quantized_dir, load_quantized
+    from worker.gptq.modelio import load_model
+
+    path = Path(model).expanduser()
+    if path.is_dir() and is_quantized_dir(path):
+        loaded, tokenizer = load_quantized(path, trust_remote_code=trust_remote_code)
+        return loaded, tokenizer, "quantized"
+    result = load_model(model, trust_remote_code=trust_remote_code)
+    return result.model, result.tokenizer, "original"

@@ -1,0 +1,335 @@
+"""quantize(): the one call the CLI and the worker make.
+
+load config -> check family and every layer's shape on a weightless skeleton (refuse before
+any download or work) -> load tokenizer and weights -> calibration windows -> (perplexity of
+the original) -> GPTQ block by block -> (perplexity of the quantized model) -> checkpoint in
+out_dir, with the report. Progress goes to one callback with a fraction over the whole run;
+should_stop() is honoured between stages and between modules (progress.Cancelled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from worker.gptq import __version__
+from worker.gptq.arch import validate_layers
+from worker.gptq.calibration import build_calibration
+from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
+from worker.gptq.modelio import load_config, load_model, skeleton
+from worker.gptq.pipeline import default_device, quantize_model
+from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
+
+# share of the whole run's fraction each stage ends at
+STAGE_END = {"loading": 0.05, "calibration": 0.08, "evaluating_before": 0.12, "quantizing": 0.86,
+             "evaluating_after": 0.92, "saving": 1.0}
+
+
+@dataclass
+class QuantizeReport:
+    model: str
+    revision: str | None
+    model_type: str
+    out_dir: str
+    config: dict
+    calibration: dict
+    device: str
+    num_blocks: int = 0
+    modules: list[dict] = field(default_factory=list)  # per module: name, loss, damp, seconds...
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    perplexity_before: float | None = None
+    perplexity_after: float | None = None
+    evaluation: dict | None = None  # eval source, windows, samples before/after
+    peak_memory: dict[str, int] = field(default_factory=dict)
+    duration_seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def quantize(
+    model: str,
+    out_dir: Path,
+    config: QuantizeConfig,
+    calibration: CalibrationSpec,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    token: str | None = None,
+    device: str | None = None,
+    progress: ProgressCallback | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    evaluate: Any = None,  # evaluate.EvalSpec
+) -> QuantizeReport:
+    """Quantize a hub model or local directory with GPTQ and write the checkpoint to out_dir."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
+    run = _Run(progress, should_stop)
+    compute = torch.device(device) if device else default_device()
+    if compute.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(compute)
+
+    with run.stage("loading"):
+        hf_config, arch = load_config(
+            model, revision=revision, token=token, trust_remote_code=trust_remote_code
+        )
+        validate_layers(skeleton(hf_config, trust_remote_code=trust_remote_code), arch, config)
+        _check_context(hf_config, calibration.seq_length, "calibration")
+        if evaluate is not None:
+            _check_context(hf_config, evaluate.seq_length, "evaluation")
+        loaded = load_model(
+            model,
+            revision=revision,
+            token=token,
+            trust_remote_code=trust_remote_code,
+            # on the CPU fp32 is both faster and exact; on a GPU keep the checkpoint's dtype
+            dtype=torch.float32 if compute.type == "cpu" else "auto",
+            config=hf_config,
+        )
+    report = QuantizeReport(
+        model=model,
+        revision=revision,
+        model_type=hf_config.model_type,
+        out_dir=str(out_dir),
+        config=config.to_dict(),
+        calibration=dataclasses.asdict(calibration),
+        device=str(compute),
+        versions=_versions(),
+    )
+    with run.stage("calibration"):
+        calib_ids = build_calibration(loaded.tokenizer, calibration)
+
+    evaluation = _Evaluation(evaluate, loaded.tokenizer) if evaluate is not None else None
+    if evaluation is not None:
+        with run.stage("evaluating", "evaluating_before", message="original model"):
+            evaluation.measure(loaded.model, "before", compute)
+
+    with run.stage("quantizing"):
+        result = quantize_model(
+            loaded.model,
+            calib_ids,
+            config,
+            device=compute,
+            progress=run.nested("quantizing"),
+            should_stop=should_stop,
+            arch=arch,
+        )
+    report.num_blocks = result.num_blocks
+    report.modules = [m.to_dict() for m in result.modules]
+
+    if evaluation is not None:
+        with run.stage("evaluating", "evaluating_after", message="quantized model"):
+            evaluation.measure(loaded.model, "after", compute)
+        report.evaluation = evaluation.summary
+        report.perplexity_before = evaluation.summary.get("perplexity_before")
+        report.perplexity_after = evaluation.summary.get("perplexity_after")
+
+    with run.stage("saving"):
+        from worker.gptq.export import save_checkpoint
+
+        report.stage_seconds = run.seconds(result.stage_seconds)
+        files = save_checkpoint(
+            loaded.model, loaded.tokenizer, result, config, out_dir, arch=arch,
+            report=report.to_dict(),
+        )
+        report.files = sorted({str(Path(p).relative_to(out_dir)) for p in files})
+        report.sizes = _sizes(loaded.model, hf_config, result, out_dir)
+    report.stage_seconds = run.seconds(result.stage_seconds)
+    report.duration_seconds = run.elapsed()
+    report.peak_memory = _peak_memory(compute)
+    _rewrite_report_file(out_dir, report)
+    run.emit("done", 1.0, "checkpoint written")
+    return report
+
+
+class _Run:
+    """Stage timing, progress events with a whole-run fraction, cancellation, error mapping."""
+
+    def __init__(self, progress: ProgressCallback | None, should_stop: Callable[[], bool] | None):
+        self.progress, self.should_stop = progress, should_stop
+        self.start = time.perf_counter()
+        self.stage_seconds: dict[str, float] = {}
+        self.fraction = 0.0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def seconds(self, pipeline: dict[str, float]) -> dict[str, float]:
+        """Own stages plus the pipeline's breakdown of quantizing (capture/forward/...)."""
+        return {**self.stage_seconds, **{f"quantizing.{k}": v for k, v in pipeline.items()}}
+
+    def emit(self, stage: str, fraction: float, message: str = "") -> None:
+        self.fraction = max(self.fraction, fraction)
+        if self.progress is not None:
+            self.progress(
+                ProgressEvent(stage=stage, fraction=self.fraction, seconds=self.elapsed(),
+                              message=message, stage_seconds=dict(self.stage_seconds))
+            )
+
+    def nested(self, stage: str) -> ProgressCallback:
+        """The pipeline's events, its 0..1 fraction mapped onto this stage's share."""
+        low, high = self.fraction, STAGE_END[stage]
+
+        def forward(event: ProgressEvent) -> None:
+            self.fraction = max(self.fraction, low + (high - low) * event.fraction)
+            if self.progress is not None:
+                self.progress(
+                    dataclasses.replace(
+                        event,
+                        fraction=self.fraction,
+                        seconds=self.elapsed(),
+                        stage_seconds={**self.stage_seconds, **event.stage_seconds},
+                    )
+                )
+
+        return forward
+
+    @contextmanager
+    def stage(self, stage: str, key: str | None = None, message: str = "") -> Iterator[None]:
+        key = key or stage
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled(f"quantization cancelled before {stage}")
+        self.emit(stage, self.fraction, message)
+        began = time.perf_counter()
+        try:
+            yield
+        except (EngineError, Cancelled):
+            raise
+        except BaseException as exc:
+            mapped = map_resource_error(exc, stage)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        finally:
+            self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + time.perf_counter() - began
+        self.fraction = max(self.fraction, STAGE_END[key])
+
+
+def map_resource_error(exc: BaseException, stage: str) -> EngineError | None:
+    """Out of memory and a full disk, as errors that say what to do; None for anything else."""
+    text = str(exc)
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in text
+    ):
+        return OutOfMemory(
+            f"ran out of memory while {stage}: lower num_samples or seq_length of the "
+            f"calibration, or use a machine with more memory ({type(exc).__name__})"
+        )
+    if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text:
+        return DiskFull(
+            f"no space left on device while {stage}: free disk space or write to another "
+            f"output directory ({exc})"
+        )
+    return None
+
+
+class _Evaluation:
+    """Perplexity and sample text of the original and the quantized model on one eval text."""
+
+    def __init__(self, spec: Any, tokenizer: Any) -> None:
+        from worker.gptq.evaluate import eval_windows, load_texts
+
+        self.spec, self.tokenizer = spec, tokenizer
+        self.with_perplexity = bool(spec.extra.get("perplexity", True))
+        self.windows = None
+        if self.with_perplexity:
+            try:
+                texts = load_texts(spec.source, spec.text_field)
+                self.windows = eval_windows(tokenizer, texts, spec.seq_length, spec.max_windows)
+            except ValueError as exc:  # too little eval text
+                raise CalibrationError(f"evaluation text: {exc}") from exc
+        self.summary: dict[str, Any] = {
+            "source": spec.source,
+            "seq_length": spec.seq_length,
+            "windows": None if self.windows is None else int(self.windows.shape[0]),
+        }
+
+    def measure(self, model: torch.nn.Module, when: str, device: torch.device) -> None:
+        from worker.gptq.evaluate import generate_samples, window_perplexity
+
+        home = next(model.parameters()).device
+        model.to(device)
+        try:
+            if self.windows is not None:
+                self.summary[f"perplexity_{when}"] = window_perplexity(model, self.windows)
+            if self.spec.prompts and self.spec.max_new_tokens > 0:
+                self.summary[f"samples_{when}"] = generate_samples(
+                    model, self.tokenizer, self.spec.prompts, self.spec.max_new_tokens
+                )
+        finally:
+            model.to(home)
+
+
+def _check_context(hf_config: Any, seq_length: int, what: str) -> None:
+    from worker.gptq.evaluate import context_length
+
+    limit = context_length(SimpleNamespace(config=hf_config))
+    if limit is not None and seq_length > limit:
+        raise CalibrationError(
+            f"{what} seq_length {seq_length} exceeds the model's context length {limit}"
+        )
+
+
+def _sizes(model: torch.nn.Module, hf_config: Any, result: Any, out_dir: Path) -> dict[str, int]:
+    params = sum(p.numel() for p in model.parameters())
+    quantized = sum(int(layer.codes.numel()) for layer in result.layers.values())
+    dtype = getattr(hf_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, torch.float32)
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    return {
+        "parameters": params,
+        "quantized_parameters": quantized,
+        "original_bytes": params * dtype.itemsize,  # the weights in the model's own dtype
+        "checkpoint_bytes": sum(p.stat().st_size for p in files),
+        "weights_bytes": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"),
+    }
+
+
+def _peak_memory(device: torch.device) -> dict[str, int]:
+    # ru_maxrss is in KiB on Linux and in bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = {"rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
+    if device.type == "cuda":
+        peak["cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return peak
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"gptqd": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _rewrite_report_file(out_dir: Path, report: QuantizeReport) -> None:
+    """The report file export wrote, completed with what is known only after saving."""
+    from worker.gptq.export import REPORT_NAME
+
+    path = out_dir / REPORT_NAME
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    final = report.to_dict()
+    data.update({k: v for k, v in final.items() if k != "modules"})
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n")
+    except OSError as exc:
+        mapped = map_resource_error(exc, "saving")
+        if mapped is None:
+            raise
+        raise mapped from exc

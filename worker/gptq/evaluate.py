@@ -19,8 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .arch import get_arch, get_weight, set_weight
 from .calibration import FILE_SUFFIXES, builtin_rows, hub_rows, read_file_rows, tokenize
+from .config import QuantizeConfig
 from .errors import CalibrationError
+from .gptq import rtn_quantize
+from .pipeline import PipelineResult
 
 DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is")
 
@@ -203,3 +207,15 @@ def evaluate_model(model: torch.nn.Module, tokenizer, spec: EvalSpec) -> dict:
         if spec.max_new_tokens > 0
         else [],
     }
+
+
+def rtn_quantize_model(model: torch.nn.Module, config: QuantizeConfig) -> PipelineResult:
+    """Round-to-nearest on the same layers GPTQ quantizes, in place: the baseline it must beat."""
+    arch = get_arch(model)
+    result = PipelineResult(layers={}, modules=[], num_blocks=len(arch.blocks(model)))
+    for index, block in enumerate(arch.blocks(model)):
+        for name, module in arch.block_linears(block, index).items():
+            layer = rtn_quantize(get_weight(module), config)
+            set_weight(module, layer.weight)
+            result.layers[f"{arch.block_prefix(index)}.{name}"] = layer
+    return result

@@ -1,0 +1,49 @@
+"""FastAPI dependencies: settings, store, broker and the caller, all from the app's state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from app.auth import Principal, authenticate
+from app.dispatch import Dispatcher
+from app.settings import Settings
+from app.store import Job, Store
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+def get_dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
+def get_principal(request: Request) -> Principal:
+    return authenticate(request, request.app.state.api_keys)
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def visible_job(store: Store, principal: Principal, job_id: str) -> Job:
+    """The job if it exists and the caller may see it; 404 otherwise (same answer for both)."""
+    job = store.get_job(job_id) if len(job_id) <= 64 else None
+    if job is None or not principal.may_see(job.owner):
+        raise HTTPException(404, f"job {job_id} not found")
+    return job
+
+
+def job_for(request: Request, job_id: str) -> Job:
+    return visible_job(get_store(request), get_principal(request), job_id)
+
+
+JobDep = Annotated[Job, Depends(job_for)]

@@ -1,0 +1,54 @@
+"""The FastAPI application: `create_app()` wires settings, store, broker and routers.
+
+Run with `gptqd serve` or `uvicorn app.main:create_app --factory`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+
+from app.dispatch import Dispatcher
+from app.routes import artifacts, datasets, events, health, jobs, verifications
+from app.settings import Settings, get_settings
+from app.store import Store
+
+JSON_BODY_LIMIT = 1024 * 1024  # job specs are small; a huge body is refused with 413
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    logging.basicConfig(level=logging.INFO)
+    app = FastAPI(
+        title="gptqd",
+        version="0.1.0",
+        description="GPTQ quantization jobs: submit, watch, download, verify.",
+        max_body_size=JSON_BODY_LIMIT,
+    )
+    store = Store(settings.store_url)
+    store.create_all()
+    from worker.celery_app import make_celery
+
+    app.state.settings = settings
+    app.state.store = store
+    app.state.api_keys = settings.keys()  # parsed once: a malformed GPTQD_API_KEYS stops startup
+    app.state.dispatcher = Dispatcher(make_celery(settings), settings.queue)
+
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(events.router)
+    app.include_router(artifacts.router)
+    app.include_router(verifications.router)
+    app.include_router(
+        datasets.router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD
+    )
+    try:  # the dashboard page ships separately; the API works without it
+        from app.routes import dashboard
+    except ImportError:
+        pass
+    else:
+        app.include_router(dashboard.router)
+    return app

@@ -1,0 +1,54 @@
+"""/datasets: upload calibration text (.txt, .jsonl, .parquet) and list what was uploaded."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, UploadFile
+from fastapi.concurrency import run_in_threadpool
+
+from app import datasets
+from app.db import utcnow
+from app.deps import PrincipalDep, SettingsDep, StoreDep
+from app.routes.jobs import field_error
+from app.schemas import DatasetOut
+from app.store import Dataset, new_id
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+def dataset_view(ds: Dataset) -> DatasetOut:
+    return DatasetOut(id=ds.id, filename=ds.filename, format=ds.format, size=ds.size,
+                      sha256=ds.sha256, created_at=ds.created_at)
+
+
+@router.post("", status_code=201, response_model=DatasetOut)
+async def upload_dataset(
+    file: UploadFile, principal: PrincipalDep, settings: SettingsDep, store: StoreDep
+) -> DatasetOut:
+    """Multipart field `file`; its name must end in .txt, .jsonl or .parquet."""
+    try:
+        fmt = datasets.upload_format(file.filename or "")
+    except datasets.BadUpload as exc:
+        raise field_error(("body", "file"), str(exc)) from exc
+    dataset_id = new_id("ds")
+    dest = settings.datasets_dir / f"{dataset_id}.{fmt}"
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        size, sha = await run_in_threadpool(
+            datasets.save_upload, file.file, dest, settings.max_upload_bytes
+        )
+        await run_in_threadpool(datasets.check_content, dest, fmt)
+    except datasets.TooLarge as exc:
+        raise HTTPException(413, f"file: {exc}") from exc
+    except datasets.BadUpload as exc:
+        datasets.remove(dest)
+        raise field_error(("body", "file"), str(exc)) from exc
+    ds = Dataset(id=dataset_id, owner=principal.name,
+                 filename=datasets.clean_filename(file.filename or ""), format=fmt, size=size,
+                 sha256=sha, created_at=utcnow())
+    await run_in_threadpool(store.add_dataset, ds)
+    return dataset_view(ds)
+
+
+@router.get("")
+def list_datasets(principal: PrincipalDep, store: StoreDep) -> dict[str, list[DatasetOut]]:
+    return {"items": [dataset_view(d) for d in store.list_datasets(principal.owner_filter())]}

@@ -1,0 +1,148 @@
+"""/jobs: submit, list, show, cancel and delete quantization jobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+
+from app.deps import DispatcherDep, JobDep, PrincipalDep, SettingsDep, StoreDep
+from app.paths import OutsideRoot, resolve_model
+from app.schemas import TERMINAL, ErrorOut, JobIn, JobOut, JobPage, Progress
+from app.store import IdempotencyConflict, Job
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobStatusQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def field_error(loc: tuple[str | int, ...], msg: str) -> RequestValidationError:
+    """A 422 in FastAPI's own shape, naming the field, for checks that need the server's state."""
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
+def job_view(job: Job) -> JobOut:
+    base = f"/jobs/{job.id}"
+    links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
+             "verifications": f"{base}/verifications"}
+    if job.status == "succeeded":
+        links |= {"artifacts": f"{base}/artifacts", "archive": f"{base}/archive"}
+    error = ErrorOut(code=job.error_code, message=job.error_message or "") if job.error_code else None
+    return JobOut(
+        id=job.id, name=job.name, status=job.status, model_id=job.model_id, spec=job.spec,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        updated_at=job.updated_at, attempts=job.attempts, cancel_requested=job.cancel_requested,
+        progress=Progress(**{k: v for k, v in (job.progress or {}).items()
+                             if k in Progress.model_fields}),
+        metrics=job.metrics, error=error,
+        artifacts=job.artifacts if job.status == "succeeded" else [], links=links,
+    )
+
+
+def spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def check_against_server(body: JobIn, principal: PrincipalDep, settings: SettingsDep,
+                         store: StoreDep) -> None:
+    """Checks that need the server's settings or store; each 422 names its field."""
+    if body.trust_remote_code:
+        if not settings.allow_trust_remote_code:
+            raise field_error(("body", "trust_remote_code"),
+                              "trust_remote_code is not allowed on this server")
+        if not body.revision:
+            raise field_error(("body", "revision"),
+                              "trust_remote_code needs a pinned revision (a commit sha)")
+    try:
+        resolve_model(body.model_id, settings.models_root)
+    except OutsideRoot as exc:
+        raise field_error(("body", "model_id"), str(exc)) from exc
+    for loc, dataset_id in ((("body", "calibration", "dataset_id"), body.calibration.dataset_id),
+                            (("body", "verify", "dataset_id"), body.verify.dataset_id)):
+        if dataset_id is None:
+            continue
+        ds = store.get_dataset(dataset_id)
+        if ds is None or not principal.may_see(ds.owner):
+            raise field_error(loc, f"dataset {dataset_id} not found (upload it to /datasets)")
+
+
+@router.post("", status_code=202, response_model=JobOut)
+def submit_job(
+    body: JobIn,
+    response: Response,
+    principal: PrincipalDep,
+    settings: SettingsDep,
+    store: StoreDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200, min_length=1)] = None,
+) -> JobOut:
+    check_against_server(body, principal, settings, store)
+    spec = jsonable_encoder(body)
+    if store.count_active(principal.name) >= settings.max_queued_per_key:
+        raise HTTPException(
+            429, f"this key already has {settings.max_queued_per_key} queued or running jobs",
+            headers={"Retry-After": "60"},
+        )
+    try:
+        job, created = store.create_job(
+            owner=principal.name, model_id=body.model_id, spec=spec, spec_hash=spec_hash(spec),
+            name=body.name, idempotency_key=idempotency_key,
+        )
+    except IdempotencyConflict as exc:
+        raise HTTPException(
+            422, "Idempotency-Key was already used with a different request body"
+        ) from exc
+    if created:
+        dispatcher.send_job(job.id)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = f"/jobs/{job.id}"
+    return job_view(job)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(
+    principal: PrincipalDep,
+    store: StoreDep,
+    status: JobStatusQuery | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> JobPage:
+    try:
+        jobs, next_cursor = store.list_jobs(
+            owner=principal.owner_filter(), status=status, limit=limit, cursor=cursor
+        )
+    except ValueError as exc:
+        raise field_error(("query", "cursor"), str(exc)) from exc
+    return JobPage(items=[job_view(j) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job: JobDep) -> JobOut:
+    return job_view(job)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job: JobDep, store: StoreDep, response: Response) -> JobOut:
+    if job.status in TERMINAL:
+        raise HTTPException(409, f"job {job.id} already ended ({job.status})")
+    job = store.cancel_job(job.id)
+    if job.status == "running":
+        response.status_code = 202  # it stops at the next module boundary
+    return job_view(job)
+
+
+@router.delete("/{job_id}", status_code=204)
+def delete_job(job: JobDep, store: StoreDep, settings: SettingsDep) -> Response:
+    if job.status not in TERMINAL:
+        raise HTTPException(409, f"job {job.id} is {job.status}: cancel it first")
+    if not store.delete_job(job.id):
+        raise HTTPException(409, f"job {job.id} changed meanwhile; try again")
+    for path in (settings.artifacts_dir / job.id, settings.artifacts_dir / f"{job.id}.partial"):
+        shutil.rmtree(path, ignore_errors=True)
+    return Response(status_code=204)

@@ -1,0 +1,206 @@
+"""Request and response bodies of the HTTP API (pydantic). Unknown fields are refused."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+# a hub id ("gpt2", "org/name") or a directory name under the models root
+_MODEL_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
+_REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
+_DATASET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
+_NAMEISH = re.compile(r"^[A-Za-z0-9_.\-]+$")
+DATASET_ID = re.compile(r"^ds_[0-9a-f]{32}$")
+
+Bits = Literal[2, 3, 4, 8]
+GroupSize = Literal[-1, 16, 32, 64, 128, 256, 512, 1024]
+assert set(Bits.__args__) == set(SUPPORTED_BITS)  # one source of truth: the engine config
+assert set(GroupSize.__args__) == set(SUPPORTED_GROUP_SIZES)
+
+Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+def _check_dataset_id(v: str) -> str:
+    if not DATASET_ID.match(v):
+        raise ValueError("must be an id returned by POST /datasets (ds_ and 32 hex digits)")
+    return v
+
+
+DatasetId = Annotated[str, AfterValidator(_check_dataset_id)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _no_dotdot(value: str, what: str) -> str:
+    if ".." in value.split("/") or ".." in value:
+        raise ValueError(f"{what} must not contain '..'")
+    return value
+
+
+class CalibrationIn(Strict):
+    """Calibration text: a hub dataset (dataset/config/split), "builtin", or an uploaded dataset."""
+
+    dataset: Annotated[str, Field(min_length=1, max_length=200)] = "wikitext"
+    config: Annotated[str, Field(min_length=1, max_length=200)] | None = "wikitext-2-raw-v1"
+    split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
+    text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
+    dataset_id: DatasetId | None = None
+    num_samples: int = Field(128, ge=1, le=4096)
+    seq_length: int = Field(512, ge=8, le=32768)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        if not _DATASET.match(v):
+            raise ValueError("dataset must be a hub dataset name like 'wikitext' or 'builtin'")
+        return _no_dotdot(v, "dataset")
+
+    @field_validator("config", "split", "text_field")
+    @classmethod
+    def _plain(cls, v: str | None) -> str | None:
+        if v is not None and (not _NAMEISH.match(v) or v.startswith(".")):
+            raise ValueError("may contain only letters, digits, '_', '-' and '.'")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CalibrationIn:
+        if self.dataset_id is not None and "dataset" in self.model_fields_set:
+            raise ValueError("give either calibration.dataset or calibration.dataset_id, not both")
+        return self
+
+
+class VerificationIn(Strict):
+    """Perplexity on a text and generations from prompts, measured on a stored checkpoint."""
+
+    dataset_id: DatasetId | None = None  # held-out text; default: the calibration source's text
+    seq_length: int | None = Field(None, ge=8, le=32768)  # default: calibration seq_length
+    max_windows: int | None = Field(16, ge=1, le=10000)
+    prompts: list[Prompt] = Field(default_factory=lambda: ["Once upon a time"], max_length=16)
+    max_new_tokens: int = Field(32, ge=0, le=1024)
+
+
+class VerifyIn(VerificationIn):
+    """What a job measures after quantizing: perplexity before/after and sample generations."""
+
+    perplexity: bool = True
+
+
+class JobIn(Strict):
+    model_id: Annotated[str, Field(min_length=1, max_length=200)]
+    revision: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    bits: Bits = 4
+    group_size: GroupSize = 128
+    damp_percent: float = Field(0.01, gt=0, lt=1)
+    desc_act: bool = False
+    sym: bool = True
+    static_groups: bool = False
+    true_sequential: bool = True
+    trust_remote_code: bool = False
+    calibration: CalibrationIn = Field(default_factory=CalibrationIn)
+    verify: VerifyIn = Field(default_factory=VerifyIn)
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+    @field_validator("model_id")
+    @classmethod
+    def _model_id(cls, v: str) -> str:
+        if v.startswith(("/", "~")) or "\\" in v:
+            raise ValueError("model_id must be a hub id or a directory name, not a path")
+        _no_dotdot(v, "model_id")
+        if not _MODEL_ID.match(v):
+            raise ValueError(
+                "model_id must be a hub id like 'org/name' or the name of a directory under "
+                "the models root (letters, digits, '_', '-', '.')"
+            )
+        return v
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str | None) -> str | None:
+        if v is not None:
+            if not _REVISION.match(v):
+                raise ValueError("revision must be a branch, tag or commit sha")
+            _no_dotdot(v, "revision")
+        return v
+
+
+class Progress(BaseModel):
+    stage: str | None = None
+    block: int | None = None  # 1-based block being quantized
+    num_blocks: int | None = None
+    module: str | None = None
+    fraction: float = 0.0  # 0..1 over the whole job
+    eta_seconds: float | None = None
+    message: str = ""
+
+
+class ErrorOut(BaseModel):
+    code: str
+    message: str
+
+
+class Artifact(BaseModel):
+    name: str
+    size: int
+    sha256: str
+
+
+class JobOut(BaseModel):
+    id: str
+    name: str | None
+    status: JobStatus
+    model_id: str
+    spec: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    attempts: int
+    cancel_requested: bool
+    progress: Progress
+    metrics: dict[str, Any] | None
+    error: ErrorOut | None
+    artifacts: list[Artifact]
+    links: dict[str, str]
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class EventOut(BaseModel):
+    seq: int
+    type: str
+    ts: datetime
+    data: dict[str, Any]
+
+
+class DatasetOut(BaseModel):
+    id: str
+    filename: str
+    format: Literal["txt", "jsonl", "parquet"]
+    size: int
+    sha256: str
+    created_at: datetime
+
+
+class VerificationOut(BaseModel):
+    id: str
+    job_id: str
+    status: JobStatus
+    spec: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+    result: dict[str, Any] | None
+    error: ErrorOut | None

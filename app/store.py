@@ -1,0 +1,476 @@
+"""The job store: the source of truth for jobs, their event log, uploaded datasets and
+verifications. API and workers share it; every state change is one short transaction, and the
+ones that race (claim, cancel, finish) are single conditional UPDATEs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from app.db import WRITE, UTCDateTime, make_engine, utcnow
+from app.schemas import TERMINAL
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "gptqd_jobs"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_gptqd_jobs_idem"),
+        Index("ix_gptqd_jobs_list", "owner", "created_at"),
+        Index("ix_gptqd_jobs_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    model_id: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict] = mapped_column(JSON)
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    progress: Mapped[dict] = mapped_column(JSON, default=dict)
+    metrics: Mapped[dict | None] = mapped_column(JSON)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    artifacts: Mapped[list] = mapped_column(JSON, default=list)
+    event_seq: Mapped[int] = mapped_column(Integer, default=0)  # last event's seq
+
+
+class Event(Base):
+    __tablename__ = "gptqd_events"
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_gptqd_events_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("gptqd_jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    ts: Mapped[datetime] = mapped_column(UTCDateTime)
+    type: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict] = mapped_column(JSON)
+
+
+class Dataset(Base):
+    __tablename__ = "gptqd_datasets"
+    __table_args__ = (Index("ix_gptqd_datasets_owner", "owner", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(100))
+    filename: Mapped[str] = mapped_column(String(255))
+    format: Mapped[str] = mapped_column(String(16))
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class Verification(Base):
+    __tablename__ = "gptqd_verifications"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("gptqd_jobs.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    spec: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+
+
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key was reused with a different request body."""
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """Raises ValueError on anything that is not a cursor this store handed out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        stamp, job_id = json.loads(raw)
+        return datetime.fromisoformat(stamp), str(job_id)
+    except Exception as exc:
+        raise ValueError("cursor is not one returned by GET /jobs") from exc
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        self._write_engine = self.engine.execution_options(**WRITE)
+
+    def create_all(self) -> None:
+        # API and workers start at once; on PostgreSQL two concurrent CREATE TABLEs can clash
+        for _ in range(5):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except (IntegrityError, OperationalError, ProgrammingError):
+                continue
+        Base.metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _read(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    @contextmanager
+    def _write(self) -> Iterator[Session]:
+        with Session(self._write_engine, expire_on_commit=False) as session, session.begin():
+            yield session
+
+    def ping(self) -> None:
+        with self._read() as s:
+            s.execute(select(1))
+
+    # -- events ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _append_event(s: Session, job_id: str, type_: str, data: dict) -> int:
+        """Adds the job's next event in the caller's transaction. The seq comes from the job
+        row, whose lock orders concurrent writers, so seqs commit in order with no gaps."""
+        seq = s.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(event_seq=Job.event_seq + 1)
+            .returning(Job.event_seq)
+        ).scalar_one()
+        s.add(Event(job_id=job_id, seq=seq, ts=utcnow(), type=type_, data=data))
+        return seq
+
+    def events_after(self, job_id: str, after: int, limit: int = 500) -> list[Event]:
+        with self._read() as s:
+            rows = s.scalars(
+                select(Event)
+                .where(Event.job_id == job_id, Event.seq > after)
+                .order_by(Event.seq)
+                .limit(limit)
+            )
+            return list(rows)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        owner: str,
+        model_id: str,
+        spec: dict[str, Any],
+        spec_hash: str,
+        name: str | None,
+        idempotency_key: str | None,
+    ) -> tuple[Job, bool]:
+        """Returns (job, created). A repeated Idempotency-Key returns the first job."""
+        if idempotency_key is not None:
+            existing = self._by_idempotency_key(owner, idempotency_key, spec_hash)
+            if existing is not None:
+                return existing, False
+        now = utcnow()
+        job = Job(
+            id=new_id("job"), owner=owner, name=name, status="queued", model_id=model_id,
+            spec=spec, spec_hash=spec_hash, idempotency_key=idempotency_key, created_at=now,
+            updated_at=now, attempts=0, cancel_requested=False, progress={"stage": "queued",
+            "fraction": 0.0, "message": "waiting for a worker"}, artifacts=[], event_seq=0,
+        )
+        try:
+            with self._write() as s:
+                s.add(job)
+                s.flush()
+                self._append_event(s, job.id, "status", {"status": "queued", "attempts": 0})
+        except IntegrityError:
+            # a concurrent request with the same key won the insert
+            existing = self._by_idempotency_key(owner, idempotency_key or "", spec_hash)
+            if existing is None:
+                raise
+            return existing, False
+        return job, True
+
+    def _by_idempotency_key(self, owner: str, key: str, spec_hash: str) -> Job | None:
+        with self._read() as s:
+            job = s.scalars(
+                select(Job).where(Job.owner == owner, Job.idempotency_key == key)
+            ).first()
+        if job is not None and job.spec_hash != spec_hash:
+            raise IdempotencyConflict(key)
+        return job
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._read() as s:
+            return s.get(Job, job_id)
+
+    def list_jobs(
+        self,
+        *,
+        owner: str | None,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> tuple[list[Job], str | None]:
+        """Newest first; `owner=None` lists everyone's (admin)."""
+        q = select(Job)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
+        if status is not None:
+            q = q.where(Job.status == status)
+        if cursor is not None:
+            stamp, last_id = decode_cursor(cursor)
+            q = q.where(
+                or_(Job.created_at < stamp, (Job.created_at == stamp) & (Job.id < last_id))
+            )
+        q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+        with self._read() as s:
+            jobs = list(s.scalars(q))
+        more = len(jobs) > limit
+        jobs = jobs[:limit]
+        return jobs, (_encode_cursor(jobs[-1]) if more and jobs else None)
+
+    def count_active(self, owner: str) -> int:
+        with self._read() as s:
+            return s.scalar(
+                select(func.count())
+                .select_from(Job)
+                .where(Job.owner == owner, Job.status.in_(("queued", "running")))
+            )
+
+    def queued_job_ids(self) -> list[str]:
+        with self._read() as s:
+            return list(s.scalars(select(Job.id).where(Job.status == "queued")))
+
+    def claim_job(self, job_id: str, worker: str) -> Job | None:
+        """queued → running for exactly one caller; None if the job is not queued."""
+        now = utcnow()
+        with self._write() as s:
+            claimed = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+                .values(
+                    status="running", attempts=Job.attempts + 1, worker=worker, started_at=now,
+                    heartbeat_at=now, updated_at=now,
+                    progress={"stage": "starting", "fraction": 0.0, "message": "starting"},
+                )
+                .returning(Job.attempts)
+            ).scalar_one_or_none()
+            if claimed is None:
+                return None
+            self._append_event(
+                s, job_id, "status", {"status": "running", "attempts": claimed, "worker": worker}
+            )
+        return self.get_job(job_id)
+
+    @staticmethod
+    def _mine(job_id: str, attempt: int) -> Any:
+        # the attempt number fences a worker whose job was handed to another one meanwhile
+        return (Job.id == job_id) & (Job.status == "running") & (Job.attempts == attempt)
+
+    def record_progress(self, job_id: str, attempt: int, progress: dict, event: dict) -> bool:
+        """Stores the job's progress and logs one progress event; False if no longer ours."""
+        now = utcnow()
+        with self._write() as s:
+            n = s.execute(
+                update(Job)
+                .where(self._mine(job_id, attempt))
+                .values(progress=progress, heartbeat_at=now, updated_at=now)
+            ).rowcount
+            if n:
+                self._append_event(s, job_id, "progress", event)
+        return bool(n)
+
+    def heartbeat(self, job_id: str, attempt: int) -> bool:
+        with self._write() as s:
+            return bool(
+                s.execute(
+                    update(Job).where(self._mine(job_id, attempt)).values(heartbeat_at=utcnow())
+                ).rowcount
+            )
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._read() as s:
+            return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+    def finish_job(
+        self,
+        job_id: str,
+        attempt: int,
+        status: str,
+        *,
+        metrics: dict | None = None,
+        artifacts: list[dict] | None = None,
+        error: tuple[str, str] | None = None,
+        progress: dict | None = None,
+    ) -> bool:
+        """running → a terminal state, only by the attempt that runs it."""
+        assert status in TERMINAL
+        now = utcnow()
+        values: dict[str, Any] = {"status": status, "finished_at": now, "updated_at": now}
+        if metrics is not None:
+            values["metrics"] = metrics
+        if artifacts is not None:
+            values["artifacts"] = artifacts
+        if error is not None:
+            values["error_code"], values["error_message"] = error
+        if progress is not None:
+            values["progress"] = progress
+        with self._write() as s:
+            n = s.execute(update(Job).where(self._mine(job_id, attempt)).values(**values)).rowcount
+            if n:
+                data: dict[str, Any] = {"status": status, "attempts": attempt}
+                if error is not None:
+                    data["error"] = {"code": error[0], "message": error[1]}
+                self._append_event(s, job_id, "status", data)
+        return bool(n)
+
+    def cancel_job(self, job_id: str) -> Job | None:
+        """A queued job becomes cancelled at once; a running one is asked to stop."""
+        now = utcnow()
+        with self._write() as s:
+            n = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == "queued")
+                .values(status="cancelled", cancel_requested=True, finished_at=now,
+                        updated_at=now, progress={"stage": "cancelled", "fraction": 0.0,
+                                                  "message": "cancelled before it started"})
+            ).rowcount
+            if n:
+                self._append_event(s, job_id, "status", {"status": "cancelled", "attempts": 0})
+            else:
+                n = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == "running",
+                           Job.cancel_requested.is_(False))
+                    .values(cancel_requested=True, updated_at=now)
+                ).rowcount
+                if n:
+                    self._append_event(
+                        s, job_id, "cancel_requested", {"message": "stops at the next module"}
+                    )
+        return self.get_job(job_id)
+
+    def delete_job(self, job_id: str) -> bool:
+        """Deletes a finished job's rows; False when it is still queued or running."""
+        with self._write() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.status not in TERMINAL:
+                return False
+            s.execute(delete(Verification).where(Verification.job_id == job_id))
+            s.execute(delete(Event).where(Event.job_id == job_id))
+            s.execute(delete(Job).where(Job.id == job_id))
+        return True
+
+    # -- datasets ----------------------------------------------------------------------------
+
+    def add_dataset(self, ds: Dataset) -> Dataset:
+        with self._write() as s:
+            s.add(ds)
+        return ds
+
+    def get_dataset(self, dataset_id: str) -> Dataset | None:
+        with self._read() as s:
+            return s.get(Dataset, dataset_id)
+
+    def list_datasets(self, owner: str | None) -> list[Dataset]:
+        q = select(Dataset).order_by(Dataset.created_at.desc())
+        if owner is not None:
+            q = q.where(Dataset.owner == owner)
+        with self._read() as s:
+            return list(s.scalars(q))
+
+    # -- verifications -----------------------------------------------------------------------
+
+    def create_verification(self, job_id: str, spec: dict) -> Verification:
+        v = Verification(
+            id=new_id("ver"), job_id=job_id, status="queued", spec=spec, created_at=utcnow(),
+            attempts=0,
+        )
+        with self._write() as s:
+            s.add(v)
+        return v
+
+    def get_verification(self, verification_id: str) -> Verification | None:
+        with self._read() as s:
+            return s.get(Verification, verification_id)
+
+    def list_verifications(self, job_id: str) -> list[Verification]:
+        with self._read() as s:
+            return list(
+                s.scalars(
+                    select(Verification)
+                    .where(Verification.job_id == job_id)
+                    .order_by(Verification.created_at)
+                )
+            )
+
+    def claim_verification(self, verification_id: str) -> Verification | None:
+        now = utcnow()
+        with self._write() as s:
+            n = s.execute(
+                update(Verification)
+                .where(Verification.id == verification_id, Verification.status == "queued")
+                .values(status="running", started_at=now, attempts=Verification.attempts + 1)
+            ).rowcount
+        return self.get_verification(verification_id) if n else None
+
+    def finish_verification(
+        self,
+        verification_id: str,
+        status: str,
+        *,
+        result: dict | None = None,
+        error: tuple[str, str] | None = None,
+    ) -> bool:
+        values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "result": result}
+        if error is not None:
+            values["error_code"], values["error_message"] = error
+        with self._write() as s:
+            return bool(
+                s.execute(
+                    update(Verification)
+                    .where(Verification.id == verification_id, Verification.status == "running")
+                    .values(**values)
+                ).rowcount
+            )

@@ -1,0 +1,205 @@
+"""Runs one job: claim it in the store, run the engine, publish the checkpoint, record the end.
+
+Idempotent: a job that is not queued (already terminal, or claimed by another worker) is left
+alone, so a redelivered message never runs a job twice. The checkpoint is written to
+`<artifacts>/<job>.partial/` and renamed into place only when complete; the artifact list is
+stored only with the `succeeded` status, so nothing half-written is ever listed or served.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import threading
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from app.settings import Settings
+from app.store import Store
+from worker import jobspec
+from worker.progress_writer import ProgressWriter
+
+log = logging.getLogger("gptqd.worker")
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_artifacts(directory: Path) -> list[dict[str, Any]]:
+    """[{name, size, sha256}] of every file under directory, names relative with '/'."""
+    out = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        out.append({
+            "name": path.relative_to(directory).as_posix(),
+            "size": path.stat().st_size,
+            "sha256": sha256_file(path),
+        })
+    return out
+
+
+def error_of(exc: BaseException) -> tuple[str, str]:
+    """(code, message) a person can act on, for any exception a job ends with."""
+    from worker.gptq.errors import EngineError
+
+    if isinstance(exc, EngineError):
+        return exc.code, exc.message
+    if isinstance(exc, MemoryError):
+        return "out_of_memory", (
+            "the worker ran out of memory; lower calibration.num_samples or seq_length"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "disk_full", f"no space left while writing the checkpoint: {exc}"
+    return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+@contextmanager
+def heartbeat(store: Store, job_id: str, attempt: int, every: float) -> Iterator[None]:
+    """Beats in a thread while the job runs, so a reconciler can tell a live worker."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            try:
+                store.heartbeat(job_id, attempt)
+            except Exception:  # a store hiccup must not kill the job; the next beat retries
+                log.warning("heartbeat for %s failed", job_id, exc_info=True)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+@contextmanager
+def scratch_dir(settings: Settings, name: str) -> Iterator[Path]:
+    """A per-run working directory (also the cwd, so a bare model name never reads the
+    worker's own directory), removed afterwards."""
+    path = settings.data_dir / "tmp" / name
+    path.mkdir(parents=True, exist_ok=True)
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(old)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _engine_kwargs(spec: dict[str, Any], store: Store, settings: Settings) -> dict[str, Any]:
+    from worker.gptq.evaluate import EvalSpec
+
+    kwargs: dict[str, Any] = {
+        "revision": spec.get("revision"),
+        "trust_remote_code": bool(spec.get("trust_remote_code")),
+        "token": settings.hf_token.get_secret_value() if settings.hf_token else None,
+        "device": settings.device,
+    }
+    verify = spec["verify"]
+    if verify["perplexity"] or (verify["prompts"] and verify["max_new_tokens"] > 0):
+        source, text_field = jobspec.eval_source(spec, verify.get("dataset_id"), store, settings)
+        kwargs["evaluate"] = EvalSpec(
+            source=source,
+            text_field=text_field,
+            seq_length=jobspec.eval_seq_length(spec, verify.get("seq_length")),
+            max_windows=verify.get("max_windows"),
+            prompts=tuple(verify["prompts"]),
+            max_new_tokens=verify["max_new_tokens"],
+            extra={"perplexity": verify["perplexity"]},
+        )
+    return kwargs
+
+
+def run_job(job_id: str, store: Store, settings: Settings) -> str | None:
+    """Runs the job if it is queued; returns its final status, or None when skipped."""
+    from worker.gptq.api import quantize
+    from worker.gptq.export import partial_dir, publish_atomically
+    from worker.gptq.progress import Cancelled
+
+    job = store.claim_job(job_id, worker_name())
+    if job is None:
+        log.info("job %s is not queued; skipping", job_id)
+        return None
+    attempt = job.attempts
+    writer = ProgressWriter(store, job_id, attempt, settings.progress_interval)
+    final = settings.artifacts_dir / job_id
+    partial = partial_dir(final)
+
+    def should_stop() -> bool:
+        return writer.lost or store.cancel_requested(job_id)
+
+    status: str
+    with heartbeat(store, job_id, attempt, settings.heartbeat_seconds), \
+            scratch_dir(settings, job_id):
+        shutil.rmtree(partial, ignore_errors=True)  # left by an attempt that died
+        try:
+            spec = job.spec
+            report = quantize(
+                jobspec.model_source(spec, settings), partial, jobspec.quantize_config(spec),
+                jobspec.calibration_spec(spec, store, settings), progress=writer,
+                should_stop=should_stop, **_engine_kwargs(spec, store, settings),
+            )
+            artifacts = list_artifacts(partial)
+            publish_atomically(partial, final, overwrite=True)
+            status = "succeeded"
+            store.finish_job(
+                job_id, attempt, status, metrics=metrics_of(report.to_dict()),
+                artifacts=artifacts, progress=writer.final("done", "checkpoint ready", 1.0),
+            )
+        except Cancelled:
+            status = "cancelled"
+            shutil.rmtree(partial, ignore_errors=True)
+            store.finish_job(job_id, attempt, status,
+                             progress=writer.final("cancelled", "cancelled while running"))
+        except Exception as exc:
+            status = "failed"
+            shutil.rmtree(partial, ignore_errors=True)
+            code, message = error_of(exc)
+            if code == "internal_error":
+                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+            store.finish_job(job_id, attempt, status, error=(code, message),
+                             progress=writer.final("failed", message))
+    return status
+
+
+def public_source(source: str) -> str:
+    """A source as users may see it: a server path shows only its file name."""
+    return Path(source).name if source.startswith("/") else source
+
+
+def metrics_of(report: dict[str, Any]) -> dict[str, Any]:
+    """The job's metrics from the engine's report: the per-module list is summarised (the
+    full one is in the checkpoint's report file) and server paths are left out."""
+    metrics = {k: v for k, v in report.items() if k not in ("modules", "out_dir", "model")}
+    for key in ("calibration", "evaluation"):
+        if isinstance(metrics.get(key), dict) and "source" in metrics[key]:
+            metrics[key] = {**metrics[key], "source": public_source(str(metrics[key]["source"]))}
+    losses = [(m["name"], m["loss"]) for m in report.get("modules") or []
+              if m.get("loss") is not None]
+    if losses:
+        worst = max(losses, key=lambda x: x[1])
+        metrics["loss_summary"] = {
+            "modules": len(losses),
+            "mean": sum(v for _, v in losses) / len(losses),
+            "max": worst[1],
+            "worst_module": worst[0],
+        }
+    return metrics

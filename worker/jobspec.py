@@ -1,0 +1,70 @@
+"""A stored job spec (the API's JobIn as JSON) turned into the engine's arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from app.paths import inside, resolve_model
+from app.settings import Settings
+from app.store import Store
+from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.errors import CalibrationError
+
+QUANT_FIELDS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static_groups",
+                "true_sequential")
+
+
+def quantize_config(spec: dict[str, Any]) -> QuantizeConfig:
+    return QuantizeConfig(**{k: spec[k] for k in QUANT_FIELDS})
+
+
+def dataset_file(store: Store, settings: Settings, dataset_id: str) -> Path:
+    ds = store.get_dataset(dataset_id)
+    if ds is None:
+        raise CalibrationError(f"dataset {dataset_id} no longer exists")
+    return inside(settings.datasets_dir, f"{ds.id}.{ds.format}")
+
+
+def calibration_source(calib: dict[str, Any], store: Store, settings: Settings) -> str:
+    """"builtin", an uploaded file's path, or a hub dataset "NAME:CONFIG:SPLIT"."""
+    if calib.get("dataset_id"):
+        return str(dataset_file(store, settings, calib["dataset_id"]))
+    if calib["dataset"] == "builtin":
+        return "builtin"
+    return ":".join([calib["dataset"], calib.get("config") or "", calib["split"]])
+
+
+def calibration_spec(spec: dict[str, Any], store: Store, settings: Settings) -> CalibrationSpec:
+    calib = spec["calibration"]
+    return CalibrationSpec(
+        source=calibration_source(calib, store, settings),
+        text_field=calib["text_field"],
+        num_samples=calib["num_samples"],
+        seq_length=calib["seq_length"],
+        seed=calib["seed"],
+    )
+
+
+def eval_source(
+    spec: dict[str, Any], dataset_id: str | None, store: Store, settings: Settings
+) -> tuple[str, str]:
+    """(source, text_field) of the text perplexity is measured on.
+
+    An explicit dataset_id wins; a hub calibration set is evaluated on its "test" split;
+    builtin or uploaded calibration text is evaluated on that same text (say so in results).
+    """
+    calib = spec["calibration"]
+    if dataset_id:
+        return str(dataset_file(store, settings, dataset_id)), "text"
+    if not calib.get("dataset_id") and calib["dataset"] != "builtin":
+        return ":".join([calib["dataset"], calib.get("config") or "", "test"]), calib["text_field"]
+    return calibration_source(calib, store, settings), calib["text_field"]
+
+
+def eval_seq_length(spec: dict[str, Any], requested: int | None) -> int:
+    return requested or spec["calibration"]["seq_length"]
+
+
+def model_source(spec: dict[str, Any], settings: Settings) -> str:
+    return resolve_model(spec["model_id"], settings.models_root)

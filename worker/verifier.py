@@ -1,0 +1,62 @@
+"""Runs one verification: perplexity and sample generations from a job's stored checkpoint,
+read back with the engine's own loader (the same files a user downloads)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from app.settings import Settings
+from app.store import Store
+from worker import jobspec
+from worker.jobrunner import error_of, public_source, scratch_dir
+
+log = logging.getLogger("gptqd.worker")
+
+
+def measure(
+    spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings
+) -> dict[str, Any]:
+    from worker.gptq.evaluate import generate_samples, load_texts, perplexity
+    from worker.gptq.loader import load_quantized
+
+    started = time.monotonic()
+    model, tokenizer = load_quantized(settings.artifacts_dir / request["job_id"])
+    source, text_field = jobspec.eval_source(spec, request.get("dataset_id"), store, settings)
+    seq_length = jobspec.eval_seq_length(spec, request.get("seq_length"))
+    texts = load_texts(source, text_field)
+    ppl = perplexity(model, tokenizer, texts, seq_length, request.get("max_windows"))
+    prompts = request.get("prompts") or []
+    samples = generate_samples(model, tokenizer, prompts, request["max_new_tokens"]) if (
+        prompts and request["max_new_tokens"] > 0) else []
+    return {
+        "perplexity": ppl,
+        "eval_source": request.get("dataset_id") or public_source(source),
+        "seq_length": seq_length,
+        "max_windows": request.get("max_windows"),
+        "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, samples, strict=True)],
+        "seconds": round(time.monotonic() - started, 3),
+    }
+
+
+def run_verification(verification_id: str, store: Store, settings: Settings) -> str | None:
+    v = store.claim_verification(verification_id)
+    if v is None:
+        return None
+    job = store.get_job(v.job_id)
+    if job is None or job.status != "succeeded":
+        store.finish_verification(
+            verification_id, "failed",
+            error=("job_not_succeeded", "the job has no checkpoint (not succeeded or deleted)"),
+        )
+        return "failed"
+    try:
+        with scratch_dir(settings, verification_id):
+            result = measure(job.spec, {**v.spec, "job_id": job.id}, store, settings)
+    except Exception as exc:
+        log.exception("verification %s failed", verification_id)
+        store.finish_verification(verification_id, "failed", error=error_of(exc))
+        return "failed"
+    store.finish_verification(verification_id, "succeeded", result=result)
+    return "succeeded"

@@ -69,12 +69,16 @@ class ProgressBar:
             total=self.STEPS,
             disable=not enabled,
             file=sys.stderr,
-            bar_format="{desc:<12}{percentage:3.0f}%|{bar:24}| {postfix}",
+            # a list postfix is shown as is; a str one would get tqdm's ", " prefix
+            bar_format="{desc:<12}{percentage:3.0f}%|{bar:24}| {postfix[0]}",
+            postfix=[""],
             dynamic_ncols=True,
             mininterval=0.2,
         )
 
     def __call__(self, event: Any) -> None:
+        if self.bar.disable:
+            return
         self.bar.set_description_str(event.stage, refresh=False)
         parts = []
         if event.block is not None and event.num_blocks:
@@ -86,7 +90,7 @@ class ProgressBar:
         parts.append(f"elapsed {_clock(event.seconds)}")
         if event.eta_seconds is not None:
             parts.append(f"ETA {_clock(event.eta_seconds)}")
-        self.bar.set_postfix_str(" | ".join(parts), refresh=False)
+        self.bar.postfix[0] = " | ".join(parts)
         self.bar.update(max(0, round(event.fraction * self.STEPS) - self.bar.n))
 
     def close(self) -> None:
@@ -217,11 +221,16 @@ def _run_engine(run: Callable[[Any], T], progress: bool, cleanup: Path | None = 
 
 
 def _print_summary(report: Any, out: Path) -> None:
-    data = report.to_dict() if hasattr(report, "to_dict") else dict(report or {})
+    data = report.to_dict()
     typer.echo(f"checkpoint: {out}")
-    for key, label in (("duration_seconds", "time (s)"), ("peak_rss_bytes", "peak RSS (bytes)")):
-        if data.get(key) is not None:
-            typer.echo(f"{label}: {data[key]}")
+    typer.echo(f"quantized modules: {len(data.get('modules') or [])} in {data.get('num_blocks')} blocks")
+    typer.echo(f"time: {data.get('duration_seconds', 0.0):.1f} s")
+    rss = (data.get("peak_memory") or {}).get("rss_bytes")
+    if rss:
+        typer.echo(f"peak RSS: {rss / 2**20:.0f} MiB")
+    size = (data.get("sizes") or {}).get("checkpoint_bytes")
+    if size:
+        typer.echo(f"checkpoint size: {size / 2**20:.2f} MiB")
     for key in ("perplexity_before", "perplexity_after"):
         if data.get(key) is not None:
             typer.echo(f"{key.replace('_', ' ')}: {data[key]:.4f}")

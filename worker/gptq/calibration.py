@@ -31,6 +31,7 @@ import importlib
 import inspect
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,9 @@ def builtin_rows() -> list[str]:
     seen: set[str] = set()
 
     def add(obj: Any) -> None:
-        doc = inspect.getdoc(obj)
+        with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when read
+            warnings.simplefilter("ignore", DeprecationWarning)
+            doc = inspect.getdoc(obj)
         if doc and doc not in seen:
             seen.add(doc)
             rows.append(doc)

@@ -1,0 +1,177 @@
+"""Calibration: text sources, reproducible non-overlapping windows, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import huggingface_hub.constants
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.conftest import fixture_path
+from worker.gptq.calibration import (
+    build_calibration,
+    builtin_rows,
+    load_rows,
+    parse_hub_source,
+    tokenize,
+)
+from worker.gptq.config import CalibrationSpec
+from worker.gptq.errors import CalibrationError
+
+PARAGRAPHS = [
+    f"Paragraph {i} tells of the {word} river that runs past the old mill near town {i}."
+    for i, word in enumerate(["quiet", "long", "cold", "wide", "green", "slow"] * 10)
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(fixture_path("tokenizers", "gpt2"))
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    # blank and whitespace-only lines between paragraphs, as in wikitext
+    path = tmp_path / "calib.txt"
+    path.write_text("\n \n\n".join(PARAGRAPHS) + "\n\n\n")
+    return path
+
+
+def _is_slice_of(window: torch.Tensor, stream: torch.Tensor) -> bool:
+    length = window.numel()
+    starts = range(0, stream.numel() - length + 1, length)  # window grid: multiples of length
+    return any(torch.equal(stream[s : s + length], window) for s in starts)
+
+
+def test_windows_are_reproducible_distinct_slices_of_the_packed_text(tokenizer, text_file) -> None:
+    spec = CalibrationSpec(source=str(text_file), num_samples=6, seq_length=32, seed=7)
+    first = build_calibration(tokenizer, spec)
+    assert first.dtype == torch.long and first.shape == (6, 32)
+    assert torch.equal(first, build_calibration(tokenizer, spec))
+    other = build_calibration(tokenizer, CalibrationSpec(source=str(text_file), num_samples=6, seq_length=32, seed=8))
+    assert not torch.equal(first, other)
+    stream = tokenize(tokenizer, "\n\n".join(PARAGRAPHS))
+    for window in first:
+        assert _is_slice_of(window, stream)
+    assert len({tuple(w.tolist()) for w in first}) == 6  # no window twice
+
+
+def test_no_sample_is_empty_or_padded(tokenizer, text_file) -> None:
+    ids = build_calibration(tokenizer, CalibrationSpec(source=str(text_file), num_samples=8, seq_length=16))
+    for window in ids:
+        text = tokenizer.decode(window)
+        assert len(text.strip()) > 20
+        assert "\n\n\n" not in text  # blank rows were dropped, rows joined by one blank line
+    assert (ids != tokenizer.eos_token_id).all()
+
+
+def test_too_little_text_is_a_clear_error(tokenizer, text_file) -> None:
+    total = tokenize(tokenizer, "\n\n".join(PARAGRAPHS)).numel()
+    windows = total // 64
+    spec = CalibrationSpec(source=str(text_file), num_samples=windows + 1, seq_length=64)
+    with pytest.raises(CalibrationError) as info:
+        build_calibration(tokenizer, spec)
+    assert str(info.value).startswith(
+        f"calibration text too short: {total} tokens give {windows} windows of 64, need {windows + 1}"
+    )
+    # exactly as many windows as there are is fine: all of them, each once
+    every = build_calibration(tokenizer, CalibrationSpec(source=str(text_file), num_samples=windows, seq_length=64))
+    assert len({tuple(w.tolist()) for w in every}) == windows
+
+
+def test_txt_rows_are_paragraphs_without_blank_ones(text_file) -> None:
+    assert load_rows(CalibrationSpec(source=str(text_file))) == PARAGRAPHS
+
+
+def test_jsonl_rows_come_from_the_text_field(tmp_path: Path) -> None:
+    path = tmp_path / "calib.jsonl"
+    records = [{"content": p, "id": i} for i, p in enumerate(PARAGRAPHS[:5])]
+    records.insert(2, {"content": "   ", "id": 99})
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    assert load_rows(CalibrationSpec(source=str(path), text_field="content")) == PARAGRAPHS[:5]
+    with pytest.raises(CalibrationError, match=r"line 1 has no text_field 'text' \(found \['content', 'id'\]\)"):
+        load_rows(CalibrationSpec(source=str(path)))
+
+
+def test_jsonl_that_is_not_json_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(CalibrationError, match="line 2 is not JSON"):
+        load_rows(CalibrationSpec(source=str(path)))
+
+
+def test_parquet_rows_come_from_the_text_column(tmp_path: Path) -> None:
+    path = tmp_path / "calib.parquet"
+    column = [*PARAGRAPHS[:4], "", None, PARAGRAPHS[4]]
+    pq.write_table(pa.table({"body": column, "n": list(range(len(column)))}), path)
+    assert load_rows(CalibrationSpec(source=str(path), text_field="body")) == PARAGRAPHS[:5]
+    with pytest.raises(CalibrationError, match=r"no text_field column 'text' \(columns: body, n\)"):
+        load_rows(CalibrationSpec(source=str(path)))
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CalibrationError, match="does not exist"):
+        load_rows(CalibrationSpec(source=str(tmp_path / "missing.txt")))
+    odd = tmp_path / "data.csv"
+    odd.write_text("a,b\n")
+    with pytest.raises(CalibrationError, match=r"unsupported type '\.csv'"):
+        load_rows(CalibrationSpec(source=str(odd)))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n\n")
+    with pytest.raises(CalibrationError, match="holds no text"):
+        load_rows(CalibrationSpec(source=str(empty)))
+
+
+def test_builtin_source_covers_128_windows_of_512(tokenizer) -> None:
+    rows = builtin_rows()
+    assert len(rows) > 1000 and all(r.strip() for r in rows)
+    assert rows == builtin_rows()  # same text every time
+    spec = CalibrationSpec(source="builtin", num_samples=128, seq_length=512, seed=3)
+    ids = build_calibration(tokenizer, spec)
+    assert ids.shape == (128, 512)
+    assert len({tuple(w.tolist()) for w in ids}) == 128
+    text = tokenizer.decode(ids[0])
+    assert sum(ch.isalpha() for ch in text) > len(text) / 2  # prose, not noise
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("wikitext", ("wikitext", None, "train")),
+        ("wikitext:wikitext-2-raw-v1", ("wikitext", "wikitext-2-raw-v1", "train")),
+        ("wikitext:wikitext-2-raw-v1:validation", ("wikitext", "wikitext-2-raw-v1", "validation")),
+        ("allenai/c4:en:train[:2000]", ("allenai/c4", "en", "train[:2000]")),
+        ("org/data::test", ("org/data", None, "test")),
+    ],
+)
+def test_hub_source_parsing(source, expected) -> None:
+    assert parse_hub_source(source) == expected
+
+
+def test_hub_dataset_offline_is_a_calibration_error(monkeypatch) -> None:
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(CalibrationError) as info:
+        load_rows(CalibrationSpec(source="wikitext:wikitext-2-raw-v1:train"))
+    message = str(info.value)
+    assert "dataset 'wikitext' config 'wikitext-2-raw-v1' split 'train' could not be loaded" in message
+    assert "'builtin'" in message
+    assert info.value.code == "calibration"
+
+
+def test_large_text_is_cut_to_a_seeded_run_of_rows(tokenizer, tmp_path: Path) -> None:
+    # 3000 paragraphs (~60k tokens) for 2 windows of 16: only a contiguous run is tokenized
+    path = tmp_path / "big.txt"
+    rows = [f"Row {i} says the number {i} twice: {i}." for i in range(3000)]
+    path.write_text("\n\n".join(rows))
+    spec = CalibrationSpec(source=str(path), num_samples=2, seq_length=16, seed=1)
+    ids = build_calibration(tokenizer, spec)
+    assert torch.equal(ids, build_calibration(tokenizer, spec))
+    numbers = [int(t) for t in tokenizer.decode(ids.flatten()).replace(":", " ").replace(".", " ").split() if t.isdigit()]
+    assert max(numbers) - min(numbers) < 60  # 2*16*32 characters of budget span ~40 rows

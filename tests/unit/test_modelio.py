@@ -1,0 +1,78 @@
+"""Loading a model: local directories, family check before weights, hub errors a person can act on."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx2
+import huggingface_hub.constants
+import pytest
+import torch
+from huggingface_hub import errors as hub
+from transformers import BertConfig
+
+from tests.conftest import fixture_path
+from worker.gptq.errors import ModelAccessDenied, ModelNotFound, UnsupportedArchitecture
+from worker.gptq.modelio import load_config, load_model, map_load_error
+
+
+def _response(status: int) -> httpx2.Response:
+    return httpx2.Response(status, request=httpx2.Request("GET", "https://hub.invalid/org/m"))
+
+
+def test_loads_a_local_directory_on_the_cpu_in_eval_mode() -> None:
+    loaded = load_model(str(fixture_path("models", "babyllama-tok105")))
+    assert type(loaded.model).__name__ == "LlamaForCausalLM"
+    assert loaded.arch.family == "llama"
+    assert not loaded.model.training
+    assert {p.dtype for p in loaded.model.parameters()} == {torch.float32}
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    assert loaded.tokenizer("Once upon a time")["input_ids"]
+
+
+def test_unsupported_family_is_refused_before_weights_are_read(tmp_path: Path) -> None:
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UnsupportedArchitecture, match="model type 'bert' is not supported"):
+        load_model(str(tmp_path))
+
+
+def test_local_path_mistakes_name_the_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match=re.escape(f"model directory {tmp_path / 'nope'} does not exist")):
+        load_config(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFound, match=r"has no config\.json"):
+        load_config(str(tmp_path))
+    with pytest.raises(ModelNotFound, match="neither a local directory nor a valid hub id"):
+        load_config("not a valid id!")
+
+
+def test_hub_id_offline_and_not_cached_says_so(monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelNotFound) as info:
+        load_config("some-org/some-model-not-in-cache", revision="main")
+    message = str(info.value)
+    assert "'some-org/some-model-not-in-cache' at revision 'main'" in message
+    assert "unreachable" in message and "local directory" in message
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "words"),
+    [
+        (lambda: hub.GatedRepoError("gated", response=_response(403)), ModelAccessDenied, "is gated"),
+        (lambda: hub.RepositoryNotFoundError("nf", response=_response(401)), ModelNotFound, "HF_TOKEN"),
+        (lambda: hub.RevisionNotFoundError("rev", response=_response(404)), ModelNotFound, "revision 'v9'"),
+        (lambda: hub.HfHubHTTPError("forbidden", response=_response(403)), ModelAccessDenied, "HTTP 403"),
+        (lambda: hub.HfHubHTTPError("teapot", response=_response(418)), ModelNotFound, "could not be loaded"),
+    ],
+)
+def test_hub_errors_are_mapped_even_when_wrapped(error, expected, words) -> None:
+    try:
+        try:
+            raise error()
+        except Exception as inner:
+            raise OSError("transformers wraps hub errors") from inner
+    except OSError as wrapped:
+        mapped = map_load_error("org/m", "v9", wrapped)
+    assert type(mapped) is expected
+    assert words in str(mapped)

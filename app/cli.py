@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from app.commands import engine
+from app.commands import engine, service
 
 app = typer.Typer(
     name="gptqd",
@@ -26,6 +26,7 @@ def _root() -> None:
 
 
 engine.register(app)
+service.register(app)
 
 
 def main() -> None:

@@ -58,16 +58,21 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 class ProgressBar:
-    """A tqdm bar fed by the engine's ProgressEvents: stage, block i/n, module, loss, ETA."""
+    """Engine ProgressEvents shown as a live tqdm bar (stage, block i/n, module, loss, ETA).
+
+    When stderr is not a terminal (logs, CI, pipes) each event is one plain line instead.
+    """
 
     STEPS = 1000
 
     def __init__(self, enabled: bool = True) -> None:
         from tqdm import tqdm
 
+        self.enabled = enabled
+        self.live = enabled and sys.stderr.isatty()
         self.bar = tqdm(
             total=self.STEPS,
-            disable=not enabled,
+            disable=not self.live,
             file=sys.stderr,
             # a list postfix is shown as is; a str one would get tqdm's ", " prefix
             bar_format="{desc:<12}{percentage:3.0f}%|{bar:24}| {postfix[0]}",
@@ -77,24 +82,33 @@ class ProgressBar:
         )
 
     def __call__(self, event: Any) -> None:
-        if self.bar.disable:
+        if not self.enabled:
+            return
+        status = describe(event)
+        if not self.live:
+            typer.echo(f"{event.stage:<11} {event.fraction:4.0%}  {status}", err=True)
             return
         self.bar.set_description_str(event.stage, refresh=False)
-        parts = []
-        if event.block is not None and event.num_blocks:
-            parts.append(f"block {event.block}/{event.num_blocks}")
-        if event.module:
-            parts.append(event.module)
-        if event.loss is not None:
-            parts.append(f"loss {event.loss:.4g}")
-        parts.append(f"elapsed {_clock(event.seconds)}")
-        if event.eta_seconds is not None:
-            parts.append(f"ETA {_clock(event.eta_seconds)}")
-        self.bar.postfix[0] = " | ".join(parts)
+        self.bar.postfix[0] = status
         self.bar.update(max(0, round(event.fraction * self.STEPS) - self.bar.n))
 
     def close(self) -> None:
         self.bar.close()
+
+
+def describe(event: Any) -> str:
+    """block i/n | module | loss | elapsed | ETA, for whatever the event carries."""
+    parts = []
+    if event.block is not None and event.num_blocks:
+        parts.append(f"block {event.block}/{event.num_blocks}")
+    if event.module:
+        parts.append(event.module)
+    if event.loss is not None:
+        parts.append(f"loss {event.loss:.4g}")
+    parts.append(f"elapsed {_clock(event.seconds)}")
+    if event.eta_seconds is not None:
+        parts.append(f"ETA {_clock(event.eta_seconds)}")
+    return " | ".join(parts)
 
 
 def _clock(seconds: float) -> str:
@@ -157,7 +171,6 @@ def quantize(
 ) -> None:
     """Quantize a causal LM with GPTQ and write a checkpoint the ecosystem loads."""
     from worker.gptq.config import CalibrationSpec, QuantizeConfig
-    from worker.gptq.evaluate import EvalSpec
 
     config = _build(lambda: QuantizeConfig(
         bits=bits, group_size=group_size, sym=not asym, desc_act=desc_act,
@@ -170,6 +183,8 @@ def quantize(
     ))
     eval_spec = None
     if eval_text is not None:
+        from worker.gptq.evaluate import EvalSpec
+
         eval_spec = _build(lambda: EvalSpec(
             source=eval_text, text_field=text_field, seq_length=seq_length,
             max_windows=eval_max_windows,

@@ -1,0 +1,116 @@
+"""`gptqd quantize` and `gptqd eval` run as real subprocesses on a tiny model written by the test."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.tinymodel import build_tiny_llama
+
+SCRIPT = Path(sys.executable).parent / "gptqd"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gptqd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "app.cli"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory) -> Path:
+    from worker.gptq.calibration import builtin_rows
+
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text("\n\n".join(builtin_rows()[-200:]))
+    return path
+
+
+def quantize_args(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "quantize", "--model", str(model), "--out", str(out), "--bits", "4", "--group-size", "32",
+        "--calibration", "builtin", "--num-samples", "8", "--seq-length", "64", *extra,
+    ]
+
+
+def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
+    out = tmp_path / "ckpt"
+    run = gptqd(*quantize_args(tiny_model, out, "--eval-text", str(eval_text), "--eval-max-windows", "4"))
+    assert run.returncode == 0, run.stderr
+    assert "block 2/2" in run.stderr  # the progress bar went through both blocks
+    assert f"checkpoint: {out}" in run.stdout
+    assert "perplexity after" in run.stdout
+    for name in ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json",
+                 "quant_report.json", "quant_log.csv", "generation_config.json"):
+        assert (out / name).is_file(), name
+    assert not (tmp_path / "ckpt.partial").exists()
+    qconfig = json.loads((out / "quantize_config.json").read_text())
+    assert (qconfig["bits"], qconfig["group_size"], qconfig["sym"]) == (4, 32, True)
+    report = json.loads((out / "quant_report.json").read_text())
+    assert len(report["modules"]) == 2 * 7
+
+    scored = gptqd("eval", "--model", str(out), "--text", str(eval_text), "--seq-length", "64",
+                   "--max-windows", "4", "--json")
+    assert scored.returncode == 0, scored.stderr
+    result = json.loads(scored.stdout)
+    assert result["kind"] == "quantized" and result["windows"] == 4
+    # the CLI's eval and the run's own after-quantization eval use the same windows
+    assert result["perplexity"] == pytest.approx(report["perplexity_after"], rel=1e-3)
+
+    original = gptqd("eval", "--model", str(tiny_model), "--text", str(eval_text),
+                     "--seq-length", "64", "--max-windows", "4")
+    assert original.returncode == 0, original.stderr
+    assert original.stdout.startswith("perplexity ") and "original model" in original.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--bits", "5"], "bits must be one of"),
+        (["--group-size", "100"], "group_size must be one of"),
+        (["--damp-percent", "2"], "damp_percent must be in"),
+        (["--num-samples", "0"], "num_samples must be >= 1"),
+        (["--bits", "four"], "'--bits'"),
+    ],
+)
+def test_bad_arguments_are_refused_cleanly(tmp_path, args, needle):
+    run = gptqd("quantize", "--model", "x", "--out", str(tmp_path / "o"), *args, timeout=120)
+    assert run.returncode == 2
+    assert needle in run.stderr
+    assert "Traceback" not in run.stderr + run.stdout
+    assert not (tmp_path / "o").exists()
+
+
+def test_engine_errors_are_one_line(tiny_model, tmp_path):
+    missing = gptqd(*quantize_args(tmp_path / "nope", tmp_path / "a"))
+    assert missing.returncode == 1
+    assert "error [model_not_found]" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    # hidden size 64 is not divisible by group 128: refused before any work, naming the layer
+    shape = gptqd(*quantize_args(tiny_model, tmp_path / "b", "--group-size", "128"))
+    assert shape.returncode == 1
+    assert "error [layer_shape]" in shape.stderr and "model.layers.0.self_attn.q_proj" in shape.stderr
+    assert "Traceback" not in shape.stderr
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny_model, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    run = gptqd(*quantize_args(tiny_model, out), timeout=120)
+    assert run.returncode == 2
+    assert "--overwrite" in run.stderr and "Traceback" not in run.stderr
+    assert (out / "keep.txt").read_text() == "mine"

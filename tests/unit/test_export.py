@@ -12,6 +12,7 @@ from safetensors import safe_open
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from worker.gptq import __version__
+from worker.gptq.arch import get_arch
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.errors import EngineError
 from worker.gptq.evaluate import rtn_quantize_model
@@ -220,3 +221,21 @@ def test_publish_atomically(tmp_path):
     publish_atomically(tmp, final, overwrite=True)
     assert (final / "b").is_file() and not (final / "a").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_layers_left_unquantized_are_listed_in_dynamic(tmp_path):
+    model = tiny_llama()
+    config = QuantizeConfig(bits=4, group_size=32)
+    result = rtn_quantize_model(model, config)
+    skipped = "model.layers.0.mlp.down_proj"
+    del result.layers[skipped]
+    save_checkpoint(model, None, result, config, tmp_path, arch=get_arch(model))
+    qconfig = json.loads((tmp_path / "quantize_config.json").read_text())
+    assert qconfig["dynamic"] == {r"-:^model\.layers\.0\.mlp\.down_proj$": {}}
+    tensors = read_tensors(tmp_path)
+    assert tensors[f"{skipped}.weight"].dtype == torch.float16
+    reloaded, _ = load_quantized(tmp_path)
+    assert isinstance(reloaded.get_submodule(skipped), torch.nn.Linear)
+    full = export(tiny_llama(), config, tmp_path / "all", arch=get_arch(model))
+    assert "dynamic" not in json.loads((tmp_path / "all" / "quantize_config.json").read_text())
+    assert f"{skipped}.qweight" in full

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ def quantization_config_dict(config: QuantizeConfig) -> dict[str, Any]:
             "mse": config.mse,
         },
     }
+
+
+def unquantized_block_layers(
+    model: torch.nn.Module, arch: Any, layers: dict[str, LayerQuantResult]
+) -> list[str]:
+    """Linears of the decoder blocks that were left unquantized (loaders must be told)."""
+    names = []
+    for index in range(len(arch.blocks(model))):
+        for rel in arch.module_names:
+            name = f"{arch.block_prefix(index)}.{rel}"
+            if name not in layers:
+                names.append(name)
+    return names
 
 
 def trivial_g_idx(in_features: int, group_size: int) -> torch.Tensor:
@@ -256,11 +270,13 @@ def save_checkpoint(
 ) -> list[Path]:
     """Write the checkpoint of a quantized model into out_dir; returns the files written.
 
+    arch (the model's ArchSpec) lets export list block linears missing from result.layers in
+    the config's `dynamic` skip map, so GPTQModel and vLLM load them as plain weights.
+
     result is the pipeline's PipelineResult (only its .layers is read: module name ->
     LayerQuantResult); the model's own weights for those modules are not written. Ordinary
     tensors are stored in `dtype` (fp16, what GPTQ kernels expect).
     """
-    del arch  # the layer names in result.layers say everything export needs
     layers: dict[str, LayerQuantResult] = dict(result.layers)
     if not layers:
         raise EngineError("no layer was quantized: nothing to export")
@@ -272,6 +288,10 @@ def save_checkpoint(
     entries = list(_checkpoint_entries(model, layers, config, dtype))
     paths = _write_weights(entries, out_dir, max_shard_size)
     qconfig = quantization_config_dict(config)
+    skipped = unquantized_block_layers(model, arch, layers) if arch is not None else []
+    if skipped:
+        # GPTQModel/vLLM syntax: "-:" + regex = leave this module unquantized
+        qconfig["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
     paths.append(_write_json(out_dir / "config.json", _model_config_dict(model, qconfig, dtype)))
     paths.append(_write_json(out_dir / "quantize_config.json", qconfig))
     generation_config = getattr(model, "generation_config", None)

@@ -10,7 +10,16 @@ import logging
 from fastapi import FastAPI
 
 from app.dispatch import Dispatcher
-from app.routes import artifacts, datasets, events, health, jobs, verifications
+from app.routes import (
+    artifacts,
+    dashboard,
+    datasets,
+    events,
+    health,
+    jobs,
+    metrics,
+    verifications,
+)
 from app.settings import Settings, get_settings
 from app.store import Store
 
@@ -45,10 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(
         datasets.router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD
     )
-    try:  # the dashboard page ships separately; the API works without it
-        from app.routes import dashboard
-    except ImportError:
-        pass
-    else:
-        app.include_router(dashboard.router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     return app

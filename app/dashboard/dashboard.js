@@ -81,7 +81,7 @@ function progressBar() {
 // --- live updates: one event stream per job that is not finished ---------------------------
 const streams = new Map();
 
-function follow(jobId, onChange) {
+function follow(jobId, onChange, onEvent) {
   if (streams.has(jobId)) return;
   const controller = new AbortController();
   streams.set(jobId, controller);
@@ -112,9 +112,12 @@ function follow(jobId, onChange) {
           while ((cut = buffer.indexOf("\n\n")) >= 0) {
             const block = buffer.slice(0, cut);
             buffer = buffer.slice(cut + 2);
+            let data = "";
             for (const line of block.split("\n")) {
               if (line.startsWith("id:")) lastId = line.slice(3).trim();
+              else if (line.startsWith("data:")) data += line.slice(5).trim();
             }
+            if (onEvent && data) { try { onEvent(JSON.parse(data)); } catch (e) { /* not JSON */ } }
             refresh();
           }
         }
@@ -221,10 +224,29 @@ $("#submit-form").addEventListener("submit", async (event) => {
 });
 
 // --- one job --------------------------------------------------------------------------------
-function moduleLosses(metrics) {
-  // metrics.modules: [{name, block, loss, ...}] as the engine reports them
-  const mods = metrics?.modules || metrics?.layers || [];
-  return mods.filter((m) => m && m.loss != null).map((m) => ({ name: m.name || m.module, block: m.block, loss: Number(m.loss) }));
+// per-module GPTQ loss: from progress events while a job runs, from the checkpoint's
+// quant_report.json once it has succeeded
+let liveLosses = new Map();
+
+function blockOf(name) {
+  const m = /\.(\d+)\./.exec(name || "");
+  return m ? Number(m[1]) + 1 : null;
+}
+
+function onJobEvent(ev) {
+  if (ev.type === "progress" && ev.module && ev.loss != null) {
+    liveLosses.set(`${ev.block}:${ev.module}`, { name: ev.module, block: ev.block, loss: Number(ev.loss) });
+    drawLossChart($("#loss-chart"), [...liveLosses.values()]);
+  }
+}
+
+async function reportLosses(job) {
+  if (!(job.artifacts || []).some((a) => a.name === "quant_report.json")) return null;
+  const resp = await fetch(`/jobs/${job.id}/artifacts/quant_report.json`, { headers: headers() });
+  if (!resp.ok) return null;
+  const report = await resp.json();
+  return (report.modules || []).filter((m) => m.loss != null)
+    .map((m) => ({ name: m.module || m.name, block: blockOf(m.module || m.name), loss: Number(m.loss) }));
 }
 
 function drawLossChart(svg, mods) {
@@ -269,15 +291,17 @@ function drawLossChart(svg, mods) {
 
 function metricRows(job) {
   const m = job.metrics || {};
-  const ppl = m.perplexity || {};
+  const sizes = m.sizes || {};
   const rows = [
     ["status", job.status],
     ["settings", settingsOf(job)],
-    ["perplexity before", ppl.before ?? m.perplexity_before],
-    ["perplexity after", ppl.after ?? m.perplexity_after],
-    ["size before", formatBytes(m.size_before ?? m.sizes?.before)],
-    ["size after", formatBytes(m.size_after ?? m.sizes?.after)],
-    ["duration", formatSeconds(m.duration_seconds ?? m.duration)],
+    ["perplexity before", m.perplexity_before],
+    ["perplexity after", m.perplexity_after],
+    ["size before", formatBytes(sizes.original_bytes)],
+    ["size after", formatBytes(sizes.checkpoint_bytes)],
+    ["mean module loss", m.loss_summary?.mean],
+    ["worst module", m.loss_summary?.worst_module],
+    ["duration", formatSeconds(m.duration_seconds)],
     ["attempts", job.attempts],
   ];
   return rows.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => {
@@ -294,7 +318,11 @@ function renderJob(job) {
   $("#job-message").textContent = job.progress?.message || "";
   $("#job-error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
   $("#job-metrics tbody").replaceChildren(...metricRows(job));
-  drawLossChart($("#loss-chart"), moduleLosses(job.metrics));
+  if (job.status === "succeeded") {
+    reportLosses(job).then((mods) => { if (mods) drawLossChart($("#loss-chart"), mods); });
+  } else {
+    drawLossChart($("#loss-chart"), [...liveLosses.values()]);
+  }
   const list = $("#artifacts");
   list.replaceChildren(...(job.artifacts || []).map((a) => {
     const li = document.createElement("li");
@@ -312,8 +340,8 @@ function renderJob(job) {
     li.append(link);
     list.append(li);
   }
-  const samples = job.metrics?.samples || [];
-  $("#samples").replaceChildren(...samples.map((s) => text("pre", typeof s === "string" ? s : `${s.prompt ?? ""}${s.text ?? s.output ?? ""}`)));
+  const samples = job.metrics?.evaluation?.samples_after || [];
+  $("#samples").replaceChildren(...samples.map((s) => text("pre", s)));
   $("#cancel-button").hidden = !(job.status === "queued" || job.status === "running");
   $("#cancel-button").onclick = async () => { try { renderJob(await api(`/jobs/${job.id}/cancel`, { method: "POST" })); } catch (e) { $("#job-error").textContent = e.message; } };
 }
@@ -339,9 +367,10 @@ async function route() {
   $("#job-view").hidden = !match;
   try {
     if (match) {
+      liveLosses = new Map();
       const job = await api(`/jobs/${match[1]}`);
       renderJob(job);
-      if (job.status === "queued" || job.status === "running") follow(job.id, renderJob);
+      if (job.status === "queued" || job.status === "running") follow(job.id, renderJob, onJobEvent);
     } else {
       rows.clear();
       await Promise.all([loadJobs(), loadDatasets()]);

@@ -1,0 +1,175 @@
+"""Real processes for the service tests: uvicorn on a free port, Celery worker subprocesses,
+Redis on 127.0.0.1:6379 and PostgreSQL on 127.0.0.1:5432 (db `test`).
+
+One "team" box (PostgreSQL store + Redis broker) is shared by the whole session; each session
+uses its own Redis db/queue name and its own PostgreSQL schema, so parallel runs do not mix.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.box import api_command, free_port, spawn, stop, wait_ready, worker_command
+from app.tinymodel import TinySpec, build_tiny_llama
+
+REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
+REDIS_DB = 11  # keep away from db 0, which other tools on the machine use
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+TINY = TinySpec(hidden=64, intermediate=128, layers=2, heads=4, vocab=512)
+DEEP = TinySpec(hidden=64, intermediate=128, layers=8, heads=4, vocab=512)
+
+
+def _redis_up() -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(REDIS_HOST, REDIS_PORT, socket_timeout=2).ping())
+    except redis.RedisError:
+        return False
+
+
+@dataclass
+class Box:
+    """An API server and its workers, all sharing one environment."""
+
+    url: str
+    env: dict[str, str]
+    data_dir: Path
+    queue: str
+    api: subprocess.Popen
+    workers: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30)
+
+    def add_worker(self, name: str) -> subprocess.Popen:
+        log = self.data_dir / f"{name}.log"
+        proc = spawn(worker_command(name, self.queue), self.env, log)
+        self.workers.append(proc)
+        return proc
+
+    def remove_worker(self, proc: subprocess.Popen) -> None:
+        stop(proc, timeout=20)
+        self.workers.remove(proc)
+
+    def close(self) -> None:
+        for proc in list(self.workers):
+            stop(proc, timeout=20)
+        stop(self.api, timeout=10)
+
+
+def start_box(data_dir: Path, models_dir: Path, extra_env: dict[str, str], workers: int) -> Box:
+    queue = f"gptqd-test-{uuid.uuid4().hex[:8]}"
+    env = {
+        "GPTQD_DATA_DIR": str(data_dir),
+        "GPTQD_MODELS_DIR": str(models_dir),
+        "GPTQD_QUEUE": queue,
+        "GPTQD_PROGRESS_INTERVAL": "0.2",
+        "GPTQD_HEARTBEAT_SECONDS": "2",
+        **extra_env,
+    }
+    for key in ("GPTQD_DATABASE_URL", "GPTQD_BROKER_URL", "GPTQD_API_KEYS"):
+        env.setdefault(key, "")  # the embedded defaults unless the test says otherwise
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    api = spawn(api_command("127.0.0.1", port), env, data_dir / "api.log")
+    box = Box(url=f"http://127.0.0.1:{port}", env=env, data_dir=data_dir, queue=queue, api=api)
+    try:
+        wait_ready(box.url, timeout=90, proc=api)
+        for i in range(workers):
+            box.add_worker(f"w{i + 1}")
+    except BaseException:
+        print((data_dir / "api.log").read_text(errors="replace")[-3000:])
+        box.close()
+        raise
+    return box
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_llama(root / "tiny", TINY)
+    build_tiny_llama(root / "tiny-deep", DEEP)
+    return root
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose tables live in a schema of their own, dropped at the end."""
+    import sqlalchemy as sa
+
+    schema = f"gptqd_test_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(PG_URL)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    except sa.exc.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is not reachable at {PG_URL}: {exc}")
+    yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def team_box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, pg_url: str
+             ) -> Iterator[Box]:
+    """PostgreSQL store + Redis broker + one worker, shared by the session."""
+    if not _redis_up():
+        pytest.fail(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT} (scripts/run-tests.sh starts it)")
+    box = start_box(
+        tmp_path_factory.mktemp("team"), models_dir,
+        {"GPTQD_DATABASE_URL": pg_url,
+         "GPTQD_BROKER_URL": f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"},
+        workers=1,
+    )
+    yield box
+    box.close()
+    _dump_logs_on_failure(box)
+
+
+def _dump_logs_on_failure(box: Box) -> None:
+    if os.environ.get("GPTQD_TEST_KEEP_LOGS"):
+        keep = Path(os.environ["GPTQD_TEST_KEEP_LOGS"])
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in box.data_dir.glob("*.log"):
+            shutil.copy(log, keep / log.name)
+
+
+def wait_status(http: httpx.Client, job_id: str, statuses: tuple[str, ...],
+                timeout: float = 180) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = http.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {job}")
+        time.sleep(0.1)
+
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def tiny_spec(**overrides: object) -> dict:
+    """A job that takes seconds on the tiny model: builtin text, 8 windows of 64 tokens."""
+    spec = {
+        "model_id": "tiny",
+        "group_size": 32,
+        "calibration": {"dataset": "builtin", "num_samples": 8, "seq_length": 64},
+        "verify": {"max_windows": 4, "max_new_tokens": 8, "prompts": ["Return the"]},
+    }
+    spec.update(overrides)
+    return spec

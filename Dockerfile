@@ -49,7 +49,7 @@ ENV GPTQD_DATA_DIR=/data \
     HF_HOME=/cache/huggingface
 VOLUME ["/data", "/cache/huggingface"]
 
-USER gptqd
+USER ${GPTQD_UID}
 WORKDIR /home/gptqd
 EXPOSE 8000
 

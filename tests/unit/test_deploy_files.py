@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
+import kubernetes_validate
 import pytest
 import yaml
 from packaging.requirements import Requirement
@@ -480,6 +481,16 @@ def test_compose_env_vars_are_settings_and_volumes_are_where_settings_write(
     assert all(len(sources) == 1 for sources in shared.values()), shared
 
 
+def test_compose_matches_the_compose_spec(tmp_path: Path) -> None:
+    # compose validates after interpolation, so validate what `docker compose config` sees
+    resolved = tmp_path / "compose.json"
+    resolved.write_text(json.dumps(compose()))
+    res = subprocess.run([str(VENV_BIN / "check-jsonschema"), "--builtin-schema",
+                          "vendor.compose-spec", str(resolved)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_external_database_url_in_env_replaces_the_bundled_one() -> None:
     env = {**env_example(), "GPTQD_DATABASE_URL": "postgresql+psycopg://u:p@db.example:5432/x"}
     api = resolve(compose_raw(), env)["services"]["api"]
@@ -493,8 +504,10 @@ def test_dockerfile_user_healthcheck_volumes() -> None:
     steps = dockerfile()
     words = [w for w, _ in steps]
     users = [rest for w, rest in steps if w == "USER"]
-    assert users and users[-1] not in {"root", "0"} and not users[-1].startswith("0:")
-    assert any(w == "RUN" and "useradd" in rest and users[-1] in rest for w, rest in steps)
+    # numeric, so Kubernetes' runAsNonRoot can verify it; created by useradd with that uid
+    assert users and users[-1] == "${GPTQD_UID}" and int(docker_args()["GPTQD_UID"]) > 0
+    assert any(w == "RUN" and 'useradd --create-home --uid "${GPTQD_UID}"' in rest
+               for w, rest in steps)
 
     health = dict(steps)["HEALTHCHECK"]
     cmd = json.loads(dict(steps)["CMD"])
@@ -536,6 +549,12 @@ def test_dockerfile_installs_cuda_torch_before_the_project() -> None:
     assert "torch.version.cuda" in runs[project_i]  # the build fails on a CPU torch
 
 
+def test_dockerfile_passes_hadolint() -> None:
+    res = subprocess.run([str(VENV_BIN / "hadolint"), "--failure-threshold", "info",
+                          str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
 def test_dockerignore_keeps_secrets_out_and_sources_in() -> None:
     patterns = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                 if line.strip() and not line.startswith("#")}
@@ -548,6 +567,12 @@ def test_dockerignore_keeps_secrets_out_and_sources_in() -> None:
 
 
 # --- Kubernetes ------------------------------------------------------------------------------
+
+
+def test_k8s_manifests_match_the_kubernetes_schema() -> None:
+    version = kubernetes_validate.latest_version()
+    for doc in k8s_docs():
+        kubernetes_validate.validate(doc, version, strict=True)  # raises on an error
 
 
 def test_kustomization_lists_every_manifest() -> None:

@@ -783,13 +783,21 @@ def test_compose_worker_command_starts_one_slot_and_passes_its_healthcheck(
                              capture_output=True, text=True, timeout=30)
         assert res.returncode == 0, res.stdout + res.stderr + log.read_text()
         node = f"worker@{socket.gethostname()}"
-        stats = subprocess.run(
-            [str(VENV_BIN / "celery"), "-A", "worker.celery_app", "inspect", "stats",
-             "--timeout", "10", "-d", node, "--json"],
-            env=env, capture_output=True, text=True, timeout=30)
-        assert stats.returncode == 0, stats.stderr
-        pool = json.loads(stats.stdout)[node]["pool"]
+
+        def celery(*args: str) -> str:
+            res = subprocess.run([str(VENV_BIN / "celery"), "-A", "worker.celery_app", *args,
+                                  "--timeout", "10", "-d", node],
+                                 env=env, capture_output=True, text=True, timeout=30)
+            assert res.returncode == 0, res.stdout + res.stderr
+            return res.stdout
+
+        pool = json.loads(celery("inspect", "stats", "--json"))[node]["pool"]
         assert pool["max-concurrency"] == 1  # one job at a time per worker (per GPU)
         assert pool["max-tasks-per-child"] == 1
+        # the drain step of docs/deploy.md: stop taking jobs, keep the running one
+        queues = [q["name"] for q in json.loads(celery("inspect", "active_queues", "--json"))[node]]
+        assert queues == [env["GPTQD_QUEUE"]]
+        celery("control", "cancel_consumer", env["GPTQD_QUEUE"])
+        assert json.loads(celery("inspect", "active_queues", "--json"))[node] == []
     finally:
         stop(proc, timeout=15)

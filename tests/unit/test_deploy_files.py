@@ -703,6 +703,26 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     assert "gptqd" not in out.stderr, out.stderr
 
 
+# --- docs/deploy.md --------------------------------------------------------------------------
+
+
+def test_docs_cover_every_setting_and_their_compose_snippets_fit() -> None:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    for name in settings_env_names() | set(env_example()):
+        assert f"`{name}`" in text, f"docs/deploy.md does not explain {name}"
+
+    def exists(snippet: dict, model: dict, path: str) -> None:
+        for key, value in snippet.items():
+            assert key in model, f"docs/deploy.md snippet: {path}{key} is not in the compose file"
+            if isinstance(value, dict) and value:
+                exists(value, model[key], f"{path}{key}.")
+
+    snippets = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert snippets
+    for snippet in snippets:
+        exists(yaml.load(snippet, Loader=ComposeLoader), compose(), "")
+
+
 # --- the commands exist and start ------------------------------------------------------------
 
 

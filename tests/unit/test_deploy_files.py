@@ -283,11 +283,19 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
     return Settings()
 
 
-def check_env_names(where: str, env: dict[str, str]) -> None:
+def compose_only() -> set[str]:
+    """.env.example names meant for compose itself; env_file hands them to containers too."""
+    return {key for key in env_example() if key.upper() not in settings_env_names()}
+
+
+def check_env_names(where: str, env: dict[str, str], others: frozenset[str] = frozenset()) -> None:
+    """Every variable is one the settings read, one a library reads, or one of `others`."""
     known = settings_env_names()
     for key in env:
-        if key.upper().startswith("GPTQD_") or key in {"HF_TOKEN"}:
+        if key.upper().startswith("GPTQD_") or key.upper() in known:
             assert key.upper() in known, f"{where} sets {key}, which app.settings does not read"
+        else:
+            assert key in LIBRARY_ENV | others, f"{where} sets {key}, which nothing reads"
 
 
 def written_paths(settings: Settings) -> list[Path]:
@@ -446,20 +454,19 @@ def test_compose_uses_env_file_and_named_volumes_exist() -> None:
                 assert source in data["volumes"], f"{name} mounts undeclared volume {source}"
     # every compose-only variable of .env.example is used by the compose file
     text = (ROOT / "docker-compose.yml").read_text()
-    for key in env_example():
-        if not key.startswith("GPTQD_") and key != "HF_TOKEN":
-            assert re.search(rf"\$\{{{key}\b", text), f".env.example sets {key}, unused"
+    for key in compose_only():
+        assert re.search(rf"\$\{{{key}\b", text), f".env.example sets {key}, unused"
 
 
 def test_compose_env_vars_are_settings_and_volumes_are_where_settings_write(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     services = compose()["services"]
-    check_env_names(".env.example", env_example())
+    check_env_names(".env.example", env_example(), frozenset(compose_only()))
     shared: dict[str, set[str]] = {}
     for name, svc in ours(services).items():
         env = service_env(svc)
-        check_env_names(f"compose {name}", env)
+        check_env_names(f"compose {name}", env, frozenset(compose_only()))
         settings = settings_from(env, monkeypatch)
         targets = list(mounts(svc))
         for path in written_paths(settings):
@@ -634,7 +641,7 @@ def test_k8s_env_vars_are_settings_and_volumes_are_where_settings_write(
     shared: dict[str, set[str]] = {}
     for c in containers:
         env = k8s_env(c)
-        check_env_names(f"k8s {c['name']}", env)
+        check_env_names(f"k8s {c['name']}", env, frozenset({"POSTGRES_PASSWORD"}))
         settings = settings_from(env, monkeypatch)
         volumes = {v["name"]: v for v in c["_pod"]["volumes"]}
         targets = {}

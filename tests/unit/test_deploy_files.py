@@ -802,7 +802,7 @@ def test_compose_worker_command_starts_one_slot_and_passes_its_healthcheck(
     log = tmp_path / "worker.log"
     proc = spawn(local(svc["command"]), env, log)
     try:
-        deadline = time.monotonic() + 25
+        deadline = time.monotonic() + 40  # it imports torch and transformers before "ready"
         while " ready." not in (log.read_text() if log.exists() else ""):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)

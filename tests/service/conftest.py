@@ -54,10 +54,16 @@ class Box:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30)
 
-    def add_worker(self, name: str) -> subprocess.Popen:
+    def add_worker(self, name: str, timeout: float = 120) -> subprocess.Popen:
+        """Starts a worker and waits until it consumes from the queue."""
         log = self.data_dir / f"{name}.log"
         proc = spawn(worker_command(name, self.queue), self.env, log)
         self.workers.append(proc)
+        deadline = time.monotonic() + timeout
+        while "ready." not in (log.read_text(errors="replace") if log.exists() else ""):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {name} did not start:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
         return proc
 
     def remove_worker(self, proc: subprocess.Popen) -> None:

@@ -134,11 +134,9 @@ def test_two_workers_run_two_jobs_at_once(team_box: Box, tmp_path: Path) -> None
 
     extra = team_box.add_worker("w2")
     try:
-        spec = tiny_spec(model_id="tiny-deep", calibration={
-            "dataset": "builtin", "num_samples": 32, "seq_length": 128})
-        a = http.post("/jobs", json={**spec, "name": "par-a"}).json()
-        b = http.post("/jobs", json={**spec, "name": "par-b", "calibration": {
-            "dataset_id": dataset["id"], "num_samples": 32, "seq_length": 128}}).json()
+        a = http.post("/jobs", json=tiny_spec(name="par-a")).json()
+        b = http.post("/jobs", json=tiny_spec(name="par-b", calibration={
+            "dataset_id": dataset["id"], "num_samples": 8, "seq_length": 64})).json()
         a, b = (wait_status(http, j["id"], TERMINAL) for j in (a, b))
     finally:
         team_box.remove_worker(extra)

@@ -73,6 +73,11 @@ class _CaptureDone(Exception):
     """Stops the capture forward pass once the last block has been reached."""
 
 
+class _GroupSeen(Exception):
+    """Stops a block's forward once every linear of the current group has seen its input:
+    the rest of the block would compute nothing the Hessians need."""
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -157,12 +162,13 @@ class _Run:
         for group in self.groups:
             self._check_stop(f"at block {index + 1}/{self.num_blocks}")
             solvers = {name: GPTQ(get_weight(linears[name])) for name in group}
+            pending: set[str] = set()
             handles = [
-                linears[name].register_forward_hook(self._hessian_hook(solver))
+                linears[name].register_forward_hook(self._hessian_hook(name, solver, group, pending))
                 for name, solver in solvers.items()
             ]
             try:
-                self._forward(block, hidden, calls)
+                self._forward(block, hidden, calls, stop=_GroupSeen)
             finally:
                 for handle in handles:
                     handle.remove()
@@ -196,21 +202,38 @@ class _Run:
             )
         )
 
-    def _hessian_hook(self, solver: GPTQ) -> Callable[..., None]:
+    def _hessian_hook(
+        self, name: str, solver: GPTQ, group: tuple[str, ...], seen: set[str]
+    ) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             began = time.perf_counter()
             solver.add_batch(args[0])
             self.stage_seconds["hessian"] += time.perf_counter() - began
+            seen.add(name)
+            if len(seen) == len(group):
+                seen.clear()
+                raise _GroupSeen
 
         return hook
 
     def _forward(
-        self, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
+        self,
+        block: nn.Module,
+        hidden: list[torch.Tensor],
+        calls: list[BlockCall],
+        stop: type[Exception] | None = None,
     ) -> list[torch.Tensor]:
-        """Run the block over every calibration batch (time inside hooks counts as hessian)."""
+        """Run the block over every calibration batch (time inside hooks counts as hessian);
+        a batch whose forward raises `stop` is cut short and gives no output."""
         began = time.perf_counter()
         hessian_before = self.stage_seconds["hessian"]
-        outputs = run_block(block, hidden, calls)
+        if stop is None:
+            outputs = run_block(block, hidden, calls)
+        else:
+            outputs = []
+            for states, call in zip(hidden, calls, strict=True):
+                with contextlib.suppress(stop):
+                    run_block(block, [states], [call])
         hook_time = self.stage_seconds["hessian"] - hessian_before
         self.stage_seconds["forward"] += time.perf_counter() - began - hook_time
         return outputs

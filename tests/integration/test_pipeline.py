@@ -130,11 +130,14 @@ def test_every_block_linear_is_quantized_onto_its_grid(model_type, calib, held_o
     blocks = [e.block for e in events]
     assert blocks == sorted(blocks) and set(blocks) == {1, 2}
     fractions = [e.fraction for e in events]
-    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and fractions[0] > 0
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert [e.message for e in events if not e.module] == [
+        "block 1/2", "block 1/2 done", "block 2/2", "block 2/2 done"
+    ]
     per_module = [e for e in events if e.module]
     assert [(e.block, e.module) for e in per_module] == [(m.block, m.module) for m in result.modules]
     assert all(e.loss is not None and e.loss >= 0 and e.damp == 0.01 for e in per_module)
-    assert all(e.eta_seconds is not None and e.eta_seconds >= 0 for e in events)
+    assert all(e.eta_seconds is not None and e.eta_seconds >= 0 for e in events[1:])
     assert events[-1].eta_seconds == 0.0
     assert set(result.stage_seconds) == {"capture", "forward", "hessian", "solve"}
     assert result.stage_seconds["solve"] > 0 and result.stage_seconds["forward"] > 0

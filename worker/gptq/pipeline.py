@@ -142,6 +142,7 @@ class _Run:
         hidden, calls = capture_inputs(self.model, self.arch, calib_ids.split(batch_size), self.device)
         self.stage_seconds["capture"] += time.perf_counter() - began
         for index, block in enumerate(self.blocks):
+            self._emit(index, 0, message=f"block {index + 1}/{self.num_blocks}")
             began = time.perf_counter()
             home = _device_of(block)
             block.to(self.device)
@@ -151,6 +152,8 @@ class _Run:
                 hidden = self._forward(block, hidden, calls[index])
             finally:
                 block.to(home)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()  # the next block should not meet a fragmented pool
             self.block_seconds.append(time.perf_counter() - began)
             self._emit(index, self.per_block, message=f"block {index + 1}/{self.num_blocks} done")
 

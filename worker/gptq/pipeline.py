@@ -148,8 +148,9 @@ class _Run:
             block.to(self.device)
             try:
                 self._quantize_block(index, block, hidden, calls[index])
-                self._check_stop(f"after block {index + 1}/{self.num_blocks}")
-                hidden = self._forward(block, hidden, calls[index])
+                if index + 1 < self.num_blocks:  # the last block's outputs feed nothing
+                    self._check_stop(f"after block {index + 1}/{self.num_blocks}")
+                    hidden = self._forward(block, hidden, calls[index])
             finally:
                 block.to(home)
                 if self.device.type == "cuda":

@@ -27,7 +27,7 @@ from app.tinymodel import TinySpec, build_tiny_llama
 
 HUB_MODEL = "openai-community/gpt2"
 TINY_NAME = "gptqd-demo-llama"
-TINY = TinySpec(hidden=128, intermediate=256, layers=2, heads=4, vocab=512, train_steps=120)
+TINY = TinySpec(hidden=128, intermediate=256, layers=2, heads=4, vocab=512, train_steps=60)
 
 
 def say(text: str) -> None:
@@ -55,7 +55,7 @@ def choose_model(settings: Settings) -> tuple[str, dict[str, str], dict[str, Any
     if hub_reachable():
         say(f"the model hub answers: quantizing {HUB_MODEL} on wikitext-2")
         return HUB_MODEL, {}, {"num_samples": 32, "seq_length": 256}
-    say("no model hub here: building a small Llama (tokenizer trained in-process, ~30 s)")
+    say("no model hub here: building a small Llama (tokenizer trained in-process, ~20 s)")
     build_tiny_llama(settings.models_root / TINY_NAME, TINY)
     return TINY_NAME, {}, builtin
 

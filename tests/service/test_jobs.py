@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from app.client import parse_sse
-from tests.service.conftest import DEEP, TERMINAL, TINY, Box, tiny_spec, wait_status
+from tests.service.conftest import DEEP, NO_VERIFY, TERMINAL, TINY, Box, tiny_spec, wait_status
 from tests.service.helpers import check_events, read_events, run_full_job
 
 pytestmark = pytest.mark.service
@@ -59,13 +59,13 @@ def test_job_runs_to_a_verified_checkpoint(team_box: Box, tmp_path: Path) -> Non
 
 def test_idempotency_key_returns_the_same_job(team_box: Box) -> None:
     http = team_box.http
-    spec = tiny_spec(name="idem")
+    spec = tiny_spec(name="idem", verify=NO_VERIFY)
     first = http.post("/jobs", json=spec, headers={"Idempotency-Key": "idem-1"})
     again = http.post("/jobs", json=spec, headers={"Idempotency-Key": "idem-1"})
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
-    other = http.post("/jobs", json=tiny_spec(name="other"), headers={"Idempotency-Key": "idem-1"})
+    other = http.post("/jobs", json=tiny_spec(name="other", verify=NO_VERIFY), headers={"Idempotency-Key": "idem-1"})
     assert other.status_code == 422
     assert "Idempotency-Key" in other.json()["detail"]
     wait_status(http, first.json()["id"], TERMINAL)
@@ -75,9 +75,9 @@ def test_one_worker_runs_jobs_one_after_another_and_a_cancelled_queued_job_never
     team_box: Box,
 ) -> None:
     http = team_box.http
-    a = http.post("/jobs", json=tiny_spec(name="seq-a")).json()
-    b = http.post("/jobs", json=tiny_spec(name="seq-b")).json()
-    c = http.post("/jobs", json=tiny_spec(name="seq-c")).json()
+    a = http.post("/jobs", json=tiny_spec(name="seq-a", verify=NO_VERIFY)).json()
+    b = http.post("/jobs", json=tiny_spec(name="seq-b", verify=NO_VERIFY)).json()
+    c = http.post("/jobs", json=tiny_spec(name="seq-c", verify=NO_VERIFY)).json()
     r = http.post(f"/jobs/{c['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
     a, b = (wait_status(http, j["id"], TERMINAL) for j in (a, b))
@@ -95,7 +95,7 @@ def test_one_worker_runs_jobs_one_after_another_and_a_cancelled_queued_job_never
 
 def test_cancel_a_running_job_stops_it_at_a_module_boundary(team_box: Box) -> None:
     http = team_box.http
-    spec = tiny_spec(model_id="tiny-deep", name="cancel-running",
+    spec = tiny_spec(model_id="tiny-deep", name="cancel-running", verify=NO_VERIFY,
                      calibration={"dataset": "builtin", "num_samples": 32, "seq_length": 128})
     job = http.post("/jobs", json=spec).json()
     # cancel as soon as the engine reports its first quantized module
@@ -134,8 +134,8 @@ def test_two_workers_run_two_jobs_at_once(team_box: Box, tmp_path: Path) -> None
 
     extra = team_box.add_worker("w2")
     try:
-        a = http.post("/jobs", json=tiny_spec(name="par-a")).json()
-        b = http.post("/jobs", json=tiny_spec(name="par-b", calibration={
+        a = http.post("/jobs", json=tiny_spec(name="par-a", verify=NO_VERIFY)).json()
+        b = http.post("/jobs", json=tiny_spec(name="par-b", verify=NO_VERIFY, calibration={
             "dataset_id": dataset["id"], "num_samples": 8, "seq_length": 64})).json()
         a, b = (wait_status(http, j["id"], TERMINAL) for j in (a, b))
     finally:

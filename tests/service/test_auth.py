@@ -1,0 +1,56 @@
+"""API keys against a real server: each key sees only its own jobs, datasets and events."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import NO_VERIFY, Box, start_box, tiny_spec
+
+pytestmark = pytest.mark.service
+
+KEYS = {"alice": "sk-alice-1", "bob": "sk-bob-2", "ops": "sk-ops-3"}
+
+
+@pytest.fixture(scope="module")
+def keyed_box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Box]:
+    keys = ",".join(f"{name}:{secret}" for name, secret in KEYS.items())
+    # no worker: jobs stay queued, which is all these checks need
+    box = start_box(tmp_path_factory.mktemp("keyed"), models_dir,
+                    {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": "ops"}, workers=0)
+    yield box
+    box.close()
+
+
+def as_(box: Box, who: str) -> httpx.Client:
+    return httpx.Client(base_url=box.url, timeout=30,
+                        headers={"Authorization": f"Bearer {KEYS[who]}"})
+
+
+def test_keys_isolate_jobs_and_datasets(keyed_box: Box) -> None:
+    anon = keyed_box.http
+    assert anon.get("/healthz").status_code == 200
+    r = anon.get("/jobs")
+    assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+    assert anon.get("/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+
+    alice, bob, ops = (as_(keyed_box, w) for w in ("alice", "bob", "ops"))
+    job = alice.post("/jobs", json=tiny_spec(verify=NO_VERIFY)).json()
+    assert KEYS["alice"] not in str(job)
+    for path in ("", "/events", "/artifacts", "/archive", "/verifications"):
+        assert bob.get(f"/jobs/{job['id']}{path}").status_code == 404, path
+    assert bob.post(f"/jobs/{job['id']}/cancel").status_code == 404
+    assert job["id"] not in [j["id"] for j in bob.get("/jobs").json()["items"]]
+    assert job["id"] in [j["id"] for j in alice.get("/jobs").json()["items"]]
+    assert job["id"] in [j["id"] for j in ops.get("/jobs").json()["items"]]
+    assert ops.get(f"/jobs/{job['id']}").status_code == 200
+
+    ds = alice.post("/datasets", files={"file": ("a.txt", b"some text " * 100)}).json()
+    assert ds["id"] not in [d["id"] for d in bob.get("/datasets").json()["items"]]
+    r = bob.post("/jobs", json=tiny_spec(calibration={"dataset_id": ds["id"]}))
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["body", "calibration", "dataset_id"]
+    assert alice.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"

@@ -27,6 +27,7 @@ CONFIGS = {
     # a sliding window shorter than the windows: its layers get their own attention mask
     "mistral": lambda: tf.MistralConfig(**LLAMA_LIKE, sliding_window=16),
     "qwen2": lambda: tf.Qwen2Config(**LLAMA_LIKE),  # q/k/v carry biases
+    "qwen3": lambda: tf.Qwen3Config(**LLAMA_LIKE, head_dim=16),  # q/k norms inside attention
     "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128),
     "opt": lambda: tf.OPTConfig(
         hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,

@@ -87,6 +87,8 @@ def test_quantize_writes_a_checkpoint_and_an_honest_report(model_dir, eval_spec,
                                "evaluating", "saving", "done"]
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    quantizing = [e.fraction for e in events if e.stage == "quantizing"]
+    assert quantizing[-1] == pytest.approx(api.stage_ends(True)["quantizing"])
     blocks = [e.block for e in events if e.stage == "quantizing" and e.module]
     assert blocks == [1] * 7 + [2] * 7
 
@@ -151,3 +153,12 @@ def test_a_full_disk_is_reported_as_such(model_dir, tmp_path, monkeypatch) -> No
     with pytest.raises(DiskFull, match="no space left on device while saving") as info:
         quantize(str(model_dir), tmp_path / "out", CONFIG, CALIBRATION)
     assert info.value.code == "disk_full"
+
+
+def test_stage_shares_fill_the_whole_run() -> None:
+    with_eval, without = api.stage_ends(True), api.stage_ends(False)
+    assert list(with_eval) == ["loading", "calibration", "evaluating_before", "quantizing",
+                               "evaluating_after", "saving"]
+    assert list(with_eval.values()) == sorted(with_eval.values()) and with_eval["saving"] == 1.0
+    assert "evaluating_before" not in without and without["saving"] == 1.0
+    assert without["quantizing"] > with_eval["quantizing"]  # no eval: quantizing gets its share

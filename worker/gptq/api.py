@@ -33,9 +33,19 @@ from worker.gptq.modelio import load_config, load_model, skeleton
 from worker.gptq.pipeline import default_device, quantize_model
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
 
-# share of the whole run's fraction each stage ends at
-STAGE_END = {"loading": 0.05, "calibration": 0.08, "evaluating_before": 0.12, "quantizing": 0.86,
-             "evaluating_after": 0.92, "saving": 1.0}
+# rough share of a run's time per stage, for the whole-run fraction in progress events
+STAGE_WEIGHTS = {"loading": 5, "calibration": 3, "evaluating_before": 4, "quantizing": 74,
+                 "evaluating_after": 6, "saving": 8}
+
+
+def stage_ends(with_evaluation: bool) -> dict[str, float]:
+    """The fraction of the whole run reached at the end of each stage."""
+    weights = {k: w for k, w in STAGE_WEIGHTS.items() if with_evaluation or "evaluating" not in k}
+    total, done, ends = sum(weights.values()), 0, {}
+    for stage, weight in weights.items():
+        done += weight
+        ends[stage] = done / total
+    return ends
 
 
 @dataclass
@@ -81,7 +91,7 @@ def quantize(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
-    run = _Run(progress, should_stop)
+    run = _Run(progress, should_stop, stage_ends(evaluate is not None))
     compute = torch.device(device) if device else default_device()
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
@@ -162,8 +172,13 @@ def quantize(
 class _Run:
     """Stage timing, progress events with a whole-run fraction, cancellation, error mapping."""
 
-    def __init__(self, progress: ProgressCallback | None, should_stop: Callable[[], bool] | None):
-        self.progress, self.should_stop = progress, should_stop
+    def __init__(
+        self,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+        ends: dict[str, float],
+    ) -> None:
+        self.progress, self.should_stop, self.ends = progress, should_stop, ends
         self.start = time.perf_counter()
         self.stage_seconds: dict[str, float] = {}
         self.fraction = 0.0
@@ -185,7 +200,7 @@ class _Run:
 
     def nested(self, stage: str) -> ProgressCallback:
         """The pipeline's events, its 0..1 fraction mapped onto this stage's share."""
-        low, high = self.fraction, STAGE_END[stage]
+        low, high = self.fraction, self.ends[stage]
 
         def forward(event: ProgressEvent) -> None:
             self.fraction = max(self.fraction, low + (high - low) * event.fraction)
@@ -219,7 +234,7 @@ class _Run:
             raise mapped from exc
         finally:
             self.stage_seconds[key] = self.stage_seconds.get(key, 0.0) + time.perf_counter() - began
-        self.fraction = max(self.fraction, STAGE_END[key])
+        self.fraction = max(self.fraction, self.ends[key])
 
 
 def map_resource_error(exc: BaseException, stage: str) -> EngineError | None:

@@ -162,3 +162,15 @@ def test_stage_shares_fill_the_whole_run() -> None:
     assert list(with_eval.values()) == sorted(with_eval.values()) and with_eval["saving"] == 1.0
     assert "evaluating_before" not in without and without["saving"] == 1.0
     assert without["quantizing"] > with_eval["quantizing"]  # no eval: quantizing gets its share
+
+
+@pytest.mark.parametrize(("device", "reason"), [("tpu", "not a torch device"), ("meta", "not supported")])
+def test_a_bad_device_is_refused_before_loading(model_dir, tmp_path, device, reason) -> None:
+    with pytest.raises(EngineError, match=reason):
+        quantize(str(model_dir), tmp_path / "out", CONFIG, CALIBRATION, device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(model_dir, tmp_path) -> None:
+    with pytest.raises(EngineError, match="no usable CUDA GPU"):
+        quantize(str(model_dir), tmp_path / "out", CONFIG, CALIBRATION, device="cuda")

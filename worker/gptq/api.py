@@ -92,7 +92,7 @@ def quantize(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
     run = _Run(progress, should_stop, stage_ends(evaluate is not None))
-    compute = torch.device(device) if device else default_device()
+    compute = _compute_device(device)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
 
@@ -290,6 +290,20 @@ class _Evaluation:
                 )
         finally:
             model.to(home)
+
+
+def _compute_device(device: str | None) -> torch.device:
+    if not device:
+        return default_device()
+    try:
+        compute = torch.device(device)
+    except RuntimeError as exc:
+        raise EngineError(f"device {device!r} is not a torch device (use 'cpu' or 'cuda[:N]')") from exc
+    if compute.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError(f"device {device!r} was asked for but this machine has no usable CUDA GPU")
+    if compute.type not in ("cpu", "cuda"):
+        raise EngineError(f"device {device!r} is not supported; use 'cpu' or 'cuda[:N]'")
+    return compute
 
 
 def _check_context(hf_config: Any, seq_length: int, what: str) -> None:

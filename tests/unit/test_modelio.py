@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 from pathlib import Path
 
-import httpx2
 import huggingface_hub.constants
 import pytest
 import torch
@@ -17,8 +17,10 @@ from worker.gptq.errors import ModelAccessDenied, ModelNotFound, UnsupportedArch
 from worker.gptq.modelio import load_config, load_model, map_load_error
 
 
-def _response(status: int) -> httpx2.Response:
-    return httpx2.Response(status, request=httpx2.Request("GET", "https://hub.invalid/org/m"))
+def _response(status: int):
+    # the HTTP library huggingface_hub itself uses (httpx or httpx2, by version)
+    http = importlib.import_module(hub.Response.__module__.split(".")[0])
+    return http.Response(status, request=http.Request("GET", "https://hub.invalid/org/m"))
 
 
 def test_loads_a_local_directory_on_the_cpu_in_eval_mode() -> None:

@@ -391,6 +391,48 @@ class Store:
                     )
         return self.get_job(job_id)
 
+    def requeue_stale(
+        self, stale_before: datetime, max_attempts: int
+    ) -> tuple[list[str], list[str]]:
+        """Running jobs whose worker stopped beating before stale_before: back to queued (the
+        next claim counts a new attempt), or failed once they used max_attempts, or cancelled
+        when that was asked. Returns (requeued ids, ended ids); the caller re-sends the
+        requeued ones to the broker."""
+        requeued, ended = [], []
+        now = utcnow()
+        with self._write() as s:
+            rows = s.execute(
+                select(Job.id, Job.attempts, Job.cancel_requested)
+                .where(Job.status == "running", Job.heartbeat_at < stale_before)
+            ).all()
+            for job_id, attempts, cancel in rows:
+                values: dict[str, Any] = {"updated_at": now, "worker": None}
+                data: dict[str, Any] = {"attempts": attempts}
+                if cancel:
+                    values |= {"status": "cancelled", "finished_at": now}
+                elif attempts >= max_attempts:
+                    message = (
+                        f"the worker running this job stopped {attempts} times without "
+                        "finishing it (killed, probably out of memory): lower "
+                        "calibration.num_samples or seq_length, or use a bigger machine"
+                    )
+                    values |= {"status": "failed", "finished_at": now,
+                               "error_code": "worker_lost", "error_message": message}
+                    data["error"] = {"code": "worker_lost", "message": message}
+                else:
+                    values |= {"status": "queued", "progress": {
+                        "stage": "queued", "fraction": 0.0,
+                        "message": "requeued: its worker stopped"}}
+                n = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == "running", Job.attempts == attempts)
+                    .values(**values)
+                ).rowcount
+                if n:
+                    self._append_event(s, job_id, "status", {"status": values["status"], **data})
+                    (requeued if values["status"] == "queued" else ended).append(job_id)
+        return requeued, ended
+
     def delete_job(self, job_id: str) -> bool:
         """Deletes a finished job's rows; False when it is still queued or running."""
         with self._write() as s:

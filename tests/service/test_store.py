@@ -5,23 +5,27 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
 from app.store import Store
+from tests.service.conftest import pg_schema
 
 pytestmark = pytest.mark.service
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else (
-        f"sqlite:///{tmp_path / 'store.sqlite'}")
-    s = Store(url)
-    s.create_all()
-    yield s
-    s.dispose()
+    """A fresh, empty store per test: its own PostgreSQL schema, or its own SQLite file."""
+    with ExitStack() as stack:
+        url = (stack.enter_context(pg_schema()) if request.param == "postgresql"
+               else f"sqlite:///{tmp_path / 'store.sqlite'}")
+        s = Store(url)
+        s.create_all()
+        yield s
+        s.dispose()
 
 
 def _job(store: Store, owner: str = "alice", key: str | None = None, spec_hash: str = "h"):
@@ -102,3 +106,26 @@ def test_listing_is_newest_first_with_a_cursor_and_per_owner(store: Store) -> No
     assert seen == ids[::-1]
     everyone, _ = store.list_jobs(owner=None, limit=100)
     assert len(everyone) >= 6
+
+
+def test_a_job_whose_worker_stopped_is_requeued_then_failed_past_max_attempts(
+    store: Store,
+) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+
+    job, _ = _job(store)
+    for attempt in (1, 2):
+        claimed = store.claim_job(job.id, f"w{attempt}")
+        assert claimed.attempts == attempt
+        requeued, ended = store.requeue_stale(utcnow() - timedelta(hours=1), 2)
+        assert job.id not in requeued + ended  # its worker still beats
+        requeued, ended = store.requeue_stale(utcnow() + timedelta(seconds=1), 2)
+        assert job.id in (requeued if attempt == 1 else ended)
+        assert not store.finish_job(job.id, attempt, "succeeded")  # the stale attempt is fenced
+    job = store.get_job(job.id)
+    assert job.status == "failed" and job.error_code == "worker_lost"
+    assert "out of memory" in job.error_message
+    statuses = [e.data["status"] for e in store.events_after(job.id, 0) if e.type == "status"]
+    assert statuses == ["queued", "running", "queued", "running", "failed"]

@@ -261,7 +261,9 @@ def load_quantized(
     model = _build_model(path, dtype, trust_remote_code)
     quantized = replace_quantized_layers(model, tensors, qconfig, dtype=dtype, cache=cache)
     _load_rest(model, tensors, quantized)
-    model.tie_weights()
+    tied_targets = {k.removesuffix(".weight") for k in getattr(model, "all_tied_weights_keys", None) or {}}
+    if not tied_targets & set(quantized):  # a quantized lm_head (lm_head: true) is not re-tied
+        model.tie_weights()
     model.eval().to(device)
     return model, _load_tokenizer(path, trust_remote_code)
 

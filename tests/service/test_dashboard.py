@@ -74,7 +74,7 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     names = [links.nth(i).inner_text() for i in range(links.count())]
     assert "model.safetensors" in names and "quantize_config.json" in names
 
-    assert page.locator("#job-view .progress .bar").evaluate("b => b.style.width") == "100.0%"
+    assert page.locator("#job-view .progress .bar").evaluate("b => parseFloat(b.style.width)") == 100
     page.wait_for_timeout(500)  # let the bar's CSS transition finish before the screenshot
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / "dashboard-job.png"

@@ -14,6 +14,7 @@ import errno
 import json
 import resource
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,10 +27,11 @@ import torch
 
 from worker.gptq import __version__
 from worker.gptq.arch import validate_layers
+from worker.gptq.blockstore import BlockStore
 from worker.gptq.calibration import build_calibration
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
-from worker.gptq.modelio import load_config, load_model, skeleton
+from worker.gptq.modelio import LoadedModel, load_config, load_model, load_tokenizer, skeleton
 from worker.gptq.pipeline import default_device, quantize_model
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
 
@@ -68,6 +70,7 @@ class QuantizeReport:
     duration_seconds: float = 0.0
     files: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    lazy: bool = False  # weights were read block by block and finished blocks streamed to disk
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,11 +89,24 @@ def quantize(
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
     evaluate: Any = None,  # evaluate.EvalSpec
+    work_dir: Path | None = None,
+    lazy: bool | None = None,
 ) -> QuantizeReport:
-    """Quantize a hub model or local directory with GPTQ and write the checkpoint to out_dir."""
+    """Quantize a hub model or local directory with GPTQ and write the checkpoint to out_dir.
+
+    work_dir: where finished blocks are kept (see blockstore); a rerun with the same work_dir
+    and the same model, settings and calibration resumes after the last finished block. It is
+    emptied once the checkpoint is written.
+    lazy: read the weights block by block and stream finished blocks to disk, so memory holds
+    one block instead of the model. None (default) = whenever the model is a local directory
+    with safetensors weights and no evaluation is asked for (evaluation needs the whole model).
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
+    if lazy and evaluate is not None:
+        raise EngineError("lazy loading holds one block at a time; evaluation needs the whole "
+                          "model: ask for one or the other")
     run = _Run(progress, should_stop, stage_ends(evaluate is not None))
     compute = _compute_device(device)
     if compute.type == "cuda":
@@ -104,15 +120,56 @@ def quantize(
         _check_context(hf_config, calibration.seq_length, "calibration")
         if evaluate is not None:
             _check_context(hf_config, evaluate.seq_length, "evaluation")
-        loaded = load_model(
-            model,
-            revision=revision,
-            token=token,
-            trust_remote_code=trust_remote_code,
-            # on the CPU fp32 is both faster and exact; on a GPU keep the checkpoint's dtype
-            dtype=torch.float32 if compute.type == "cpu" else "auto",
-            config=hf_config,
+        common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+        loaded = None
+        if lazy or (lazy is None and evaluate is None):
+            loaded, why = _open_lazy(model, hf_config, arch, compute, common)
+            if loaded is None and lazy:
+                raise EngineError(f"lazy loading is not possible for {model}: {why}")
+        if loaded is None:
+            loaded = load_model(
+                model,
+                # on the CPU fp32 is both faster and exact; on a GPU keep the checkpoint's dtype
+                dtype=torch.float32 if compute.type == "cpu" else "auto",
+                config=hf_config,
+                **common,
+            )
+    streamed = loaded.lazy is not None
+    store = None
+    if work_dir is not None or streamed:
+        store = BlockStore(
+            Path(work_dir) if work_dir is not None else _temporary_work_dir(out_dir),
+            _fingerprint(model, revision, config, calibration, compute),
+            loaded.model, arch, config, loaded.lazy,
         )
+        if store.discarded:
+            run.emit("loading", run.fraction, f"work dir not resumed from: {store.discarded}")
+    try:
+        return _quantize_loaded(
+            model, revision, out_dir, config, calibration, loaded, hf_config, arch, compute,
+            run, should_stop, evaluate, store,
+        )
+    finally:
+        if store is not None and work_dir is None:
+            store.clear()
+
+
+def _quantize_loaded(
+    model: str,
+    revision: str | None,
+    out_dir: Path,
+    config: QuantizeConfig,
+    calibration: CalibrationSpec,
+    loaded: LoadedModel,
+    hf_config: Any,
+    arch: Any,
+    compute: torch.device,
+    run: _Run,
+    should_stop: Callable[[], bool] | None,
+    evaluate: Any,
+    store: BlockStore | None,
+) -> QuantizeReport:
+    """calibration -> (evaluation) -> quantizing -> (evaluation) -> saving, on a loaded model."""
     report = QuantizeReport(
         model=model,
         revision=revision,
@@ -140,6 +197,7 @@ def quantize(
             progress=run.nested("quantizing"),
             should_stop=should_stop,
             arch=arch,
+            hooks=store,
         )
     report.num_blocks = result.num_blocks
     report.modules = [m.to_dict() for m in result.modules]
@@ -157,16 +215,64 @@ def quantize(
         report.stage_seconds = run.seconds(result.stage_seconds)
         files = save_checkpoint(
             loaded.model, loaded.tokenizer, result, config, out_dir, arch=arch,
-            report=report.to_dict(),
+            report=report.to_dict(), stored=store.stored() if store is not None else None,
         )
         report.files = sorted({str(Path(p).relative_to(out_dir)) for p in files})
         report.sizes = _sizes(loaded.model, hf_config, result, out_dir)
     report.stage_seconds = run.seconds(result.stage_seconds)
     report.duration_seconds = run.elapsed()
     report.peak_memory = _peak_memory(compute)
+    report.lazy = loaded.lazy is not None
     _rewrite_report_file(out_dir, report)
+    if store is not None:
+        store.clear()  # the checkpoint is complete: nothing left to resume
     run.emit("done", 1.0, "checkpoint written")
     return report
+
+
+def _open_lazy(
+    model: str, hf_config: Any, arch: Any, compute: torch.device, common: dict[str, Any]
+) -> tuple[LoadedModel | None, str]:
+    """The model with only embeddings/norms/head read, or None and why that is not possible."""
+    from worker.gptq.lazyload import open_lazy
+
+    dtype = torch.float32 if compute.type == "cpu" else _config_dtype(hf_config)
+    lazy, why = open_lazy(Path(model).expanduser(), hf_config, arch, dtype,
+                          trust_remote_code=common["trust_remote_code"])
+    if lazy is None:
+        return None, why
+    tokenizer = load_tokenizer(model, **common)
+    return LoadedModel(model=lazy.model, tokenizer=tokenizer, arch=arch, source=model, lazy=lazy), ""
+
+
+def _config_dtype(hf_config: Any) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None) or torch.float32
+    return getattr(torch, dtype, torch.float32) if isinstance(dtype, str) else dtype
+
+
+def _temporary_work_dir(out_dir: Path) -> Path:
+    """Next to out_dir (same disk, which has room for the checkpoint); removed at the end."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.work-", dir=out_dir.parent))
+
+
+def _fingerprint(
+    model: str, revision: str | None, config: QuantizeConfig, calibration: CalibrationSpec,
+    compute: torch.device,
+) -> dict[str, Any]:
+    """What must be equal for a work dir's blocks to be reused: the model (and its weight
+    files, if local), the settings, the calibration and the kind of device."""
+    local = Path(model).expanduser()
+    files = sorted(local.glob("*.safetensors")) if local.is_dir() else []
+    return {
+        "model": model,
+        "revision": revision,
+        "weights": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        "config": config.to_dict(),
+        "calibration": dataclasses.asdict(calibration),
+        "device": compute.type,
+        "gptqd": __version__,
+    }
 
 
 class _Run:

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,6 +124,7 @@ class _Entry:
 
     nbytes: int
     make: Callable[[], dict[str, torch.Tensor]]
+    keys: tuple[str, ...] = ()  # the names make() returns
 
 
 def _checkpoint_entries(
@@ -143,16 +144,19 @@ def _checkpoint_entries(
             yield _quantized_entry(model, module_name, layers[module_name], config, dtype)
             continue
         # tied weights (lm_head = embeddings) share storage: write the first name only
-        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if ident in seen_storage:
-            continue
-        seen_storage.add(ident)
+        # (meta tensors, a streamed run's finished blocks, have no storage to compare)
+        if tensor.device.type != "meta":
+            ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if ident in seen_storage:
+                continue
+            seen_storage.add(ident)
         out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
         yield _Entry(
             tensor.numel() * out_dtype.itemsize,
             lambda key=key, tensor=tensor, out_dtype=out_dtype: {
                 key: tensor.detach().to("cpu", out_dtype).contiguous()
             },
+            (key,),
         )
 
 
@@ -172,7 +176,31 @@ def _quantized_entry(
             tensors[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
         return tensors
 
-    return _Entry(nbytes, make)
+    keys = tuple(f"{name}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx"))
+    return _Entry(nbytes, make, keys + ((f"{name}.bias",) if bias is not None else ()))
+
+
+def checkpoint_tensors(
+    model: torch.nn.Module,
+    layers: dict[str, LayerQuantResult],
+    config: QuantizeConfig,
+    prefix: str,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors named prefix..., exactly as save_checkpoint writes them (the
+    streaming writer stores a finished block's this way; the rest of the model may be on meta)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in _checkpoint_entries(model, layers, config, dtype):
+        if entry.keys and entry.keys[0].startswith(prefix):
+            tensors.update(entry.make())
+    return tensors
+
+
+def _from_store(entry: _Entry, stored: Mapping[str, torch.Tensor] | None) -> _Entry:
+    """The entry read from already-written tensors when the store has all of its names."""
+    if stored is None or not entry.keys or not all(key in stored for key in entry.keys):
+        return entry
+    return _Entry(entry.nbytes, lambda: {key: stored[key] for key in entry.keys}, entry.keys)
 
 
 def _plan_shards(entries: list[_Entry], max_shard_size: int) -> list[list[_Entry]]:
@@ -267,6 +295,7 @@ def save_checkpoint(
     report: dict | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype = torch.float16,
+    stored: Mapping[str, torch.Tensor] | None = None,
 ) -> list[Path]:
     """Write the checkpoint of a quantized model into out_dir; returns the files written.
 
@@ -276,6 +305,9 @@ def save_checkpoint(
     result is the pipeline's PipelineResult (only its .layers is read: module name ->
     LayerQuantResult); the model's own weights for those modules are not written. Ordinary
     tensors are stored in `dtype` (fp16, what GPTQ kernels expect).
+
+    stored maps names to tensors already written elsewhere (a streamed run's finished blocks,
+    whose weights are no longer in the model): those are copied from it instead.
     """
     layers: dict[str, LayerQuantResult] = dict(result.layers)
     if not layers:
@@ -285,7 +317,7 @@ def save_checkpoint(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    entries = list(_checkpoint_entries(model, layers, config, dtype))
+    entries = [_from_store(e, stored) for e in _checkpoint_entries(model, layers, config, dtype)]
     paths = _write_weights(entries, out_dir, max_shard_size)
     qconfig = quantization_config_dict(config)
     skipped = unquantized_block_layers(model, arch, layers) if arch is not None else []

@@ -31,6 +31,7 @@ class LoadedModel:
     tokenizer: Any
     arch: ArchSpec
     source: str  # the hub id or local directory it came from
+    lazy: Any = None  # lazyload.LazyModel when the weights are read block by block
 
 
 def load_config(
@@ -72,7 +73,7 @@ def load_model(
     config: Any = None,
 ) -> LoadedModel:
     """Config (and family check), tokenizer, then weights onto the CPU, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if config is None:
         config, arch = load_config(
@@ -81,9 +82,7 @@ def load_model(
     else:
         arch = get_arch(config)
     common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
-    tokenizer = _mapped(
-        model_id, revision, lambda: AutoTokenizer.from_pretrained(model_id, **common)
-    )
+    tokenizer = load_tokenizer(model_id, **common)
     model = _mapped(
         model_id,
         revision,
@@ -93,6 +92,20 @@ def load_model(
     )
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=model_id)
+
+
+def load_tokenizer(
+    model_id: str, *, revision: str | None = None, token: str | None = None, trust_remote_code: bool = False
+) -> Any:
+    from transformers import AutoTokenizer
+
+    return _mapped(
+        model_id,
+        revision,
+        lambda: AutoTokenizer.from_pretrained(
+            model_id, revision=revision, token=token, trust_remote_code=trust_remote_code
+        ),
+    )
 
 
 def _check_local_path(model_id: str) -> None:

@@ -20,7 +20,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import transformers
@@ -61,6 +61,36 @@ class PipelineResult:
 
 
 @dataclass
+class Resumed:
+    """Where a run restarts: the first block to quantize, its input hidden states (one per
+    calibration batch), and the results of the blocks before it."""
+
+    block: int
+    hidden: list[torch.Tensor]
+    layers: dict[str, LayerQuantResult]
+    modules: list[ModuleReport]
+
+
+class BlockHooks(Protocol):
+    def resume(self, num_blocks: int, device: torch.device) -> Resumed | None:
+        """The point to restart from, or None to start at block 0."""
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Called before a block is quantized (e.g. to read its weights)."""
+
+    def finished(
+        self,
+        index: int,
+        block: nn.Module,
+        layers: dict[str, LayerQuantResult],
+        modules: list[ModuleReport],
+        next_hidden: list[torch.Tensor] | None,
+    ) -> dict[str, LayerQuantResult]:
+        """Called once a block is quantized and its outputs computed (None for the last);
+        returns what the result keeps for its layers (e.g. tensor-less stand-ins)."""
+
+
+@dataclass
 class BlockCall:
     """How one block is called for one calibration batch: positional args after the hidden
     states, and keyword args, both as the model itself passed them."""
@@ -92,11 +122,15 @@ def quantize_model(
     should_stop: Callable[[], bool] | None = None,
     batch_size: int = 8,
     arch: ArchSpec | None = None,
+    hooks: BlockHooks | None = None,
 ) -> PipelineResult:
-    """Quantize every linear of every decoder block in place; returns their GPTQ results."""
+    """Quantize every linear of every decoder block in place; returns their GPTQ results.
+
+    hooks (optional) load each block before it is quantized, persist it when it is done, and
+    may resume the run from a later block (see BlockHooks)."""
     arch = arch or get_arch(model)
     device = torch.device(device) if device is not None else default_device()
-    run = _Run(model, arch, config, device, progress, should_stop)
+    run = _Run(model, arch, config, device, progress, should_stop, hooks)
     was_training = model.training
     model.eval()
     try:
@@ -118,8 +152,10 @@ class _Run:
         device: torch.device,
         progress: ProgressCallback | None,
         should_stop: Callable[[], bool] | None,
+        hooks: BlockHooks | None = None,
     ) -> None:
         self.model, self.arch, self.config, self.device = model, arch, config, device
+        self.hooks = hooks
         self.progress, self.should_stop = progress, should_stop
         self.blocks = arch.blocks(model)
         self.num_blocks = len(self.blocks)
@@ -141,9 +177,20 @@ class _Run:
         began = time.perf_counter()
         hidden, calls = capture_inputs(self.model, self.arch, calib_ids.split(batch_size), self.device)
         self.stage_seconds["capture"] += time.perf_counter() - began
-        for index, block in enumerate(self.blocks):
+        first = 0
+        resumed = self.hooks.resume(self.num_blocks, self.device) if self.hooks else None
+        if resumed is not None:
+            first, hidden = resumed.block, resumed.hidden
+            self.result.layers.update(resumed.layers)
+            self.result.modules.extend(resumed.modules)
+            self._emit(first, 0, message=f"resumed at block {first + 1}/{self.num_blocks}: "
+                       f"blocks 1-{first} restored from the work dir")
+        for index in range(first, self.num_blocks):
+            block = self.blocks[index]
             self._emit(index, 0, message=f"block {index + 1}/{self.num_blocks}")
             began = time.perf_counter()
+            if self.hooks is not None:
+                self.hooks.load(index, block)
             home = _device_of(block)
             block.to(self.device)
             try:
@@ -155,8 +202,18 @@ class _Run:
                 block.to(home)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # the next block should not meet a fragmented pool
+            if self.hooks is not None:
+                self._finish(index, block, hidden if index + 1 < self.num_blocks else None)
             self.block_seconds.append(time.perf_counter() - began)
             self._emit(index, self.per_block, message=f"block {index + 1}/{self.num_blocks} done")
+
+    def _finish(self, index: int, block: nn.Module, next_hidden: list[torch.Tensor] | None) -> None:
+        """Hand the finished block to the hooks; keep what they give back for its layers."""
+        assert self.hooks is not None
+        prefix = self.arch.block_prefix(index) + "."
+        layers = {k: v for k, v in self.result.layers.items() if k.startswith(prefix)}
+        modules = [m for m in self.result.modules if m.block == index + 1]
+        self.result.layers.update(self.hooks.finished(index, block, layers, modules, next_hidden))
 
     def _quantize_block(
         self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]

@@ -1,0 +1,213 @@
+"""A run's work directory: finished blocks on disk, so memory holds one block and a killed run
+resumes where it stopped.
+
+After each block (all writes atomic: a temporary file, then a rename):
+  block-00003.safetensors  the block's checkpoint tensors, exactly as the checkpoint stores them
+  hidden-00004.pt          the next block's input hidden states (computed with quantized weights)
+  state.json               the commit point: fingerprint of the run, blocks finished, per-module
+                           results (loss, damp, shapes...)
+A rerun with the same fingerprint restarts at the first unfinished block from those inputs, so
+it computes exactly what the uninterrupted run would have. The final checkpoint copies the
+finished blocks' tensors from here (export.save_checkpoint(stored=...)).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from worker.gptq.arch import ArchSpec, set_weight
+from worker.gptq.config import QuantizeConfig
+from worker.gptq.gptq import LayerQuantResult
+from worker.gptq.lazyload import LazyModel, release
+from worker.gptq.packing import unpack_qweight, unpack_qzeros
+from worker.gptq.pipeline import ModuleReport, Resumed
+
+STATE = "state.json"
+_TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(LayerQuantResult)
+                       if f.type in ("torch.Tensor", torch.Tensor))
+
+
+class BlockStore:
+    """The pipeline's BlockHooks backed by a work directory (see the module docstring)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        fingerprint: dict[str, Any],
+        model: nn.Module,
+        arch: ArchSpec,
+        config: QuantizeConfig,
+        lazy: LazyModel | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from disk
+        self.model, self.arch, self.config, self.lazy = model, arch, config, lazy
+        self.discarded = ""  # why an existing work dir was not resumed from, if it was not
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.state = self._read_state()
+
+    # --- BlockHooks ------------------------------------------------------------------------
+
+    def resume(self, num_blocks: int, device: torch.device) -> Resumed | None:
+        done = self.state["finished"]
+        if done == 0:
+            return None
+        if done >= num_blocks:  # finished; nothing feeds a block after the last
+            hidden: list[torch.Tensor] = []
+        else:
+            hidden = torch.load(self._hidden_path(done), map_location=device, weights_only=True)
+        layers = {name: _stub(meta) for name, meta in self.state["layers"].items()}
+        modules = [ModuleReport(**m) for m in self.state["modules"]]
+        if self.lazy is None:  # the in-memory model must hold the quantized weights too
+            for index in range(done):
+                self._restore_weights(index, layers)
+        return Resumed(done, hidden, layers, modules)
+
+    def load(self, index: int, block: nn.Module) -> None:
+        if self.lazy is not None:
+            self.lazy.load_block(index, block)
+
+    def finished(
+        self,
+        index: int,
+        block: nn.Module,
+        layers: dict[str, LayerQuantResult],
+        modules: list[ModuleReport],
+        next_hidden: list[torch.Tensor] | None,
+    ) -> dict[str, LayerQuantResult]:
+        from worker.gptq.export import checkpoint_tensors
+
+        prefix = self.arch.block_prefix(index) + "."
+        tensors = checkpoint_tensors(self.model, layers, self.config, prefix)
+        _atomic(self._block_path(index), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        if next_hidden is not None:
+            _atomic(self._hidden_path(index + 1), lambda tmp: torch.save(next_hidden, tmp))
+        self.state["finished"] = index + 1
+        self.state["layers"].update({name: _meta_of(layer) for name, layer in layers.items()})
+        self.state["modules"].extend(m.to_dict() for m in modules)
+        self._write_state()
+        self._hidden_path(index).unlink(missing_ok=True)  # inputs of a block now done
+        if self.lazy is not None:
+            release(block)
+        return {name: _stub(self.state["layers"][name]) for name in layers}
+
+    # --- the checkpoint --------------------------------------------------------------------
+
+    def stored(self) -> Mapping[str, torch.Tensor]:
+        """Every finished block's checkpoint tensors, read from disk when asked for."""
+        return _StoredTensors([self._block_path(i) for i in range(self.state["finished"])])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    # --- files -----------------------------------------------------------------------------
+
+    def _block_path(self, index: int) -> Path:
+        return self.directory / f"block-{index:05d}.safetensors"
+
+    def _hidden_path(self, index: int) -> Path:
+        return self.directory / f"hidden-{index:05d}.pt"
+
+    def _read_state(self) -> dict[str, Any]:
+        fresh = {"fingerprint": self.fingerprint, "finished": 0, "layers": {}, "modules": []}
+        path = self.directory / STATE
+        if not path.is_file():
+            self._wipe()
+            return fresh
+        try:
+            state = json.loads(path.read_text())
+        except ValueError:
+            state = None
+        if state is None or state.get("fingerprint") != self.fingerprint:
+            self.discarded = "the work dir holds another run (different model, settings or calibration)"
+            self._wipe()
+            return fresh
+        return state
+
+    def _write_state(self) -> None:
+        text = json.dumps(self.state, indent=1)
+        _atomic(self.directory / STATE, lambda tmp: Path(tmp).write_text(text))
+
+    def _wipe(self) -> None:
+        for path in self.directory.iterdir():
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _restore_weights(self, index: int, layers: dict[str, LayerQuantResult]) -> None:
+        """Write a finished block's dequantized weights into the in-memory model."""
+        prefix = self.arch.block_prefix(index)
+        block = self.arch.blocks(self.model)[index]
+        stored = self.stored()
+        for rel, module in self.arch.block_linears(block, index).items():
+            name = f"{prefix}.{rel}"
+            if name in layers:
+                set_weight(module, dequantize_stored(stored, name, self.config, layers[name]))
+
+
+def dequantize_stored(
+    stored: Mapping[str, torch.Tensor], name: str, config: QuantizeConfig, layer: LayerQuantResult
+) -> torch.Tensor:
+    """W'[n,k] = scales[g_idx[k], n] * (codes[n,k] - zeros[g_idx[k], n]) from packed tensors."""
+    N, K = layer.codes.shape
+    codes = unpack_qweight(stored[f"{name}.qweight"], config.bits, K).float()
+    zeros = unpack_qzeros(stored[f"{name}.qzeros"], config.bits, N, config.checkpoint_format).float()
+    scales = stored[f"{name}.scales"].float()
+    g_idx = stored[f"{name}.g_idx"].long()
+    return scales[g_idx].t() * (codes - zeros[g_idx].t())
+
+
+class _StoredTensors(Mapping[str, torch.Tensor]):
+    def __init__(self, paths: list[Path]) -> None:
+        self.where: dict[str, Path] = {}
+        for path in paths:
+            with safe_open(path, framework="pt") as f:
+                self.where.update(dict.fromkeys(f.keys(), path))
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        with safe_open(self.where[key], framework="pt") as f:
+            return f.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def _meta_of(layer: LayerQuantResult) -> dict[str, Any]:
+    """A LayerQuantResult as JSON: its numbers, and only the shapes of its tensors."""
+    data = {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer) if f.name not in _TENSOR_FIELDS}
+    data["shapes"] = {name: list(getattr(layer, name).shape) for name in _TENSOR_FIELDS}
+    return data
+
+
+def _stub(meta: dict[str, Any]) -> LayerQuantResult:
+    """A LayerQuantResult whose tensors are on the meta device: shapes and numbers, no memory."""
+    tensors = {
+        name: torch.empty(shape, device="meta", dtype=torch.float32 if name in ("weight", "scales") else torch.int32)
+        for name, shape in meta["shapes"].items()
+    }
+    numbers = {k: v for k, v in meta.items() if k != "shapes"}
+    return LayerQuantResult(**tensors, **numbers)
+
+
+def _atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(str(tmp))
+    os.replace(tmp, path)

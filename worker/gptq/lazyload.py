@@ -1,0 +1,162 @@
+"""A model whose weights are read from its safetensors files one block at a time.
+
+The model is built with every parameter on the meta device (buffers such as rotary tables are
+real: they are computed, not stored). Embeddings, final norm and head are read once; a decoder
+block is read just before it is quantized and returned to meta once its checkpoint tensors are
+on disk. Each read opens the file, copies the tensors out and closes it again, so the
+memory-mapped pages of blocks already done do not stay mapped (and counted in the RSS).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from worker.gptq.arch import ArchSpec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class WeightFiles:
+    """Which safetensors file of a checkpoint directory holds each tensor."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {key: self.directory / name for key, name in weight_map.items()}
+        elif (self.directory / SINGLE_FILE).is_file():
+            path = self.directory / SINGLE_FILE
+            with safe_open(path, framework="pt") as f:
+                self.where = dict.fromkeys(f.keys(), path)
+        else:
+            raise FileNotFoundError(f"{self.directory} has no {SINGLE_FILE} or {INDEX_FILE}")
+
+    @staticmethod
+    def present(directory: Path) -> bool:
+        directory = Path(directory)
+        return (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file()
+
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors, each file opened once and closed (unmapped) before returning."""
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.where[key], []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for name in names:
+                    out[name] = f.get_tensor(name)
+        return out
+
+
+@contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside goes to the meta device; buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+class LazyModel:
+    """The model skeleton plus where its weights live; materialises parts on demand."""
+
+    def __init__(self, model: nn.Module, files: WeightFiles, arch: ArchSpec, dtype: torch.dtype) -> None:
+        self.model, self.files, self.arch, self.dtype = model, files, arch, dtype
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        self._strip = prefix + "." if prefix else None
+        tied = getattr(model, "get_expanded_tied_weights_keys", None)
+        self._tied: set[str] = set(tied(all_submodels=True)) if tied is not None else set()
+
+    def key_of(self, name: str) -> str | None:
+        """The file key of a parameter: its own name, or without the base model prefix."""
+        if name in self.files.where:
+            return name
+        if self._strip and name.startswith(self._strip) and name[len(self._strip):] in self.files.where:
+            return name[len(self._strip):]
+        return None
+
+    def missing(self) -> list[str]:
+        """Parameters neither in the files nor tied to one that is (lazy loading cannot work)."""
+        return [
+            name for name, _ in self.model.named_parameters(remove_duplicate=False)
+            if self.key_of(name) is None and name not in self._tied
+        ]
+
+    def load_outside_blocks(self) -> None:
+        """Embeddings, norms, head: everything not in a decoder block; then re-tie weights."""
+        prefix = self.arch.blocks_path + "."
+        self._load(self.model, "", skip=lambda name: name.startswith(prefix))
+        if self._tied:
+            self.model.tie_weights()
+
+    def load_block(self, index: int, block: nn.Module) -> None:
+        self._load(block, self.arch.block_prefix(index) + ".")
+
+    def _load(self, root: nn.Module, prefix: str, skip: Any = None) -> None:
+        slots = []
+        for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
+            for attr, param in module._parameters.items():
+                name = f"{module_name}.{attr}" if module_name else attr
+                if param is None or (skip is not None and skip(name)):
+                    continue
+                key = self.key_of(name)
+                if key is None:
+                    continue  # a tied weight, set by tie_weights()
+                slots.append((module, attr, key))
+        tensors = self.files.read([key for _, _, key in slots])
+        for module, attr, key in slots:
+            tensor = tensors.pop(key)
+            dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+            module._parameters[attr] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+
+
+def release(module: nn.Module) -> None:
+    """Return a module's parameters to the meta device (their memory is freed)."""
+    for sub in module.modules():
+        for attr, param in sub._parameters.items():
+            if param is not None and param.device.type != "meta":
+                sub._parameters[attr] = nn.Parameter(param.data.to("meta"), requires_grad=False)
+
+
+def open_lazy(
+    directory: Path, config: Any, arch: ArchSpec, dtype: torch.dtype, *, trust_remote_code: bool = False
+) -> tuple[LazyModel | None, str]:
+    """A LazyModel for a local checkpoint directory, or None and the reason it cannot be one."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None, "the model is not a local directory"
+    if not WeightFiles.present(directory):
+        return None, "the model directory has no safetensors weights"
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    lazy = LazyModel(model, WeightFiles(directory), arch, dtype)
+    missing = lazy.missing()
+    if missing:
+        return None, f"weights not found in the safetensors files: {', '.join(missing[:3])}"
+    if (directory / "generation_config.json").is_file():
+        # what from_pretrained does: the directory's generation config, not one from the config
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    model.eval()
+    lazy.load_outside_blocks()
+    return lazy, ""

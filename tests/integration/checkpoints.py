@@ -1,0 +1,48 @@
+"""Helpers shared by the streaming and resume tests: tiny models and checkpoint comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from tests.conftest import fixture_path
+
+# the files that define a checkpoint (the report and log also hold timings, which differ)
+DEFINING_FILES = ("config.json", "quantize_config.json", "generation_config.json")
+
+
+def tiny_llama(path: Path, layers: int = 4, tie: bool = False) -> Path:
+    """A random Llama (hidden 64) with the babyllama fixture's character tokenizer."""
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+        tie_word_embeddings=tie,
+    )
+    tf.LlamaForCausalLM(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(fixture_path("models", "babyllama-tok105")).save_pretrained(path)
+    return path
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> int:
+    """Every tensor equal (dtype, shape, bits) and the same config files; returns the count."""
+    first, second = _tensors(a), _tensors(b)
+    assert first.keys() == second.keys()
+    for key, tensor in first.items():
+        other = second[key]
+        assert tensor.dtype == other.dtype and torch.equal(tensor, other), key
+    for name in DEFINING_FILES:
+        assert (a / name).read_text() == (b / name).read_text(), name
+    return len(first)
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(path))
+    assert tensors, f"no weights in {directory}"
+    return tensors

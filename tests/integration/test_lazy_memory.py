@@ -1,0 +1,91 @@
+"""Lazy, block-by-block quantization writes the same checkpoint as loading the whole model,
+with at most one decoder block's weights in memory at a time."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import transformers as tf
+
+from tests.conftest import fixture_path
+from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
+from worker.gptq import lazyload
+from worker.gptq.api import quantize
+from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.errors import EngineError
+from worker.gptq.evaluate import EvalSpec
+
+CALIBRATION = CalibrationSpec("builtin", num_samples=8, seq_length=64)
+
+
+@pytest.fixture(scope="module")
+def sharded_llama(tmp_path_factory) -> Path:
+    """Untied Llama saved in several safetensors shards (read through the index)."""
+    path = tiny_llama(tmp_path_factory.mktemp("llama-sharded"), layers=3)
+    model = tf.AutoModelForCausalLM.from_pretrained(path)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    model.save_pretrained(path, max_shard_size="60KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2_copy(tmp_path_factory) -> Path:
+    """The trained GPT-2 fixture: tied head, Conv1D, biases."""
+    path = tmp_path_factory.mktemp("gpt2") / "model"
+    shutil.copytree(fixture_path("models", "tiny-gpt2-wikitext2"), path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "config"),
+    [
+        ("sharded_llama", QuantizeConfig(bits=4, group_size=32)),
+        ("gpt2_copy", QuantizeConfig(bits=3, group_size=32, desc_act=True, sym=False)),
+    ],
+)
+def test_lazy_checkpoint_is_bit_identical_to_the_whole_model_path(model, config, request, tmp_path, monkeypatch):
+    source = request.getfixturevalue(model)
+    eager = quantize(str(source), tmp_path / "eager", config, CALIBRATION, device="cpu", lazy=False)
+
+    resident: list[int] = []
+    load_block = lazyload.LazyModel.load_block
+
+    def counting(self, index, block):
+        # blocks holding real weights when the next one is read: the finished ones must be gone
+        blocks = self.arch.blocks(self.model)
+        resident.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
+        load_block(self, index, block)
+
+    monkeypatch.setattr(lazyload.LazyModel, "load_block", counting)
+    lazy = quantize(str(source), tmp_path / "lazy", config, CALIBRATION, device="cpu", lazy=True)
+
+    assert not eager.lazy and lazy.lazy
+    assert resident == [0] * lazy.num_blocks
+    assert assert_same_checkpoint(tmp_path / "eager", tmp_path / "lazy") > 10
+    assert [m["loss"] for m in lazy.modules] == [m["loss"] for m in eager.modules]
+    assert lazy.sizes["quantized_parameters"] == eager.sizes["quantized_parameters"]
+    # the temporary work dir next to the output is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eager", "lazy"]
+
+
+def test_lazy_is_the_default_without_evaluation_and_refused_with_it(sharded_llama, tmp_path):
+    config = QuantizeConfig(bits=4, group_size=32)
+    assert quantize(str(sharded_llama), tmp_path / "a", config, CALIBRATION, device="cpu").lazy
+    spec = EvalSpec(source=str(fixture_path("tinystories", "tinystories_valid_excerpt.txt")),
+                    seq_length=64, max_windows=2)
+    with pytest.raises(EngineError, match="evaluation needs the whole model"):
+        quantize(str(sharded_llama), tmp_path / "b", config, CALIBRATION, device="cpu",
+                 lazy=True, evaluate=spec)
+
+
+def test_lazy_refused_for_a_directory_without_safetensors(tmp_path):
+    source = tiny_llama(tmp_path / "m", layers=1)
+    for f in source.glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(EngineError, match="no safetensors weights"):
+        quantize(str(source), tmp_path / "out", QuantizeConfig(group_size=32), CALIBRATION,
+                 device="cpu", lazy=True)

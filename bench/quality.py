@@ -5,7 +5,8 @@
 For each model: calibration windows and eval windows are built once; RTN (round-to-nearest
 on the same layers and groups) and GPTQ run on fresh copies of the fp32 model; every GPTQ
 result is also saved as a checkpoint and reloaded with our loader ("GPTQ reloaded": fp16
-non-quantized tensors, as any GPTQ loader sees it). Perplexity follows worker.gptq.evaluate's
+non-quantized tensors, as any GPTQ loader sees it). The last column is the share of RTN's
+perplexity increase over the original that GPTQ removes. Perplexity follows worker.gptq.evaluate's
 protocol. Settings: 4-bit and 3-bit with groups, 4-bit per channel, act-order off and on.
 tiny-gpt2-wikitext2: calibration wikitext-2 valid.txt, eval test.txt, group 128.
 babyllama-tok105: TinyStories; calibration = the CS336 sample + the first 9 stories of the
@@ -126,17 +127,17 @@ def run_fixture(fixture: Fixture, root: Path, tmp: Path) -> dict:
 
 def markdown(result: dict) -> str:
     lines = [
-        f"**{result['model']}** (fp32 original {result['original']:.3f}; calibration "
-        f"{result['calibration']}; eval {result['eval']})",
+        f"**{result['model']}** (calibration {result['calibration']}; eval {result['eval']})",
         "",
-        "| setting | desc_act | original | RTN | GPTQ | GPTQ reloaded | GPTQ better by |",
+        "| setting | desc_act | original | RTN | GPTQ | GPTQ reloaded | RTN's increase GPTQ removes |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
+    original = result["original"]
     for row in result["rows"]:
-        gain = (row["rtn"] - row["gptq"]) / row["rtn"]
+        removed = (row["rtn"] - row["gptq"]) / (row["rtn"] - original) if row["rtn"] != original else 0.0
         lines.append(
-            f"| {row['setting']} | {'on' if row['desc_act'] else 'off'} | {result['original']:.3f} | "
-            f"{row['rtn']:.3f} | {row['gptq']:.3f} | {row['gptq_reloaded']:.3f} | {gain:.1%} |"
+            f"| {row['setting']} | {'on' if row['desc_act'] else 'off'} | {original:.3f} | "
+            f"{row['rtn']:.3f} | {row['gptq']:.3f} | {row['gptq_reloaded']:.3f} | {removed:.0%} |"
         )
     return "\n".join(lines)
 
@@ -146,13 +147,17 @@ def main() -> int:
     parser.add_argument("--fixtures", type=Path, default=DEFAULT_FIXTURES)
     parser.add_argument("--models", nargs="*", default=[f.name for f in FIXTURES])
     parser.add_argument("--json-out", type=Path)
+    parser.add_argument("--render", type=Path, nargs="*", help="only print tables from --json-out files")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for fixture in FIXTURES:
-            if fixture.name in args.models:
-                results.append(run_fixture(fixture, args.fixtures, Path(tmp)))
+    if args.render:
+        results = [r for path in args.render for r in json.loads(path.read_text())]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            for fixture in FIXTURES:
+                if fixture.name in args.models:
+                    results.append(run_fixture(fixture, args.fixtures, Path(tmp)))
     print("\n\n".join(markdown(r) for r in results))
     if args.json_out:
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")

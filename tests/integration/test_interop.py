@@ -77,6 +77,8 @@ TOLERANCE = {
     torch.float16: Tolerance(rel_max=0.01, ppl_rel=0.001, top1=0.98),
     torch.bfloat16: Tolerance(rel_max=0.05, ppl_rel=0.01, top1=0.95),
 }
+# GPTQModel's aten int4 CPU kernel (chosen when no backend is given) stores zero points as floats
+AUTO_KERNEL = Tolerance(rel_max=0.02, ppl_rel=0.002, top1=0.98)
 
 
 @dataclass(frozen=True)
@@ -187,6 +189,13 @@ def assert_same_weights(peer: nn.Module, reference: dict[str, torch.Tensor], wha
         assert mismatched == 0, f"{what}: {name} differs from ours in {mismatched} of {weight.numel()} weights"
 
 
+def assert_quantized_layers(peer: nn.Module, reference: dict[str, torch.Tensor], what: str) -> None:
+    """The peer runs a quantized kernel (not a dense fallback) at every layer we quantized."""
+    modules = dict(peer.named_modules())
+    dense = [n for n in reference if not hasattr(modules.get(n), "qweight")]
+    assert not dense, f"{what}: not loaded as quantized layers: {dense[:5]}"
+
+
 @dataclass
 class Reference:
     """Our loader's reading of a checkpoint: per-layer weights and fp32 logits on the eval windows."""
@@ -225,17 +234,31 @@ def transformers_loader(checkpoint: Path, dtype: torch.dtype) -> nn.Module:
     )
 
 
+def transformers_plain_loader(checkpoint: Path, dtype: torch.dtype) -> nn.Module:
+    require("gptqmodel")
+    require("optimum")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint)
+    assert next(model.parameters()).dtype == dtype, "config.json's dtype should choose fp16"
+    assert next(model.parameters()).device.type == "cpu"
+    return model
+
+
 def check_peer(load: Callable[[Path, torch.dtype], nn.Module], checkpoint: Path, ref: Reference,
-               what: str, dtypes: tuple[torch.dtype, ...]) -> dict[str, Comparison]:
+               what: str, dtypes: tuple[torch.dtype, ...], tolerance: Tolerance | None = None,
+               exact_weights: bool = True) -> dict[str, Comparison]:
     """Load with a peer in each dtype and hold it to our reading; returns the measurements."""
     measured = {}
     for dtype in dtypes:
         peer = load(checkpoint, dtype)
-        if dtype == torch.float16:
+        if dtype == torch.float16 and exact_weights:
             assert_same_weights(peer, ref.weights, what)
+        else:
+            assert_quantized_layers(peer, ref.weights, what)
         measured[str(dtype)] = compare(logits_of(peer, ref.windows), ref.logits, ref.windows)
         record(what, dtype, measured[str(dtype)])
-        measured[str(dtype)].check(TOLERANCE[dtype], f"{what} ({dtype})")
+        measured[str(dtype)].check(tolerance or TOLERANCE[dtype], f"{what} ({dtype})")
         del peer
     return measured
 
@@ -329,6 +352,20 @@ def test_transformers_loads_our_checkpoint(bench: Workbench, setting) -> None:
     checkpoint = bench.ours("llama", setting)
     check_peer(transformers_loader, checkpoint, bench.reference(checkpoint, "llama"),
                f"transformers on gptqd {case_id(('llama', setting))}", dtypes=(torch.float16,))
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+@pytest.mark.parametrize("setting", SETTINGS, ids=setting_id)
+def test_transformers_plain_from_pretrained(bench: Workbench, setting) -> None:
+    """What a user types, from_pretrained(dir) and nothing else: the checkpoint's own config
+    picks fp16 and GPTQModel picks its kernel (for 4-bit its aten int4 kernel, which repacks the
+    weights with float zero points, hence no bit-exact check and the AUTO_KERNEL tolerance)."""
+    require("gptqmodel")
+    checkpoint = bench.ours("llama", setting)
+    check_peer(transformers_plain_loader, checkpoint, bench.reference(checkpoint, "llama"),
+               f"transformers (plain) on gptqd {case_id(('llama', setting))}", dtypes=(torch.float16,),
+               tolerance=AUTO_KERNEL, exact_weights=False)
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ class BlockStore:
         self.directory = Path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from disk
         self.model, self.arch, self.config, self.lazy = model, arch, config, lazy
+        self._packed: dict[str, torch.Tensor] = {}  # this block's layers, packed when solved
         self.discarded = ""  # why an existing work dir was not resumed from, if it was not
         self.directory.mkdir(parents=True, exist_ok=True)
         self.state = self._read_state()
@@ -78,6 +79,13 @@ class BlockStore:
         if self.lazy is not None:
             self.lazy.load_block(index, block)
 
+    def solved(self, name: str, module: nn.Module, layer: LayerQuantResult) -> LayerQuantResult:
+        """Pack the layer now (a fraction of its int32 codes and fp32 weight) and keep a stub."""
+        from worker.gptq.export import layer_tensors
+
+        self._packed.update(layer_tensors(self.model, name, layer, self.config))
+        return _stub(_meta_of(layer))
+
     def finished(
         self,
         index: int,
@@ -89,7 +97,8 @@ class BlockStore:
         from worker.gptq.export import checkpoint_tensors
 
         prefix = self.arch.block_prefix(index) + "."
-        tensors = checkpoint_tensors(self.model, layers, self.config, prefix)
+        tensors = checkpoint_tensors(self.model, layers, self.config, prefix, stored=self._packed)
+        self._packed = {}
         _atomic(self._block_path(index), lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         if next_hidden is not None:
             _atomic(self._hidden_path(index + 1), lambda tmp: torch.save(next_hidden, tmp))

@@ -180,19 +180,29 @@ def _quantized_entry(
     return _Entry(nbytes, make, keys + ((f"{name}.bias",) if bias is not None else ()))
 
 
+def layer_tensors(
+    model: torch.nn.Module, name: str, layer: LayerQuantResult, config: QuantizeConfig,
+    dtype: torch.dtype = torch.float16,
+) -> dict[str, torch.Tensor]:
+    """One quantized linear's checkpoint tensors (packed, with its bias), as saved."""
+    return _quantized_entry(model, name, layer, config, dtype).make()
+
+
 def checkpoint_tensors(
     model: torch.nn.Module,
     layers: dict[str, LayerQuantResult],
     config: QuantizeConfig,
     prefix: str,
     dtype: torch.dtype = torch.float16,
+    stored: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint tensors named prefix..., exactly as save_checkpoint writes them (the
-    streaming writer stores a finished block's this way; the rest of the model may be on meta)."""
+    streaming writer stores a finished block's this way; the rest of the model may be on meta).
+    stored: tensors already made (e.g. layers packed as soon as they were solved)."""
     tensors: dict[str, torch.Tensor] = {}
     for entry in _checkpoint_entries(model, layers, config, dtype):
         if entry.keys and entry.keys[0].startswith(prefix):
-            tensors.update(entry.make())
+            tensors.update(_from_store(entry, stored).make())
     return tensors
 
 

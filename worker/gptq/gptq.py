@@ -55,11 +55,19 @@ class GPTQ:
     def free(self) -> None:
         self.xtx = None  # type: ignore[assignment]
 
-    def solve(self, config: QuantizeConfig) -> LayerQuantResult:
+    def solve(self, config: QuantizeConfig, *, consume: bool = False) -> LayerQuantResult:
+        """consume=True turns the accumulated sums into the Hessian in place and lets go of
+        them (one K x K matrix less at the peak; the solver cannot solve again)."""
         start = time.perf_counter()
         maxq = config.maxq
         W = self.weight.to(self.xtx.device, torch.float32).clone()
-        H = self.hessian()
+        if consume:
+            if self.nsamples == 0:
+                self.hessian()  # raises
+            H = self.xtx.mul_(2.0 / self.nsamples)
+            self.xtx = None  # type: ignore[assignment]
+        else:
+            H = self.hessian()
         K = self.columns
         g = config.group_size if config.group_size != -1 else K
 
@@ -79,6 +87,7 @@ class GPTQ:
             H = H[perm][:, perm]
 
         Hinv, damp = _inverse_hessian_factor(H, config)
+        del H  # not needed below: free it before the per-column work
 
         codes = torch.zeros_like(W)
         Q = torch.zeros_like(W)
@@ -163,8 +172,12 @@ def _inverse_hessian_factor(H: torch.Tensor, config: QuantizeConfig) -> tuple[to
         Hd = H.clone()
         Hd.diagonal().add_(damp * mean_diag)
         L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd  # each step frees its input: at most three K x K matrices at a time
         if info == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0 and torch.isfinite(U).all():
                 return U, round(damp, 6)
         damp += config.damp_auto_increment

@@ -78,6 +78,10 @@ class BlockHooks(Protocol):
     def load(self, index: int, block: nn.Module) -> None:
         """Called before a block is quantized (e.g. to read its weights)."""
 
+    def solved(self, name: str, module: nn.Module, layer: LayerQuantResult) -> LayerQuantResult:
+        """Called with each solved layer (its dequantized weight already in the module);
+        returns what the result keeps for it (e.g. a tensor-less stand-in once packed)."""
+
     def finished(
         self,
         index: int,
@@ -87,7 +91,7 @@ class BlockHooks(Protocol):
         next_hidden: list[torch.Tensor] | None,
     ) -> dict[str, LayerQuantResult]:
         """Called once a block is quantized and its outputs computed (None for the last);
-        returns what the result keeps for its layers (e.g. tensor-less stand-ins)."""
+        layers are what solved() returned; returns what the result keeps for them."""
 
 
 @dataclass
@@ -242,12 +246,17 @@ class _Run:
 
     def _solve(self, index: int, name: str, module: nn.Module, solver: GPTQ) -> None:
         began = time.perf_counter()
-        layer = solver.solve(self.config)
+        layer = solver.solve(self.config, consume=True)
         solver.free()
         set_weight(module, layer.weight)
         self.stage_seconds["solve"] += time.perf_counter() - began
         full = f"{self.arch.block_prefix(index)}.{name}"
-        self.result.layers[full] = _to_cpu(layer)
+        if self.hooks is not None:
+            began = time.perf_counter()
+            self.result.layers[full] = self.hooks.solved(full, module, layer)
+            self.stage_seconds["packing"] = self.stage_seconds.get("packing", 0.0) + time.perf_counter() - began
+        else:
+            self.result.layers[full] = _to_cpu(layer)
         out_features, in_features = linear_shape(module)
         self.result.modules.append(
             ModuleReport(

@@ -1,0 +1,194 @@
+"""Peak memory of `gptqd quantize` against model size and depth (issue 6).
+
+Builds random fp16 Llama models from a config straight into safetensors, one shard per decoder
+block (never the whole model in memory), then runs `gptqd quantize` on each in a subprocess and
+reads its peak RSS from the kernel (os.wait4's ru_maxrss: the high-water mark of the process,
+not a sample). Rows:
+
+  * two models of the same width, one with twice the layers of the other (target: peak RSS
+    within 10% of each other);
+  * one model of >= 1 GB of fp16 weights (target: peak RSS < half the model size plus the
+    calibration activations);
+  * with --eager, the same runs with the whole model loaded (quantize(lazy=False)), the
+    behaviour before lazy loading, for comparison;
+  * "imports only": the RSS of the interpreter with torch, transformers and the engine
+    imported, which every run pays before touching a weight.
+
+    .venv/bin/python bench/memory.py [--big-layers 10] [--eager] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+NUM_SAMPLES, SEQ_LENGTH = 16, 256
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int = 128  # the babyllama character tokenizer: the blocks dominate the size
+    heads: int = 16
+
+    @property
+    def name(self) -> str:
+        return f"llama h{self.hidden} i{self.intermediate} x{self.layers}"
+
+
+def build_model(shape: Shape, directory: Path, seed: int = 0) -> int:
+    """Write a random fp16 Llama of this shape; returns its weight bytes."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from tests.conftest import fixture_path
+    from worker.gptq.modelio import skeleton
+
+    config = tf.LlamaConfig(
+        hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.heads, vocab_size=shape.vocab, max_position_embeddings=2048,
+        tie_word_embeddings=False, dtype="float16",
+    )
+    directory.mkdir(parents=True)
+    config.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(fixture_path("models", "babyllama-tok105")).save_pretrained(directory)
+    shapes = {name: tuple(p.shape) for name, p in skeleton(config).named_parameters()}
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(name: str, size: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("norm.weight"):
+            return torch.ones(size, dtype=torch.float16)
+        return (torch.randn(size, generator=generator) * 0.02).to(torch.float16)
+
+    def shard_of(name: str) -> str:
+        parts = name.split(".")
+        return f"block-{int(parts[2]):03d}.safetensors" if parts[1] == "layers" else "rest.safetensors"
+
+    weight_map: dict[str, str] = {}
+    for name in shapes:
+        weight_map[name] = shard_of(name)
+    total = 0
+    for shard in sorted(set(weight_map.values())):
+        tensors = {n: make(n, shapes[n]) for n, s in weight_map.items() if s == shard}
+        total += sum(t.numel() * 2 for t in tensors.values())
+        save_file(tensors, directory / shard, metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total
+
+
+def peak_rss(argv: list[str]) -> tuple[int, float]:
+    """(peak RSS in bytes, seconds) of a child process, from the kernel's own high-water mark."""
+    began = time.perf_counter()
+    child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    seconds = time.perf_counter() - began
+    stderr = child.stderr.read().decode(errors="replace") if child.stderr else ""
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise RuntimeError(f"{argv[:3]} failed ({child.returncode}):\n{stderr[-3000:]}")
+    return usage.ru_maxrss * 1024, seconds
+
+
+def quantize_argv(model: Path, out: Path, eager: bool) -> list[str]:
+    if not eager:
+        return [str(ROOT / ".venv/bin/gptqd"), "quantize", "--model", str(model), "--out", str(out),
+                "--num-samples", str(NUM_SAMPLES), "--seq-length", str(SEQ_LENGTH),
+                "--device", "cpu", "--no-progress"]
+    code = (
+        "import sys; from pathlib import Path; from worker.gptq.api import quantize; "
+        "from worker.gptq.config import CalibrationSpec, QuantizeConfig; "
+        f"quantize(sys.argv[1], Path(sys.argv[2]), QuantizeConfig(), CalibrationSpec("
+        f"num_samples={NUM_SAMPLES}, seq_length={SEQ_LENGTH}), device='cpu', lazy=False)"
+    )
+    return [sys.executable, "-c", code, str(model), str(out)]
+
+
+def activation_bytes(shape: Shape) -> int:
+    """The calibration hidden states held between blocks: inputs and outputs, fp32."""
+    return 2 * NUM_SAMPLES * SEQ_LENGTH * shape.hidden * 4
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--small-hidden", type=int, default=1024)
+    parser.add_argument("--small-layers", type=int, default=4)
+    parser.add_argument("--big-hidden", type=int, default=2048)
+    parser.add_argument("--big-layers", type=int, default=10)
+    parser.add_argument("--eager", action="store_true", help="also run with the whole model loaded")
+    parser.add_argument("--keep", type=Path, help="build the models here and keep them")
+    args = parser.parse_args()
+
+    work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gptqd-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
+    h, b = args.small_hidden, args.big_hidden
+    shapes = [
+        Shape(h, _mlp(h), args.small_layers),
+        Shape(h, _mlp(h), 2 * args.small_layers),
+        Shape(b, _mlp(b), args.big_layers),
+    ]
+    imports = [sys.executable, "-c", "import torch, transformers, worker.gptq.api, app.cli"]
+    baseline, _ = peak_rss(imports)
+    rows = []
+    try:
+        for shape in shapes:
+            model = work / shape.name.replace(" ", "_")
+            size = build_model(shape, model) if not model.exists() else _size(model)
+            for eager in ([False, True] if args.eager else [False]):
+                out = work / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                rss, seconds = peak_rss(quantize_argv(model, out, eager))
+                rows.append((shape, size, "whole model" if eager else "lazy (gptqd quantize)", rss, seconds))
+                print(f"{shape.name} {'eager' if eager else 'lazy'}: {rss / 2**20:.0f} MiB in {seconds:.0f}s",
+                      file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+    mib = 2**20
+    print(f"calibration: {NUM_SAMPLES} x {SEQ_LENGTH} tokens, 4-bit g128, CPU; "
+          f"RSS of the imports alone: {baseline / mib:.0f} MiB\n")
+    print("| model | layers | fp16 weights | mode | peak RSS | peak RSS - imports | target | time |")
+    print("|---|---:|---:|---|---:|---:|---|---:|")
+    for shape, size, mode, rss, seconds in rows:
+        target = ""
+        if size >= 2**30 and mode.startswith("lazy"):
+            limit = size / 2 + activation_bytes(shape)
+            target = f"< {limit / mib:.0f} MiB: {'met' if rss < limit else 'missed'}"
+        print(f"| {shape.name} | {shape.layers} | {size / mib:.0f} MiB | {mode} | {rss / mib:.0f} MiB | "
+              f"{(rss - baseline) / mib:.0f} MiB | {target} | {seconds:.0f} s |")
+    lazy = [r for r in rows if r[2].startswith("lazy")]
+    if len(lazy) >= 2:
+        ratio = lazy[1][3] / lazy[0][3] - 1
+        print(f"\n{lazy[1][0].layers} vs {lazy[0][0].layers} layers (lazy): peak RSS differs by "
+              f"{100 * ratio:+.1f}% (target < 10%)")
+
+
+def _mlp(hidden: int) -> int:
+    """Llama's MLP width (~2.75 x hidden), a multiple of the group size 128."""
+    return -(-hidden * 11 // 4 // 128) * 128
+
+
+def _size(model: Path) -> int:
+    return json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+
+
+if __name__ == "__main__":
+    main()

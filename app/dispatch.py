@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from celery import Celery
 
 from worker.celery_app import RUN_JOB, RUN_VERIFICATION
 
 log = logging.getLogger("gptqd.api")
+ITEM_ID = re.compile(rb"(?:job|ver)_[0-9a-f]{32}")
 
 
 class Dispatcher:
@@ -31,6 +33,27 @@ class Dispatcher:
 
     def send_verification(self, verification_id: str) -> bool:
         return self._send(RUN_VERIFICATION, verification_id)
+
+    def declare(self) -> None:
+        """Declares the queue and its binding afresh. Publishers remember what they declared,
+        so after Redis lost its keys (flushed, restarted without persistence) every message
+        would go to the undeliverable queue until someone declares the binding again."""
+        with self.celery.connection_for_write() as conn:
+            self.celery.amqp.queues[self.queue].bind(conn.default_channel).declare()
+
+    def pending_ids(self) -> set[str] | None:
+        """Ids named by the messages the broker holds for our queue, waiting or delivered and
+        not yet acked; None when the broker cannot be looked into (only Redis can)."""
+        with self.celery.connection_for_read() as conn:
+            if conn.transport.driver_type != "redis":
+                return None
+            channel = conn.default_channel
+            client = channel.client
+            keys = [self.queue, *client.scan_iter(match=f"{self.queue}{channel.sep}*")]
+            raw = [m for key in keys for m in client.lrange(key, 0, -1)]
+            raw += client.hvals(channel.unacked_key)
+        # the message headers carry the task's argsrepr in clear
+        return {m.decode() for blob in raw for m in ITEM_ID.findall(blob)}
 
     def ping(self) -> None:
         """Raises when the broker does not answer."""

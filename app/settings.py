@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -42,11 +42,27 @@ class Settings(BaseSettings):
     visibility_timeout: int = 72 * 3600
     max_attempts: int = 3
     heartbeat_seconds: float = 10.0
+    # the reconciler (in every worker) runs at start and then this often; it requeues running
+    # jobs whose heartbeat is older than stale_seconds and re-sends queued jobs whose message
+    # went out more than resend_seconds ago without being claimed
+    reconcile_seconds: float = 30.0
+    stale_seconds: float = 60.0
+    resend_seconds: float = 300.0
+    # address-space limit (RLIMIT_AS) of each job's process in MiB, so a job that needs more
+    # fails with out_of_memory instead of waking the kernel's OOM killer; CPU workers only
+    # (CUDA maps far more address space than it uses)
+    job_memory_limit_mb: int | None = None
     progress_interval: float = 1.0  # least seconds between two stored progress updates
     max_upload_bytes: int = 256 * 1024 * 1024
     max_queued_per_key: int = 100
     page_size_max: int = 200
     device: str | None = None  # engine device for workers (None: cuda when present, else cpu)
+
+    @model_validator(mode="after")
+    def _stale_after_beats(self) -> Settings:
+        if self.stale_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError("GPTQD_STALE_SECONDS must be more than twice GPTQD_HEARTBEAT_SECONDS")
+        return self
 
     @field_validator("data_dir", "models_dir")
     @classmethod
@@ -72,6 +88,11 @@ class Settings(BaseSettings):
     @property
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
+
+    @property
+    def work_dir(self) -> Path:
+        """Finished blocks of running jobs, kept so a restarted attempt resumes from them."""
+        return self.data_dir / "work"
 
     def keys(self) -> list[ApiKey]:
         admins = {n.strip() for n in self.admin_keys.split(",") if n.strip()}

@@ -282,6 +282,40 @@ class Store:
         with self._read() as s:
             return list(s.scalars(select(Job.id).where(Job.status == "queued")))
 
+    def take_unclaimed(
+        self, sent_before: datetime, in_broker: set[str] | frozenset[str] = frozenset()
+    ) -> list[str]:
+        """Queued jobs last sent to the broker before sent_before (their message may be lost)
+        and not among in_broker, each marked as sent now. A job is handed to one caller only,
+        so reconcilers running at once never both re-send it; a duplicate message would be
+        harmless anyway (claim_job)."""
+        taken = []
+        now = utcnow()
+        with self._read() as s:
+            candidates = list(s.scalars(
+                select(Job.id).where(Job.status == "queued", Job.updated_at < sent_before)
+                .order_by(Job.created_at)
+            ))
+        for job_id in candidates:
+            if job_id in in_broker:
+                continue
+            with self._write() as s:
+                n = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == "queued",
+                           Job.updated_at < sent_before)
+                    .values(updated_at=now)
+                ).rowcount
+            if n:
+                taken.append(job_id)
+        return taken
+
+    def owns(self, job_id: str, attempt: int) -> bool:
+        """Whether this attempt still runs the job (not requeued, cancelled or finished)."""
+        with self._read() as s:
+            return s.scalar(select(func.count()).select_from(Job).where(
+                self._mine(job_id, attempt))) == 1
+
     def claim_job(self, job_id: str, worker: str) -> Job | None:
         """queued → running for exactly one caller; None if the job is not queued."""
         now = utcnow()
@@ -412,9 +446,9 @@ class Store:
                     values |= {"status": "cancelled", "finished_at": now}
                 elif attempts >= max_attempts:
                     message = (
-                        f"the worker running this job stopped {attempts} times without "
-                        "finishing it (killed, probably out of memory): lower "
-                        "calibration.num_samples or seq_length, or use a bigger machine"
+                        f"the worker died {attempts} times while running this job, probably "
+                        "out of memory (killed by the system): lower calibration.num_samples "
+                        "or seq_length, or run it on a machine with more memory"
                     )
                     values |= {"status": "failed", "finished_at": now,
                                "error_code": "worker_lost", "error_message": message}

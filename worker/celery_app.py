@@ -7,8 +7,11 @@ idempotent and results are not kept in Celery (no result backend). Start a worke
 
 from __future__ import annotations
 
+import logging
+import resource
+
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from app.settings import Settings, get_settings
 
@@ -60,6 +63,44 @@ def _preload_engine(**_: object) -> None:
 
     import worker.gptq.api
     import worker.gptq.loader  # noqa: F401
+
+
+_reconciler = None  # the worker main process's reconciler thread (see worker/reconciler.py)
+
+
+@worker_ready.connect
+def _start_reconciler(**_: object) -> None:
+    """At worker start and then periodically, the store and the broker are made to agree."""
+    global _reconciler
+    from app.dispatch import Dispatcher
+    from app.store import Store
+    from worker.reconciler import Reconciler
+
+    settings = get_settings()
+    store = Store(settings.store_url)
+    store.create_all()
+    dispatcher = Dispatcher(app, settings.queue)
+    _reconciler = Reconciler(store, settings, dispatcher)
+    _reconciler.start()
+
+
+@worker_shutdown.connect
+def _stop_reconciler(**_: object) -> None:
+    if _reconciler is not None:
+        _reconciler.stop()
+
+
+@worker_process_init.connect
+def _init_job_process(**_: object) -> None:
+    """In each forked job process: drop the parent's database connections (never share a
+    socket across a fork) and apply the job memory limit."""
+    if _reconciler is not None:
+        _reconciler.store.engine.dispose(close=False)
+    limit = get_settings().job_memory_limit_mb
+    if limit:
+        size = limit * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+        logging.getLogger("gptqd.worker").info("job memory limited to %d MiB", limit)
 
 
 app = make_celery(get_settings())

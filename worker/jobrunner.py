@@ -2,8 +2,10 @@
 
 Idempotent: a job that is not queued (already terminal, or claimed by another worker) is left
 alone, so a redelivered message never runs a job twice. The checkpoint is written to
-`<artifacts>/<job>.partial/` and renamed into place only when complete; the artifact list is
-stored only with the `succeeded` status, so nothing half-written is ever listed or served.
+`<artifacts>/<job>.<attempt>.partial/` and renamed into place only when complete and only
+while the attempt still owns the job; the artifact list is stored only with the `succeeded`
+status, so nothing half-written is ever listed or served. Finished blocks are kept in
+`<data>/work/<job>/`, so an attempt after a crash resumes from the last finished block.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import Settings
-from app.store import Store
+from app.store import Job, Store
 from worker import jobspec
 from worker.progress_writer import ProgressWriter
+from worker.reconciler import remove_leftovers
 
 log = logging.getLogger("gptqd.worker")
 
@@ -59,13 +62,27 @@ def error_of(exc: BaseException) -> tuple[str, str]:
 
     if isinstance(exc, EngineError):
         return exc.code, exc.message
-    if isinstance(exc, MemoryError):
+    if _out_of_memory(exc):
         return "out_of_memory", (
-            "the worker ran out of memory; lower calibration.num_samples or seq_length"
+            "the worker ran out of memory; lower calibration.num_samples or seq_length "
+            "(or give the worker more memory)"
         )
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return "disk_full", f"no space left while writing the checkpoint: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full", (
+            "the server's disk filled up while writing the checkpoint; free space on it "
+            f"(or ask its operator to) and submit again ({exc.strerror})"
+        )
     return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """MemoryError from Python, torch's OutOfMemoryError (CUDA), or torch's CPU allocator
+    failing (a RuntimeError saying it can't allocate memory)."""
+    import torch
+
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 @contextmanager
@@ -130,54 +147,66 @@ def _engine_kwargs(spec: dict[str, Any], store: Store, settings: Settings) -> di
 
 def run_job(job_id: str, store: Store, settings: Settings) -> str | None:
     """Runs the job if it is queued; returns its final status, or None when skipped."""
-    from worker.gptq.api import quantize
-    from worker.gptq.export import partial_dir, publish_atomically
-    from worker.gptq.progress import Cancelled
-
     job = store.claim_job(job_id, worker_name())
     if job is None:
         log.info("job %s is not queued; skipping", job_id)
         return None
     attempt = job.attempts
     writer = ProgressWriter(store, job_id, attempt, settings.progress_interval)
+    with heartbeat(store, job_id, attempt, settings.heartbeat_seconds), \
+            scratch_dir(settings, f"{job_id}.{attempt}"):
+        status, ended = _attempt(job, attempt, writer, store, settings)
+    if ended:
+        remove_leftovers(settings, job_id)
+    else:  # requeued meanwhile: the next attempt resumes from the work dir
+        log.warning("job %s attempt %d lost the job before it ended", job_id, attempt)
+    return status
+
+
+def _attempt(job: Job, attempt: int, writer: ProgressWriter, store: Store,
+             settings: Settings) -> tuple[str, bool]:
+    """(status, whether this attempt recorded the end). Only an attempt that still owns the
+    job publishes a checkpoint or records an end."""
+    from worker.gptq.api import quantize
+    from worker.gptq.export import publish_atomically
+    from worker.gptq.progress import Cancelled
+
+    job_id = job.id
     final = settings.artifacts_dir / job_id
-    partial = partial_dir(final)
+    partial = settings.artifacts_dir / f"{job_id}.{attempt}.partial"
 
     def should_stop() -> bool:
         return writer.lost or store.cancel_requested(job_id)
 
-    status: str
-    with heartbeat(store, job_id, attempt, settings.heartbeat_seconds), \
-            scratch_dir(settings, job_id):
-        shutil.rmtree(partial, ignore_errors=True)  # left by an attempt that died
-        try:
-            spec = job.spec
-            report = quantize(
-                jobspec.model_source(spec, settings), partial, jobspec.quantize_config(spec),
-                jobspec.calibration_spec(spec, store, settings), progress=writer,
-                should_stop=should_stop, **_engine_kwargs(spec, store, settings),
-            )
-            artifacts = list_artifacts(partial)
-            publish_atomically(partial, final, overwrite=True)
-            status = "succeeded"
-            store.finish_job(
-                job_id, attempt, status, metrics=metrics_of(report.to_dict()),
-                artifacts=artifacts, progress=writer.final("done", "checkpoint ready", 1.0),
-            )
-        except Cancelled:
-            status = "cancelled"
-            shutil.rmtree(partial, ignore_errors=True)
-            store.finish_job(job_id, attempt, status,
-                             progress=writer.final("cancelled", "cancelled while running"))
-        except Exception as exc:
-            status = "failed"
-            shutil.rmtree(partial, ignore_errors=True)
-            code, message = error_of(exc)
-            if code == "internal_error":
-                log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-            store.finish_job(job_id, attempt, status, error=(code, message),
-                             progress=writer.final("failed", message))
-    return status
+    try:
+        spec = job.spec
+        report = quantize(
+            jobspec.model_source(spec, settings), partial, jobspec.quantize_config(spec),
+            jobspec.calibration_spec(spec, store, settings), progress=writer,
+            should_stop=should_stop, work_dir=settings.work_dir / job_id,
+            **_engine_kwargs(spec, store, settings),
+        )
+        artifacts = list_artifacts(partial)
+        if not store.owns(job_id, attempt):
+            return "lost", False
+        publish_atomically(partial, final, overwrite=True)
+        return "succeeded", store.finish_job(
+            job_id, attempt, "succeeded", metrics=metrics_of(report.to_dict()),
+            artifacts=artifacts, progress=writer.final("done", "checkpoint ready", 1.0),
+        )
+    except Cancelled:
+        shutil.rmtree(partial, ignore_errors=True)
+        return "cancelled", store.finish_job(
+            job_id, attempt, "cancelled", progress=writer.final("cancelled", "cancelled while running"))
+    except Exception as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        code, message = error_of(exc)
+        if code == "internal_error":
+            log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+        else:
+            log.info("job %s failed: %s", job_id, code)
+        return "failed", store.finish_job(job_id, attempt, "failed", error=(code, message),
+                                          progress=writer.final("failed", message))
 
 
 def public_source(source: str) -> str:

@@ -15,6 +15,7 @@ from app.deps import DispatcherDep, JobDep, PrincipalDep, SettingsDep, StoreDep
 from app.paths import OutsideRoot, resolve_model
 from app.schemas import TERMINAL, ErrorOut, JobIn, JobOut, JobPage, Progress
 from app.store import IdempotencyConflict, Job
+from worker.reconciler import remove_leftovers
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -143,6 +144,6 @@ def delete_job(job: JobDep, store: StoreDep, settings: SettingsDep) -> Response:
         raise HTTPException(409, f"job {job.id} is {job.status}: cancel it first")
     if not store.delete_job(job.id):
         raise HTTPException(409, f"job {job.id} changed meanwhile; try again")
-    for path in (settings.artifacts_dir / job.id, settings.artifacts_dir / f"{job.id}.partial"):
-        shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(settings.artifacts_dir / job.id, ignore_errors=True)
+    remove_leftovers(settings, job.id)
     return Response(status_code=204)

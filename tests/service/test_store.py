@@ -4,6 +4,7 @@ service relies on, under real concurrency (threads, each with its own connection
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -129,3 +130,20 @@ def test_a_job_whose_worker_stopped_is_requeued_then_failed_past_max_attempts(
     assert "out of memory" in job.error_message
     statuses = [e.data["status"] for e in store.events_after(job.id, 0) if e.type == "status"]
     assert statuses == ["queued", "running", "queued", "running", "failed"]
+
+
+def test_concurrent_reconcilers_hand_each_unclaimed_job_to_one_of_them(store: Store) -> None:
+    from datetime import timedelta
+
+    from app.db import utcnow
+
+    ids = [_job(store)[0].id for _ in range(6)]
+    store.claim_job(ids[0], "w")  # running: never re-sent
+    assert store.take_unclaimed(utcnow() - timedelta(hours=1)) == []  # all sent just now
+    time.sleep(0.6)
+    before = utcnow() - timedelta(seconds=0.3)  # after the jobs were sent, before now
+    taken = _race(4, lambda _: store.take_unclaimed(before))
+    flat = [job_id for got in taken for job_id in got]
+    assert sorted(flat) == sorted(ids[1:]), taken  # each queued job exactly once
+    assert store.take_unclaimed(before) == []  # marked as sent again
+    assert store.owns(ids[0], 1) and not store.owns(ids[0], 2) and not store.owns(ids[1], 1)

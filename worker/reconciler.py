@@ -1,0 +1,98 @@
+"""The reconciler: makes the broker agree with the job store, which is the source of truth.
+
+Every worker runs one (a thread in the worker's main process, at start and then every
+`reconcile_seconds`). Each pass:
+- requeues running jobs whose heartbeat is older than `stale_seconds` (their worker died:
+  OOM-killed, machine lost) and re-sends them, or fails them once they used `max_attempts`;
+- re-sends queued jobs whose message went out more than `resend_seconds` ago, that no worker
+  claimed and whose message the broker no longer holds (lost: Redis flushed or restarted
+  without persistence). On a broker that cannot be looked into (the embedded SQL one) a job
+  waiting that long is re-sent anyway, at most once per `resend_seconds`.
+
+Several reconcilers at once are safe: every change is a conditional UPDATE that one caller
+wins, and a duplicate message is harmless because claiming a job is atomic.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Protocol
+
+from app.db import utcnow
+from app.settings import Settings
+from app.store import Store
+
+log = logging.getLogger("gptqd.reconciler")
+
+
+@dataclass
+class Pass:
+    requeued: list[str] = field(default_factory=list)
+    ended: list[str] = field(default_factory=list)
+    resent: list[str] = field(default_factory=list)
+
+
+def job_leftovers(settings: Settings, job_id: str) -> list[Path]:
+    """Everything a job's attempts may leave on disk besides its published checkpoint."""
+    return [settings.work_dir / job_id, *settings.artifacts_dir.glob(f"{job_id}.*.partial")]
+
+
+def remove_leftovers(settings: Settings, job_id: str) -> None:
+    for path in job_leftovers(settings, job_id):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Sender(Protocol):
+    def declare(self) -> None: ...
+    def send_job(self, job_id: str) -> bool: ...
+    def pending_ids(self) -> set[str] | None: ...
+
+
+def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
+    """One pass; `sender` is the Dispatcher (app/dispatch.py)."""
+    sender.declare()
+    send = sender.send_job
+    now = utcnow()
+    done = Pass()
+    done.requeued, done.ended = store.requeue_stale(
+        now - timedelta(seconds=settings.stale_seconds), settings.max_attempts
+    )
+    for job_id in done.ended:
+        remove_leftovers(settings, job_id)
+    for job_id in done.requeued:
+        send(job_id)
+    pending = sender.pending_ids()
+    done.resent = store.take_unclaimed(now - timedelta(seconds=settings.resend_seconds),
+                                       pending or frozenset())
+    for job_id in done.resent:
+        send(job_id)
+    if done.requeued or done.ended or done.resent:
+        log.warning("reconciled: requeued %s, failed %s, re-sent %s",
+                    done.requeued, done.ended, done.resent)
+    return done
+
+
+class Reconciler(threading.Thread):
+    """Runs reconcile() now and then every `settings.reconcile_seconds` until stopped."""
+
+    def __init__(self, store: Store, settings: Settings, sender: Sender) -> None:
+        super().__init__(name="gptqd-reconciler", daemon=True)
+        self.store, self.settings, self.sender = store, settings, sender
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            try:
+                reconcile(self.store, self.settings, self.sender)
+            except Exception:  # a store or broker outage: try again next time
+                log.warning("reconcile pass failed", exc_info=True)
+            if self.stopping.wait(self.settings.reconcile_seconds):
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()

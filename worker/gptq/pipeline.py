@@ -103,6 +103,29 @@ class BlockCall:
     kwargs: dict
 
 
+class _SharedInputs:
+    """Layers fed the very same input tensor (q/k/v, gate/up) share one XᵀX: it is
+    accumulated once instead of once per layer, with bit-identical sums."""
+
+    def __init__(self) -> None:
+        self.last: tuple[torch.Tensor, GPTQ] | None = None
+        self.leader: dict[int, GPTQ] = {}  # id(follower) -> the solver whose XᵀX it uses
+
+    def add(self, solver: GPTQ, inputs: torch.Tensor) -> None:
+        last = self.last
+        if last is not None and last[0] is inputs and last[1].columns == solver.columns:
+            leader = self.leader.setdefault(id(solver), last[1])
+            if leader is not last[1]:
+                raise RuntimeError("layers that shared an input tensor stopped sharing it")
+            solver.xtx = leader.xtx  # its own zeros are dropped on the first batch
+            solver.nsamples += inputs.numel() // solver.columns
+            return
+        if id(solver) in self.leader:
+            raise RuntimeError("layers that shared an input tensor stopped sharing it")
+        solver.add_batch(inputs)
+        self.last = (inputs, solver)
+
+
 class _CaptureDone(Exception):
     """Stops the capture forward pass once the last block has been reached."""
 
@@ -194,7 +217,8 @@ class _Run:
             self._emit(index, 0, message=f"block {index + 1}/{self.num_blocks}")
             began = time.perf_counter()
             if self.hooks is not None:
-                self.hooks.load(index, block)
+                with self._timed("loading"):
+                    self.hooks.load(index, block)
             home = _device_of(block)
             block.to(self.device)
             try:
@@ -217,7 +241,16 @@ class _Run:
         prefix = self.arch.block_prefix(index) + "."
         layers = {k: v for k, v in self.result.layers.items() if k.startswith(prefix)}
         modules = [m for m in self.result.modules if m.block == index + 1]
-        self.result.layers.update(self.hooks.finished(index, block, layers, modules, next_hidden))
+        with self._timed("storing"):
+            self.result.layers.update(self.hooks.finished(index, block, layers, modules, next_hidden))
+
+    @contextlib.contextmanager
+    def _timed(self, stage: str) -> Any:
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - began
 
     def _quantize_block(
         self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
@@ -228,8 +261,9 @@ class _Run:
             self._check_stop(f"at block {index + 1}/{self.num_blocks}")
             solvers = {name: GPTQ(get_weight(linears[name])) for name in group}
             pending: set[str] = set()
+            shared = _SharedInputs()
             handles = [
-                linears[name].register_forward_hook(self._hessian_hook(name, solver, group, pending))
+                linears[name].register_forward_hook(self._hessian_hook(name, solver, group, pending, shared))
                 for name, solver in solvers.items()
             ]
             try:
@@ -237,24 +271,26 @@ class _Run:
             finally:
                 for handle in handles:
                     handle.remove()
-            for name, solver in solvers.items():
+            order = list(solvers.items())
+            for position, (name, solver) in enumerate(order):
                 self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {name}")
-                self._solve(index, name, linears[name], solver)
+                # the last solver of a shared XᵀX may turn it into its Hessian in place
+                last_user = all(other.xtx is not solver.xtx for _, other in order[position + 1:])
+                self._solve(index, name, linears[name], solver, consume=last_user)
                 done += 1
                 report = self.result.modules[-1]
                 self._emit(index, done, module=name, loss=report.loss, damp=report.damp_percent)
 
-    def _solve(self, index: int, name: str, module: nn.Module, solver: GPTQ) -> None:
+    def _solve(self, index: int, name: str, module: nn.Module, solver: GPTQ, consume: bool) -> None:
         began = time.perf_counter()
-        layer = solver.solve(self.config, consume=True)
+        layer = solver.solve(self.config, consume=consume)
         solver.free()
         set_weight(module, layer.weight)
         self.stage_seconds["solve"] += time.perf_counter() - began
         full = f"{self.arch.block_prefix(index)}.{name}"
         if self.hooks is not None:
-            began = time.perf_counter()
-            self.result.layers[full] = self.hooks.solved(full, module, layer)
-            self.stage_seconds["packing"] = self.stage_seconds.get("packing", 0.0) + time.perf_counter() - began
+            with self._timed("packing"):
+                self.result.layers[full] = self.hooks.solved(full, module, layer)
         else:
             self.result.layers[full] = _to_cpu(layer)
         out_features, in_features = linear_shape(module)
@@ -273,11 +309,11 @@ class _Run:
         )
 
     def _hessian_hook(
-        self, name: str, solver: GPTQ, group: tuple[str, ...], seen: set[str]
+        self, name: str, solver: GPTQ, group: tuple[str, ...], seen: set[str], shared: _SharedInputs
     ) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             began = time.perf_counter()
-            solver.add_batch(args[0])
+            shared.add(solver, args[0])
             self.stage_seconds["hessian"] += time.perf_counter() - began
             seen.add(name)
             if len(seen) == len(group):

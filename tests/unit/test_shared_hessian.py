@@ -1,0 +1,39 @@
+"""Layers fed the same input tensor (q/k/v, gate/up) share one XᵀX: fewer accumulations,
+bit-identical checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
+from worker.gptq import pipeline
+from worker.gptq.api import quantize
+from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.gptq import GPTQ
+
+CALIBRATION = CalibrationSpec("builtin", num_samples=8, seq_length=64)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_shared_hessians_change_nothing_but_the_work(tmp_path: Path, monkeypatch, true_sequential) -> None:
+    model = tiny_llama(tmp_path / "m", layers=2)
+    config = QuantizeConfig(bits=4, group_size=32, true_sequential=true_sequential)
+    calls: list[int] = []
+    add_batch = GPTQ.add_batch
+
+    def counting(self, inp):
+        calls.append(1)
+        add_batch(self, inp)
+
+    monkeypatch.setattr(GPTQ, "add_batch", counting)
+    quantize(str(model), tmp_path / "shared", config, CALIBRATION, device="cpu")
+    shared = len(calls)
+    calls.clear()
+    monkeypatch.setattr(pipeline._SharedInputs, "add", lambda self, solver, x: solver.add_batch(x))
+    quantize(str(model), tmp_path / "separate", config, CALIBRATION, device="cpu")
+
+    # per block and batch: q,k,v -> 1, o -> 1, gate,up -> 1, down -> 1 accumulations instead of 7
+    assert shared * 7 == len(calls) * 4
+    assert_same_checkpoint(tmp_path / "shared", tmp_path / "separate")

@@ -31,6 +31,7 @@ from worker.gptq.blockstore import BlockStore
 from worker.gptq.calibration import build_calibration
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
+from worker.gptq.memory import return_freed_memory
 from worker.gptq.modelio import LoadedModel, load_config, load_model, load_tokenizer, skeleton
 from worker.gptq.pipeline import default_device, quantize_model
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
@@ -135,6 +136,8 @@ def quantize(
                 **common,
             )
     streamed = loaded.lazy is not None
+    if streamed:
+        return_freed_memory()
     store = None
     if work_dir is not None or streamed:
         store = BlockStore(

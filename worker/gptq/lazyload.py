@@ -114,19 +114,22 @@ class LazyModel:
     def _load(self, root: nn.Module, prefix: str, skip: Any = None) -> None:
         slots = []
         for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
-            for attr, param in module._parameters.items():
-                name = f"{module_name}.{attr}" if module_name else attr
-                if param is None or (skip is not None and skip(name)):
-                    continue
-                key = self.key_of(name)
-                if key is None:
-                    continue  # a tied weight, set by tie_weights()
-                slots.append((module, attr, key))
+            # parameters, and buffers the checkpoint stores (computed ones are already real)
+            for store in (module._parameters, module._buffers):
+                for attr, tensor in store.items():
+                    name = f"{module_name}.{attr}" if module_name else attr
+                    if tensor is None or (skip is not None and skip(name)):
+                        continue
+                    key = self.key_of(name)
+                    if key is None:
+                        continue  # a tied weight (set by tie_weights()) or a computed buffer
+                    slots.append((store, attr, key))
         tensors = self.files.read([key for _, _, key in slots])
-        for module, attr, key in slots:
+        for store, attr, key in slots:
             tensor = tensors.pop(key)
-            dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-            module._parameters[attr] = nn.Parameter(tensor.to(dtype), requires_grad=False)
+            tensor = tensor.to(self.dtype if tensor.is_floating_point() else tensor.dtype)
+            is_param = isinstance(store[attr], nn.Parameter)
+            store[attr] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
 
 
 def release(module: nn.Module) -> None:

@@ -6,6 +6,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from app.paths import OutsideRoot, inside
+
 BLOCK = 512
 CHUNK = 1 << 20
 
@@ -24,6 +26,19 @@ def _header(name: str, size: int, mtime: int) -> bytes:
     return info.tobuf(format=tarfile.PAX_FORMAT)
 
 
+def check_files(root: Path, files: list[tuple[str, int]]) -> str | None:
+    """Why root does not hold these (name, size) files as plain files inside it, or None.
+    Checked before a stream starts: an error midway could only cut the stream short."""
+    for name, size in files:
+        try:
+            path = inside(root, name)
+        except OutsideRoot:
+            return f"{name!r} is not inside the checkpoint's directory"
+        if not path.is_file() or path.stat().st_size != size:
+            return f"{name!r} is missing or changed on the server's disk"
+    return None
+
+
 def tar_stream(root: Path, files: list[tuple[str, int]], prefix: str) -> Iterator[bytes]:
     """Yields a tar of root/name for each (name, size), stored as prefix/name.
 
@@ -31,7 +46,7 @@ def tar_stream(root: Path, files: list[tuple[str, int]], prefix: str) -> Iterato
     rather than a silently corrupt archive.
     """
     for name, size in files:
-        path = root / name
+        path = inside(root, name)  # never a symlink out of the job's directory
         yield _header(f"{prefix}/{name}", size, int(path.stat().st_mtime))
         sent = 0
         with path.open("rb") as f:

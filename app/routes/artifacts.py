@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse, StreamingResponse
 
-from app.archive import tar_size, tar_stream
+from app.archive import check_files, tar_size, tar_stream
 from app.deps import JobDep, SettingsDep
 from app.paths import OutsideRoot, inside
 from app.schemas import Artifact
@@ -48,6 +48,9 @@ def download_archive(job: JobDep, settings: SettingsDep) -> StreamingResponse:
     root = settings.artifacts_dir / job.id
     if not root.is_dir():
         raise HTTPException(410, f"job {job.id}'s checkpoint is gone from the server's disk")
+    problem = check_files(root, files)
+    if problem is not None:
+        raise HTTPException(410, f"job {job.id}'s checkpoint cannot be served: {problem}")
     prefix = job.id
     return StreamingResponse(
         tar_stream(root, files, prefix),

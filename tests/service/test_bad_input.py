@@ -1,0 +1,214 @@
+"""Malformed requests against a real server: each gets a 4xx naming the field and the reason,
+never a 5xx or a traceback. The server has two API keys and no worker (nothing here runs).
+A job that "succeeded" is written into the store directly, with a symlink out of its
+directory planted among its files, to try the artifact path tricks on."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.conftest import NO_VERIFY, Box, start_box, tiny_spec
+
+pytestmark = pytest.mark.service
+
+KEYS = {"alice": "sk-alice-bad-input", "bob": "sk-bob-bad-input"}
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Box]:
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.txt").write_text("not yours")
+    models = tmp_path_factory.mktemp("bad-models")
+    (models / "escape").symlink_to(outside)  # a model "directory" that points out of the root
+    keys = ",".join(f"{n}:{s}" for n, s in KEYS.items())
+    b = start_box(tmp_path_factory.mktemp("bad-input"), models,
+                  {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": ""}, workers=0)
+    b.env["OUTSIDE"] = str(outside)
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def alice(box: Box) -> httpx.Client:
+    return httpx.Client(base_url=box.url, timeout=30,
+                        headers={"Authorization": f"Bearer {KEYS['alice']}"})
+
+
+@pytest.fixture(scope="module")
+def done_job(box: Box) -> str:
+    """A succeeded job of alice's, made in the store: one real file and one symlink out."""
+    from app.settings import Settings
+    from app.store import Store
+
+    settings = Settings(data_dir=box.data_dir, database_url="")
+    store = Store(settings.store_url)
+    job, _ = store.create_job(owner="alice", model_id="tiny", spec={}, spec_hash="x",
+                              name=None, idempotency_key=None)
+    store.claim_job(job.id, "test")
+    root = settings.artifacts_dir / job.id
+    root.mkdir(parents=True)
+    (root / "config.json").write_text("{}")
+    os.symlink(Path(box.env["OUTSIDE"]) / "secret.txt", root / "link.txt")
+    listed = [{"name": n, "size": 2, "sha256": "0" * 64} for n in ("config.json", "link.txt")]
+    assert store.finish_job(job.id, 1, "succeeded", artifacts=listed)
+    store.dispose()
+    return job.id
+
+
+def spec(**changes: object) -> dict:
+    base = tiny_spec(verify=NO_VERIFY)
+    base.update(changes)
+    return base
+
+
+def calib(**changes: object) -> dict:
+    return spec(calibration={"dataset": "builtin", **changes})
+
+
+# (case, method, path, request kwargs, expected status, text the error must contain)
+BODY = [
+    ("missing model_id", {k: v for k, v in spec().items() if k != "model_id"}, "model_id"),
+    ("model_id int", spec(model_id=5), "model_id"),
+    ("model_id null", spec(model_id=None), "model_id"),
+    ("model_id empty", spec(model_id=""), "model_id"),
+    ("model_id dotdot", spec(model_id="../etc"), "model_id"),
+    ("model_id dotdot deeper", spec(model_id="org/../../etc"), "model_id"),
+    ("model_id encoded dotdot", spec(model_id="%2e%2e/etc"), "model_id"),
+    ("model_id backslash dotdot", spec(model_id="..\\etc"), "model_id"),
+    ("model_id encoded backslash", spec(model_id="..%5cetc"), "model_id"),
+    ("model_id absolute", spec(model_id="/etc/passwd"), "model_id"),
+    ("model_id home", spec(model_id="~root/x"), "model_id"),
+    ("model_id nul", spec(model_id="tiny\x00"), "model_id"),
+    ("model_id too long", spec(model_id="a" * 300), "model_id"),
+    ("model_id three parts", spec(model_id="a/b/c"), "model_id"),
+    ("model_id symlink out of root", spec(model_id="escape"), "model_id"),
+    ("bits 5", spec(bits=5), "bits"),
+    ("bits string", spec(bits="four"), "bits"),
+    ("bits float", spec(bits=4.5), "bits"),
+    ("group_size 100", spec(group_size=100), "group_size"),
+    ("group_size 0", spec(group_size=0), "group_size"),
+    ("damp 0", spec(damp_percent=0), "damp_percent"),
+    ("damp 1", spec(damp_percent=1), "damp_percent"),
+    ("damp negative", spec(damp_percent=-0.1), "damp_percent"),
+    ("damp string", spec(damp_percent="lots"), "damp_percent"),
+    ("desc_act not bool", spec(desc_act="maybe"), "desc_act"),
+    ("num_samples 0", calib(num_samples=0), "num_samples"),
+    ("num_samples huge", calib(num_samples=10**6), "num_samples"),
+    ("num_samples float", calib(num_samples=2.5), "num_samples"),
+    ("seq_length 1", calib(seq_length=1), "seq_length"),
+    ("seq_length huge", calib(seq_length=10**7), "seq_length"),
+    ("seed negative", calib(seed=-1), "seed"),
+    ("calibration not object", spec(calibration="wikitext"), "calibration"),
+    ("calibration unknown field", calib(shuffle=True), "shuffle"),
+    ("dataset dotdot", spec(calibration={"dataset": "../x"}), "dataset"),
+    ("dataset absolute", spec(calibration={"dataset": "/etc/x"}), "dataset"),
+    ("split path", spec(calibration={"dataset": "builtin", "split": "a/b"}), "split"),
+    ("text_field dot", spec(calibration={"dataset": "builtin", "text_field": ".x"}), "text_field"),
+    ("dataset_id malformed", spec(calibration={"dataset_id": "../../x"}), "dataset_id"),
+    ("dataset_id wrong prefix", spec(calibration={"dataset_id": "xx_" + "0" * 32}), "dataset_id"),
+    ("dataset_id unknown", spec(calibration={"dataset_id": "ds_" + "0" * 32}), "dataset_id"),
+    ("dataset and dataset_id", spec(calibration={"dataset": "wikitext",
+                                                 "dataset_id": "ds_" + "0" * 32}), "dataset_id"),
+    ("verify dataset_id bad", spec(verify={"dataset_id": "nope"}), "dataset_id"),
+    ("verify prompts not list", spec(verify={"prompts": "hi"}), "prompts"),
+    ("verify too many prompts", spec(verify={"prompts": ["x"] * 100}), "prompts"),
+    ("verify empty prompt", spec(verify={"prompts": [""]}), "prompts"),
+    ("verify max_new_tokens huge", spec(verify={"max_new_tokens": 10**6}), "max_new_tokens"),
+    ("unknown top-level field", spec(quantize_everything=True), "quantize_everything"),
+    ("revision dotdot", spec(revision="../main"), "revision"),
+    ("trust_remote_code refused", spec(trust_remote_code=True, revision="abc123"),
+     "trust_remote_code"),
+    ("name too long", spec(name="n" * 500), "name"),
+    ("body is a list", [spec()], "body"),
+]
+
+
+@pytest.mark.parametrize("case,body,field", BODY, ids=[c[0] for c in BODY])
+def test_a_bad_job_body_is_a_422_naming_the_field(alice: httpx.Client, case: str, body: object,
+                                                  field: str) -> None:
+    r = alice.post("/jobs", json=body)
+    assert r.status_code == 422, (case, r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert field in json.dumps(detail), (case, detail)
+    assert all(d.get("msg") for d in detail)
+    assert "Traceback" not in r.text
+
+
+RAW = [
+    # (case, method, path, kwargs, status, text in the answer)
+    ("bad JSON", "POST", "/jobs", {"content": b'{"model_id": "tiny",',
+                                   "headers": {"content-type": "application/json"}}, 422, "JSON"),
+    ("not JSON at all", "POST", "/jobs", {"content": b"\xff\xfe",
+                                          "headers": {"content-type": "application/json"}},
+     422, "body"),
+    ("huge body", "POST", "/jobs", {"json": spec(name="x" * (2 * 1024 * 1024))}, 413, ""),
+    ("bad cursor", "GET", "/jobs?cursor=!!!not-a-cursor", {}, 422, "cursor"),
+    ("forged cursor", "GET", "/jobs?cursor=WyJ4Il0", {}, 422, "cursor"),
+    ("limit 0", "GET", "/jobs?limit=0", {}, 422, "limit"),
+    ("limit huge", "GET", "/jobs?limit=100000", {}, 422, "limit"),
+    ("limit text", "GET", "/jobs?limit=ten", {}, 422, "limit"),
+    ("status unknown", "GET", "/jobs?status=exploded", {}, 422, "status"),
+    ("job id traversal", "GET", "/jobs/..%2f..%2fetc%2fpasswd", {}, 404, ""),
+    ("job id huge", "GET", "/jobs/" + "j" * 5000, {}, 404, ""),
+    ("events of unknown job", "GET", "/jobs/job_nope/events", {}, 404, ""),
+    ("idempotency key too long", "POST", "/jobs",
+     {"json": spec(), "headers": {"Idempotency-Key": "k" * 500}}, 422, "idempotency-key"),
+    ("upload without file", "POST", "/datasets", {"data": {"x": "y"}}, 422, "file"),
+    ("upload bad extension", "POST", "/datasets", {"files": {"file": ("x.exe", b"MZ")}},
+     422, "file"),
+    ("upload traversal name", "POST", "/datasets",
+     {"files": {"file": ("../../x.sh", b"echo")}}, 422, "file"),
+    ("upload empty", "POST", "/datasets", {"files": {"file": ("a.txt", b"")}}, 422, "empty"),
+    ("upload not utf-8", "POST", "/datasets", {"files": {"file": ("a.txt", b"\xff\xfe\x00")}},
+     422, "UTF-8"),
+    ("upload bad jsonl", "POST", "/datasets", {"files": {"file": ("a.jsonl", b"{nope\n")}},
+     422, "line 1"),
+    ("upload bad parquet", "POST", "/datasets", {"files": {"file": ("a.parquet", b"PAR")}},
+     422, "parquet"),
+]
+
+
+@pytest.mark.parametrize("case,method,path,kwargs,status,text", RAW, ids=[c[0] for c in RAW])
+def test_a_malformed_request_is_a_clear_4xx(alice: httpx.Client, case: str, method: str,
+                                            path: str, kwargs: dict, status: int,
+                                            text: str) -> None:
+    r = alice.request(method, path, **kwargs)
+    assert r.status_code == status, (case, r.status_code, r.text[:500])
+    assert text.lower() in r.text.lower(), (case, r.text[:500])
+    assert "Traceback" not in r.text
+
+
+def test_a_bad_last_event_id_is_a_422(alice: httpx.Client, done_job: str) -> None:
+    for value in ("abc", "-1", "1e9", "9" * 30):
+        r = alice.get(f"/jobs/{done_job}/events", headers={"Last-Event-ID": value})
+        assert r.status_code == 422, (value, r.text)
+        assert "last-event-id" in r.text.lower()
+
+
+TRICKS = ["../../../etc/passwd", "..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd",
+          "..%5c..%5cetc%5cpasswd", "%2fetc%2fpasswd", "config.json%00.txt", "link.txt",
+          "%2e%2e", "%2e%2e%2f%2e%2e%2fsecret.txt"]  # (plain ./ and .. are resolved by httpx)
+
+
+@pytest.mark.parametrize("name", TRICKS)
+def test_artifact_names_cannot_leave_the_job_directory(box: Box, alice: httpx.Client,
+                                                       done_job: str, name: str) -> None:
+    r = alice.get(f"/jobs/{done_job}/artifacts/{name}")
+    assert r.status_code == 404, (name, r.status_code, r.text)
+    assert "not yours" not in r.text and "root:" not in r.text
+    assert alice.get(f"/jobs/{done_job}/artifacts/config.json").text == "{}"
+    # and the other key cannot see the job at all
+    bob = httpx.Client(base_url=box.url, headers={"Authorization": f"Bearer {KEYS['bob']}"})
+    assert bob.get(f"/jobs/{done_job}/artifacts/config.json").status_code == 404
+
+
+def test_the_archive_does_not_follow_a_symlink_out(alice: httpx.Client, done_job: str) -> None:
+    r = alice.get(f"/jobs/{done_job}/archive")
+    assert r.status_code == 410, r.text
+    assert "link.txt" in r.json()["detail"] and "not yours" not in r.text

@@ -28,7 +28,8 @@ def box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[
     (models / "escape").symlink_to(outside)  # a model "directory" that points out of the root
     keys = ",".join(f"{n}:{s}" for n, s in KEYS.items())
     b = start_box(tmp_path_factory.mktemp("bad-input"), models,
-                  {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": ""}, workers=0)
+                  {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": "",
+                   "GPTQD_MAX_QUEUED_PER_KEY": "3"}, workers=0)
     b.env["OUTSIDE"] = str(outside)
     yield b
     b.close()
@@ -212,3 +213,16 @@ def test_the_archive_does_not_follow_a_symlink_out(alice: httpx.Client, done_job
     r = alice.get(f"/jobs/{done_job}/archive")
     assert r.status_code == 410, r.text
     assert "link.txt" in r.json()["detail"] and "not yours" not in r.text
+
+
+def test_a_key_over_its_queued_job_limit_gets_429_with_retry_after(box: Box,
+                                                                   alice: httpx.Client) -> None:
+    bob = httpx.Client(base_url=box.url, headers={"Authorization": f"Bearer {KEYS['bob']}"})
+    ids = [alice.post("/jobs", json=spec(name=f"q{i}")).json()["id"] for i in range(3)]
+    r = alice.post("/jobs", json=spec(name="one too many"))
+    assert r.status_code == 429, r.text
+    assert int(r.headers["retry-after"]) > 0
+    assert "3" in r.json()["detail"]
+    assert bob.post("/jobs", json=spec()).status_code == 202  # the limit is per key
+    assert alice.post(f"/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
+    assert alice.post("/jobs", json=spec(name="fits again")).status_code == 202

@@ -56,11 +56,16 @@ class GPTQ:
         self.xtx = None  # type: ignore[assignment]
 
     def solve(self, config: QuantizeConfig, *, consume: bool = False) -> LayerQuantResult:
-        """consume=True turns the accumulated sums into the Hessian in place and lets go of
-        them (one K x K matrix less at the peak; the solver cannot solve again)."""
+        """consume=True turns the accumulated sums into the Hessian in place and works on the
+        weight given to __init__ in place (one K x K and one N x K matrix less at the peak; the
+        solver cannot solve again). For callers that pass a weight copy of their own."""
         start = time.perf_counter()
         maxq = config.maxq
-        W = self.weight.to(self.xtx.device, torch.float32).clone()
+        W = self.weight.to(self.xtx.device, torch.float32)
+        if consume:  # W may be the very tensor given to __init__: it is worked on in place
+            self.weight = None  # type: ignore[assignment]
+        else:
+            W = W.clone()
         if consume:
             if self.nsamples == 0:
                 self.hessian()  # raises

@@ -54,15 +54,28 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
+# what a job imports on first use (about 2 s per job otherwise); no computation runs here, so
+# no thread pool exists yet when the job processes are forked
+PRELOAD = (
+    "transformers", "accelerate", "tokenizers", "safetensors.torch",
+    "transformers.tokenization_utils_fast", "transformers.models.auto.tokenization_auto",
+    "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama",
+    "transformers.generation.utils", "huggingface_hub.serialization",
+    "worker.gptq.api", "worker.gptq.loader", "worker.gptq.lazyload", "worker.gptq.export",
+    "worker.gptq.calibration", "worker.gptq.pipeline", "worker.gptq.blockstore",
+    "worker.gptq.evaluate",
+)
+
+
 @worker_init.connect
 def _preload_engine(**_: object) -> None:
     """Import torch, transformers and the engine once in the worker's main process, so each
     fresh per-job child (forked from it) starts in a fraction of a second. Importing does not
     initialise CUDA, so the fork stays safe on a GPU box."""
-    import transformers  # noqa: F401
+    import importlib
 
-    import worker.gptq.api
-    import worker.gptq.loader  # noqa: F401
+    for name in PRELOAD:
+        importlib.import_module(name)
 
 
 _reconciler = None  # the worker main process's reconciler thread (see worker/reconciler.py)

@@ -78,17 +78,17 @@ def run_ours(model: str, num_samples: int, seq_length: int, out: Path) -> dict:
 
 
 def eta_errors(events: list, num_blocks: int, end: float) -> list[float]:
-    """|ETA - actual remaining| / actual remaining for events past the first quarter of blocks."""
+    """(ETA - actual remaining) / actual remaining at each "block k done" event from the first
+    quarter of the blocks on (the last block's excluded: nothing is left to estimate)."""
     errors = []
     for e in events:
-        if e.eta_seconds is None or e.block is None or e.stage != "quantizing":
+        if e.eta_seconds is None or not e.message.endswith("done") or e.stage != "quantizing":
             continue
-        finished = (e.block - 1) + (1 if e.message.endswith("done") else 0)
-        if finished < num_blocks / 4 or finished >= num_blocks:
+        if e.block < num_blocks / 4 or e.block >= num_blocks:
             continue
         actual = end - e.seconds
         if actual > 0:
-            errors.append(abs(e.eta_seconds - actual) / actual)
+            errors.append((e.eta_seconds - actual) / actual)
     return errors
 
 
@@ -158,9 +158,14 @@ def main() -> None:
     tokens = args.num_samples * args.seq_length
     rows = []
     for name, path in models.items():
+        load = os.getloadavg()[0]
         ours = run_ours(path, args.num_samples, args.seq_length, work / f"ours-{len(rows)}")
+        ours["load_before"] = load
+        load = os.getloadavg()[0]
         theirs = None if args.no_gptqmodel else run_gptqmodel(
             path, args.num_samples, args.seq_length, work / f"theirs-{len(rows)}")
+        if theirs is not None:
+            theirs["load_before"] = load
         rows.append((name, ours, theirs))
         print(f"{name}: ours {ours['wall_seconds']:.1f}s, GPTQModel {theirs}", file=sys.stderr, flush=True)
 
@@ -175,7 +180,7 @@ def main() -> None:
         cells = [f"{ours['stage_seconds'].get(s, 0.0):.2f}" for s in stages]
         print(f"| {name} | " + " | ".join(cells) + f" | {ours['wall_seconds']:.1f} |")
     print("\n| model | Hessian GFLOP/s (% of matmul) | solver GFLOP/s (% of matmul) | "
-          "ETA error after 1/4 of blocks (median / max) |")
+          "ETA error at each block done after 1/4 of blocks |")
     print("|---|---:|---:|---:|")
     for name, ours, _ in rows:
         flops = stage_flops(ours, tokens)
@@ -184,18 +189,20 @@ def main() -> None:
             seconds = ours["stage_seconds"].get(f"quantizing.{stage}", 0.0)
             rate = flops[stage] / seconds / 1e9 if seconds else 0.0
             cells.append(f"{rate:.1f} ({100 * rate / peak:.0f}%)")
-        errors = sorted(ours["eta_errors"])
-        eta = f"{100 * errors[len(errors) // 2]:.0f}% / {100 * errors[-1]:.0f}%" if errors else "n/a"
+        errors = ours["eta_errors"]
+        eta = ", ".join(f"{100 * e:+.0f}%" for e in errors) if errors else "n/a"
         print(f"| {name} | {cells[0]} | {cells[1]} | {eta} |")
     if any(theirs is not None for _, _, theirs in rows):
-        print("\n| model | gptqd total | GPTQModel total | GPTQModel load / quantize / save |")
-        print("|---|---:|---:|---|")
+        print("\n| model | gptqd total | GPTQModel total | GPTQModel load / quantize / save | "
+              "load average before (gptqd / GPTQModel) |")
+        print("|---|---:|---:|---|---|")
         for name, ours, theirs in rows:
             if theirs is None or "error" in theirs:
                 print(f"| {name} | {ours['wall_seconds']:.1f} s | failed | {theirs and theirs.get('error')} |")
                 continue
             print(f"| {name} | {ours['wall_seconds']:.1f} s | {theirs['total']:.1f} s (v{theirs['version']}) | "
-                  f"{theirs['loading']:.1f} / {theirs['quantize']:.1f} / {theirs['save']:.1f} s |")
+                  f"{theirs['loading']:.1f} / {theirs['quantize']:.1f} / {theirs['save']:.1f} s | "
+                  f"{ours['load_before']:.1f} / {theirs['load_before']:.1f} |")
 
 
 if __name__ == "__main__":

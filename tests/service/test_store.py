@@ -147,3 +147,56 @@ def test_concurrent_reconcilers_hand_each_unclaimed_job_to_one_of_them(store: St
     assert sorted(flat) == sorted(ids[1:]), taken  # each queued job exactly once
     assert store.take_unclaimed(before) == []  # marked as sent again
     assert store.owns(ids[0], 1) and not store.owns(ids[0], 2) and not store.owns(ids[1], 1)
+
+
+class RecordingSender:
+    """Stands in for the broker: records what a reconciler sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.lock = threading.Lock()
+
+    def declare(self) -> None:
+        pass
+
+    def pending_ids(self) -> set[str] | None:
+        return set()  # the broker holds nothing: every waiting job's message is lost
+
+    def send_job(self, job_id: str) -> bool:
+        with self.lock:
+            self.sent.append(job_id)
+        return True
+
+
+def test_reconcilers_in_several_workers_requeue_and_resend_each_job_once(
+    store: Store, tmp_path: Path
+) -> None:
+    from app.settings import Settings
+    from worker.reconciler import reconcile
+
+    settings = Settings(data_dir=tmp_path, heartbeat_seconds=0.1, stale_seconds=0.3,
+                        resend_seconds=0.3, max_attempts=2)
+    dead = [_job(store)[0].id for _ in range(3)]
+    for job_id in dead:
+        store.claim_job(job_id, "killed-worker")
+    (settings.work_dir / dead[0]).mkdir(parents=True)
+    lost = [_job(store)[0].id for _ in range(3)]  # queued, their messages gone
+    time.sleep(0.5)
+    sender = RecordingSender()
+    passes = _race(4, lambda _: reconcile(store, settings, sender))
+    assert sorted(sender.sent) == sorted(dead + lost)  # each exactly once
+    assert sorted(j for p in passes for j in p.requeued) == sorted(dead)
+    assert sorted(j for p in passes for j in p.resent) == sorted(lost)
+    assert all(store.get_job(j).status == "queued" for j in dead + lost)
+    assert (settings.work_dir / dead[0]).is_dir()  # kept: the next attempt resumes from it
+
+    # the second time they die, they used max_attempts: failed, and their leftovers removed
+    for job_id in dead:
+        assert store.claim_job(job_id, "killed-again").attempts == 2
+    time.sleep(0.5)
+    ended = reconcile(store, settings, RecordingSender()).ended
+    assert sorted(ended) == sorted(dead)
+    job = store.get_job(dead[0])
+    assert job.status == "failed" and job.error_code == "worker_lost"
+    assert "died 2 times" in job.error_message and "num_samples" in job.error_message
+    assert not (settings.work_dir / dead[0]).exists()

@@ -507,6 +507,11 @@ class Store:
             s.add(v)
         return v
 
+    def queued_verifications(self, created_before: datetime) -> list[str]:
+        with self._read() as s:
+            return list(s.scalars(select(Verification.id).where(
+                Verification.status == "queued", Verification.created_at < created_before)))
+
     def get_verification(self, verification_id: str) -> Verification | None:
         with self._read() as s:
             return s.get(Verification, verification_id)

@@ -7,7 +7,8 @@ Every worker runs one (a thread in the worker's main process, at start and then 
 - re-sends queued jobs whose message went out more than `resend_seconds` ago, that no worker
   claimed and whose message the broker no longer holds (lost: Redis flushed or restarted
   without persistence). On a broker that cannot be looked into (the embedded SQL one) a job
-  waiting that long is re-sent anyway, at most once per `resend_seconds`.
+  waiting that long is re-sent anyway, at most once per `resend_seconds`. Queued
+  verifications whose message is gone are re-sent too (Redis only).
 
 Several reconcilers at once are safe: every change is a conditional UPDATE that one caller
 wins, and a duplicate message is harmless because claiming a job is atomic.
@@ -50,6 +51,7 @@ def remove_leftovers(settings: Settings, job_id: str) -> None:
 class Sender(Protocol):
     def declare(self) -> None: ...
     def send_job(self, job_id: str) -> bool: ...
+    def send_verification(self, verification_id: str) -> bool: ...
     def pending_ids(self) -> set[str] | None: ...
 
 
@@ -71,6 +73,11 @@ def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
                                        pending or frozenset())
     for job_id in done.resent:
         send(job_id)
+    if pending is not None:  # verifications keep no "sent" mark: re-sent only when seen lost
+        for vid in store.queued_verifications(now - timedelta(seconds=settings.resend_seconds)):
+            if vid not in pending:
+                sender.send_verification(vid)
+                done.resent.append(vid)
     if done.requeued or done.ended or done.resent:
         log.warning("reconciled: requeued %s, failed %s, re-sent %s",
                     done.requeued, done.ended, done.resent)

@@ -167,6 +167,8 @@ class RecordingSender:
             self.sent.append(job_id)
         return True
 
+    send_verification = send_job
+
 
 def test_reconcilers_in_several_workers_requeue_and_resend_each_job_once(
     store: Store, tmp_path: Path

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -110,32 +112,37 @@ class GPTQ:
             i2 = min(i1 + bs, K)
             W1 = W[:, i1:i2].clone()
             Err1 = torch.zeros_like(W1)
+            Diff1 = torch.empty_like(W1)  # w - dq per column; the losses come from it per block
             Hinv1 = Hinv[i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                col = i1 + i
-                if config.group_size != -1:
-                    if static is not None:
-                        orig = int(perm[col]) if perm is not None else col
-                        scale, zero = static[orig // g]
-                    elif col % g == 0:
-                        # current values of the group: this block's columns carry the updates
-                        # made so far; later blocks' columns have not received them yet
-                        group = W1[:, i : i + g]
-                        if col + g > i2:
-                            group = torch.cat([group, W[:, i2 : col + g]], dim=1)
-                        scale, zero = find_params(group, config.bits, config.sym, config.mse)
-                        scales.append(scale)
-                        zeros.append(zero)
-                w = W1[:, i : i + 1]
-                d = Hinv1[i, i]
-                q = quantize(w, scale, zero, maxq)
-                dq = dequantize(q, scale, zero)
-                codes[:, col : col + 1] = q
-                Q[:, col : col + 1] = dq
-                err = (w - dq) / d
-                losses[:, col : col + 1] = (w - dq) ** 2 / d**2 / 2
-                W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-                Err1[:, i : i + 1] = err
+            with _one_thread():
+                for i in range(i2 - i1):
+                    col = i1 + i
+                    if config.group_size != -1:
+                        if static is not None:
+                            orig = int(perm[col]) if perm is not None else col
+                            scale, zero = static[orig // g]
+                        elif col % g == 0:
+                            # current values of the group: this block's columns carry the updates
+                            # made so far; later blocks' columns have not received them yet
+                            group = W1[:, i : i + g]
+                            if col + g > i2:
+                                group = torch.cat([group, W[:, i2 : col + g]], dim=1)
+                            scale, zero = find_params(group, config.bits, config.sym, config.mse)
+                            scales.append(scale)
+                            zeros.append(zero)
+                    w = W1[:, i : i + 1]
+                    d = Hinv1[i, i]
+                    q = quantize(w, scale, zero, maxq)
+                    dq = dequantize(q, scale, zero)
+                    codes[:, col : col + 1] = q
+                    Q[:, col : col + 1] = dq
+                    diff = w - dq
+                    Diff1[:, i : i + 1] = diff
+                    err = diff / d
+                    W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
+                    Err1[:, i : i + 1] = err
+            # (w - dq)² / d² / 2 for the whole block at once: the same elementwise operations
+            losses[:, i1:i2] = Diff1**2 / torch.diagonal(Hinv1) ** 2 / 2
             W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
         if static is not None:
@@ -164,6 +171,19 @@ class GPTQ:
             nsamples=self.nsamples,
             seconds=time.perf_counter() - start,
         )
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The per-column steps are many tiny operations: on one thread they never wait for the
+    others (on a busy 2-core machine 15x faster, on an idle one 25% slower); they are
+    elementwise or have an inner dimension of 1, so the results are bit-identical."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _inverse_hessian_factor(H: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, float]:

@@ -129,12 +129,15 @@ def get_job(job: JobDep) -> JobOut:
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)
-def cancel_job(job: JobDep, store: StoreDep, response: Response) -> JobOut:
+def cancel_job(job: JobDep, store: StoreDep, settings: SettingsDep, response: Response
+               ) -> JobOut:
     if job.status in TERMINAL:
         raise HTTPException(409, f"job {job.id} already ended ({job.status})")
     job = store.cancel_job(job.id)
     if job.status == "running":
         response.status_code = 202  # it stops at the next module boundary
+    else:  # a requeued job may have finished blocks of an earlier attempt on disk
+        remove_leftovers(settings, job.id)
     return job_view(job)
 
 

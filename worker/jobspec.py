@@ -9,7 +9,7 @@ from app.paths import inside, resolve_model
 from app.settings import Settings
 from app.store import Store
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
-from worker.gptq.errors import CalibrationError
+from worker.gptq.errors import CalibrationError, ModelNotFound
 
 QUANT_FIELDS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static_groups",
                 "true_sequential")
@@ -67,4 +67,14 @@ def eval_seq_length(spec: dict[str, Any], requested: int | None) -> int:
 
 
 def model_source(spec: dict[str, Any], settings: Settings) -> str:
+    """The model's directory when it was local at submission (it must still be), else the
+    hub id (or a directory that appeared since)."""
+    if spec.get("model_source") == "local":
+        path = inside(settings.models_root, spec["model_id"])
+        if not path.is_dir():
+            raise ModelNotFound(
+                f"model directory {spec['model_id']!r} is no longer in the server's models "
+                "directory (removed after the job was submitted); put it back and submit again"
+            )
+        return str(path)
     return resolve_model(spec["model_id"], settings.models_root)

@@ -50,8 +50,9 @@ def spec_hash(spec: dict) -> str:
 
 
 def check_against_server(body: JobIn, principal: PrincipalDep, settings: SettingsDep,
-                         store: StoreDep) -> None:
-    """Checks that need the server's settings or store; each 422 names its field."""
+                         store: StoreDep) -> str:
+    """Checks that need the server's settings or store; each 422 names its field. Returns
+    where the model comes from: "local" (a directory under the models root) or "hub"."""
     if body.trust_remote_code:
         if not settings.allow_trust_remote_code:
             raise field_error(("body", "trust_remote_code"),
@@ -60,7 +61,7 @@ def check_against_server(body: JobIn, principal: PrincipalDep, settings: Setting
             raise field_error(("body", "revision"),
                               "trust_remote_code needs a pinned revision (a commit sha)")
     try:
-        resolve_model(body.model_id, settings.models_root)
+        source = resolve_model(body.model_id, settings.models_root)
     except OutsideRoot as exc:
         raise field_error(("body", "model_id"), str(exc)) from exc
     for loc, dataset_id in ((("body", "calibration", "dataset_id"), body.calibration.dataset_id),
@@ -70,6 +71,7 @@ def check_against_server(body: JobIn, principal: PrincipalDep, settings: Setting
         ds = store.get_dataset(dataset_id)
         if ds is None or not principal.may_see(ds.owner):
             raise field_error(loc, f"dataset {dataset_id} not found (upload it to /datasets)")
+    return "hub" if source == body.model_id else "local"
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -82,7 +84,7 @@ def submit_job(
     dispatcher: DispatcherDep,
     idempotency_key: Annotated[str | None, Header(max_length=200, min_length=1)] = None,
 ) -> JobOut:
-    check_against_server(body, principal, settings, store)
+    model_source = check_against_server(body, principal, settings, store)
     spec = jsonable_encoder(body)
     if store.count_active(principal.name) >= settings.max_queued_per_key:
         raise HTTPException(
@@ -90,8 +92,11 @@ def submit_job(
             headers={"Retry-After": "60"},
         )
     try:
+        # a local model must still be local when the job runs, never fetched from the hub
+        # under the same name; the hash covers the request only
         job, created = store.create_job(
-            owner=principal.name, model_id=body.model_id, spec=spec, spec_hash=spec_hash(spec),
+            owner=principal.name, model_id=body.model_id,
+            spec={**spec, "model_source": model_source}, spec_hash=spec_hash(spec),
             name=body.name, idempotency_key=idempotency_key,
         )
     except IdempotencyConflict as exc:

@@ -31,9 +31,9 @@ def setup(tmp_path: Path, models_dir: Path) -> tuple[Store, Settings]:
     return store, settings
 
 
-def new_job(store: Store) -> str:
+def new_job(store: Store, **extra: str) -> str:
     spec = jsonable_encoder(JobIn(**tiny_spec(verify=NO_VERIFY, calibration={
-        "dataset": "builtin", "num_samples": 2, "seq_length": 16})))
+        "dataset": "builtin", "num_samples": 2, "seq_length": 16}))) | extra
     job, _ = store.create_job(owner="a", model_id="tiny", spec=spec, spec_hash="h", name=None,
                               idempotency_key=None)
     return job.id
@@ -72,3 +72,19 @@ def test_a_redelivered_message_for_a_job_that_ran_does_nothing(
     assert job.status == "succeeded" and job.attempts == 1 and job.event_seq == seq
     assert (settings.artifacts_dir / job_id / "model.safetensors").is_file()
     assert not (settings.work_dir / job_id).exists()
+
+
+def test_a_local_model_removed_after_submission_is_not_fetched_from_the_hub(
+    setup: tuple[Store, Settings], tmp_path: Path, models_dir: Path,
+) -> None:
+    import shutil
+
+    store, settings = setup
+    settings.models_dir = tmp_path / "models"
+    shutil.copytree(models_dir / "tiny", settings.models_dir / "tiny")
+    job_id = new_job(store, model_source="local")
+    shutil.rmtree(settings.models_dir / "tiny")
+    assert run_job(job_id, store, settings) == "failed"
+    job = store.get_job(job_id)
+    assert job.error_code == "model_not_found"
+    assert "no longer in the server's models directory" in job.error_message

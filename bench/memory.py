@@ -170,7 +170,7 @@ def main() -> None:
     print("|---|---:|---:|---|---:|---:|---|---:|")
     for shape, size, mode, rss, seconds in rows:
         target = ""
-        if size >= 2**30 and mode.startswith("lazy"):
+        if size >= 10**9 and mode.startswith("lazy"):
             limit = size / 2 + activation_bytes(shape)
             target = f"< {limit / mib:.0f} MiB: {'met' if rss < limit else 'missed'}"
         print(f"| {shape.name} | {shape.layers} | {size / mib:.0f} MiB | {mode} | {rss / mib:.0f} MiB | "

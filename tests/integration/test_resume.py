@@ -99,12 +99,14 @@ def test_resumed_whole_model_run_evaluates_the_restored_blocks(model_dir, tmp_pa
 def test_work_dir_of_another_run_is_not_resumed_from(model_dir, tmp_path) -> None:
     work = tmp_path / "work"
     _kill_midway(model_dir, tmp_path / "killed", work, "lazy")
+    (work / "notes.txt").write_text("not ours")  # a work dir given by mistake loses nothing else
     other = CalibrationSpec("builtin", num_samples=8, seq_length=64, seed=1)
     events: list[ProgressEvent] = []
     quantize(str(model_dir), tmp_path / "other", CONFIG, other, device="cpu", work_dir=work,
              progress=events.append)
     assert any("work dir not resumed from" in e.message for e in events)
     assert not any(m.startswith("resumed") for m in _block_messages(events))
+    assert [p.name for p in work.iterdir()] == ["notes.txt"]
     clean = quantize(str(model_dir), tmp_path / "clean", CONFIG, other, device="cpu")
     assert clean.lazy
     assert_same_checkpoint(tmp_path / "clean", tmp_path / "other")

@@ -13,10 +13,10 @@ finished blocks' tensors from here (export.save_checkpoint(stored=...)).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ from worker.gptq.packing import unpack_qweight, unpack_qzeros
 from worker.gptq.pipeline import ModuleReport, Resumed
 
 STATE = "state.json"
+_OWN_FILES = (STATE, "block-*.safetensors", "hidden-*.pt", "*.tmp")
 _TENSOR_FIELDS = tuple(f.name for f in dataclasses.fields(LayerQuantResult)
                        if f.type in ("torch.Tensor", torch.Tensor))
 
@@ -118,7 +119,11 @@ class BlockStore:
         return _StoredTensors([self._block_path(i) for i in range(self.state["finished"])])
 
     def clear(self) -> None:
-        shutil.rmtree(self.directory, ignore_errors=True)
+        """Our files, and the directory itself if that leaves it empty."""
+        if self.directory.is_dir():
+            self._wipe()
+            with contextlib.suppress(OSError):
+                self.directory.rmdir()
 
     # --- files -----------------------------------------------------------------------------
 
@@ -149,10 +154,9 @@ class BlockStore:
         _atomic(self.directory / STATE, lambda tmp: Path(tmp).write_text(text))
 
     def _wipe(self) -> None:
-        for path in self.directory.iterdir():
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
+        """Remove our own files only: a work dir given by mistake keeps everything else."""
+        for pattern in _OWN_FILES:
+            for path in self.directory.glob(pattern):
                 path.unlink()
 
     def _restore_weights(self, index: int, layers: dict[str, LayerQuantResult]) -> None:

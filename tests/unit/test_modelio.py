@@ -40,6 +40,12 @@ def test_unsupported_family_is_refused_before_weights_are_read(tmp_path: Path) -
         load_model(str(tmp_path))
 
 
+def test_a_type_transformers_does_not_know_is_an_unsupported_architecture(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "frobnicator"}')
+    with pytest.raises(UnsupportedArchitecture, match="'frobnicator' is not supported"):
+        load_config(str(tmp_path))
+
+
 def test_local_path_mistakes_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match=re.escape(f"model directory {tmp_path / 'nope'} does not exist")):
         load_config(str(tmp_path / "nope"))

@@ -11,6 +11,7 @@ torch.load(weights_only=True)).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,7 @@ def load_config(
     from transformers import AutoConfig
 
     _check_local_path(model_id)
+    _check_local_model_type(model_id)
     config = _mapped(
         model_id,
         revision,
@@ -118,6 +120,19 @@ def _check_local_path(model_id: str) -> None:
         raise ModelNotFound(f"model directory {model_id} does not exist")
     if path.is_dir() and not (path / "config.json").is_file():
         raise ModelNotFound(f"model directory {model_id} has no config.json")
+
+
+def _check_local_model_type(model_id: str) -> None:
+    """A local model's family, from its config.json alone: a type transformers does not know
+    would otherwise surface as a config loading error, not as an unsupported architecture."""
+    path = Path(model_id).expanduser() / "config.json"
+    if not path.is_file():
+        return
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelNotFound(f"{path} is not a readable JSON model config: {exc}") from exc
+    get_arch(model_type)
 
 
 def _mapped(model_id: str, revision: str | None, load: Callable[[], T]) -> T:

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from worker.gptq.arch import get_weight
+from worker.gptq.arch import get_arch, get_weight
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.export import save_checkpoint
 from worker.gptq.loader import DequantLinear, load_quantized
@@ -154,3 +154,16 @@ def test_reads_a_foreign_v1_checkpoint(tmp_path):
     expected = scales.float()[group].t() * (codes - zeros[group].t()).float()
     assert torch.equal(reloaded.get_submodule(name).weight, expected)
     assert isinstance(reloaded.get_submodule("model.layers.0.mlp.down_proj"), torch.nn.Linear)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "opt", "gpt_neox"])
+def test_every_family_roundtrips(tmp_path, model_type):
+    # the same tiny configs the pipeline tests use, one per supported family
+    from tests.integration.test_pipeline import tiny_model
+
+    model = tiny_model(model_type)
+    config = QuantizeConfig(bits=4, group_size=32, desc_act=True)
+    _, layers = roundtrip(model, config, tmp_path)
+    assert len(layers) == 2 * len(get_arch(model).module_names)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == model_type and saved["quantization_config"]["desc_act"] is True

@@ -200,19 +200,7 @@ def quantize(
 
     publish_atomically(tmp, out, overwrite=overwrite)
     report.out_dir = str(out)
-    _record_out_dir(out)
     _print_summary(report, out)
-
-
-def _record_out_dir(out: Path) -> None:
-    """The report was written inside the .partial directory: point it at the final one."""
-    from worker.gptq.export import REPORT_NAME
-
-    path = out / REPORT_NAME
-    if path.is_file():
-        data = json.loads(path.read_text())
-        data["out_dir"] = str(out)
-        path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _quantize(model, out_dir, config, calib, eval_spec, revision, trust_remote_code, device, bar):

@@ -458,12 +458,11 @@ def _versions() -> dict[str, str]:
 
 def _rewrite_report_file(out_dir: Path, report: QuantizeReport) -> None:
     """The report file export wrote, completed with what is known only after saving."""
-    from worker.gptq.export import REPORT_NAME
+    from worker.gptq.export import REPORT_NAME, report_file_fields
 
     path = out_dir / REPORT_NAME
     data = json.loads(path.read_text()) if path.is_file() else {}
-    final = report.to_dict()
-    data.update({k: v for k, v in final.items() if k != "modules"})
+    data.update(report_file_fields(report.to_dict()))
     try:
         path.write_text(json.dumps(data, indent=2) + "\n")
     except OSError as exc:

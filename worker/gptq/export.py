@@ -284,7 +284,7 @@ def _write_report(out_dir: Path, layers: dict[str, LayerQuantResult], config: Qu
     ]
     data = {"quantizer": f"gptqd:{__version__}", "config": config.to_dict(), "modules": modules}
     if report:
-        data.update({k: v for k, v in report.items() if k != "modules"})
+        data.update(report_file_fields(report))
     paths = [_write_json(out_dir / REPORT_NAME, data)]
     with open(out_dir / LOG_NAME, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(modules[0]) if modules else ["module"])
@@ -344,6 +344,13 @@ def save_checkpoint(
         paths.extend(Path(p) for p in tokenizer.save_pretrained(out_dir))
     paths.extend(_write_report(out_dir, layers, config, report))
     return paths
+
+
+def report_file_fields(report: dict) -> dict:
+    """What of a run report goes into the checkpoint's report file: not the per-module list
+    (written from the layers), nor out_dir, where the checkpoint happened to be written (often
+    a temporary directory renamed afterwards, and a server path)."""
+    return {k: v for k, v in report.items() if k not in ("modules", "out_dir")}
 
 
 def partial_dir(final: Path) -> Path:

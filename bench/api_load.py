@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import random
 import statistics
 import tempfile
 import time
@@ -25,7 +26,7 @@ LONG_JOB = {
     "model_id": "bench-model",
     "name": "load-target",
     "group_size": 32,
-    "calibration": {"dataset": "builtin", "num_samples": 64, "seq_length": 256},
+    "calibration": {"dataset": "builtin", "num_samples": 128, "seq_length": 512},
     "verify": {"perplexity": False, "max_new_tokens": 0},
 }
 
@@ -37,8 +38,9 @@ def percentile(values: list[float], q: float) -> float:
 
 async def poll(client: httpx.AsyncClient, path: str, until: float, interval: float,
                out: list[float], errors: list[str]) -> None:
-    """One dashboard: a request every `interval` seconds (0: back to back)."""
-    next_at = time.monotonic()
+    """One dashboard: a request every `interval` seconds (0: back to back), starting at a random
+    phase: dashboards opened at different moments do not poll in lockstep."""
+    next_at = time.monotonic() + random.uniform(0, interval)
     while time.monotonic() < until:
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
         next_at += interval
@@ -103,7 +105,7 @@ async def hold_streams(url: str, job_id: str, streams: int, seconds: float) -> d
 
 def start_box(data_dir: Path) -> tuple[str, list]:
     models = data_dir / "models"
-    build_tiny_llama(models / "bench-model", TinySpec(hidden=128, intermediate=256, layers=8,
+    build_tiny_llama(models / "bench-model", TinySpec(hidden=256, intermediate=512, layers=16,
                                                       heads=4, vocab=512))
     env = {"GPTQD_DATA_DIR": str(data_dir), "GPTQD_MODELS_DIR": str(models),
            "GPTQD_QUEUE": "bench"}
@@ -140,6 +142,7 @@ def main() -> int:
             polled = asyncio.run(
                 pollers(url, job["id"], args.clients, args.seconds, args.interval)
             )
+            after_polls = httpx.get(f"{url}/jobs/{job['id']}").json()["status"]
             held = asyncio.run(hold_streams(url, job["id"], args.streams, min(args.seconds, 15)))
             status = httpx.get(f"{url}/jobs/{job['id']}").json()["status"]
         finally:
@@ -148,7 +151,7 @@ def main() -> int:
 
     every = f"every {args.interval:g} s" if args.interval else "back to back"
     print(f"\n{args.clients} concurrent pollers ({every}) for {args.seconds:.0f} s per endpoint, "
-          f"job {status} at the end\n")
+          f"job running at the start, {after_polls} after the pollers, {status} at the end\n")
     print("| endpoint | requests | req/s | errors | p50 ms | p99 ms | max ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for path, r in polled.items():

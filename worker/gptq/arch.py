@@ -19,6 +19,7 @@ from torch import nn
 
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
+from worker.gptq.packing import word_multiple
 
 
 @dataclass(frozen=True)
@@ -181,18 +182,13 @@ def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
 # --- shape checks before any work -------------------------------------------------------------
 
 
-def packing_multiple(bits: int) -> int:
-    """Sizes must be multiples of this to fill whole int32 words (3-bit packs 32 values in 3)."""
-    return 32 if bits == 3 else 32 // bits
-
-
 def shape_problems(out_features: int, in_features: int, config: QuantizeConfig) -> list[str]:
     """Why a layer of this shape cannot be quantized and packed; empty when it can."""
     problems = []
     group = config.group_size
     if group != -1 and in_features % group:
         problems.append(f"in_features {in_features} is not divisible by group_size {group}")
-    multiple = packing_multiple(config.bits)
+    multiple = word_multiple(config.bits)  # the packer's own rule (3-bit: 32 values in 3 words)
     if in_features % multiple:
         problems.append(
             f"in_features {in_features} is not a multiple of {multiple} "

@@ -23,9 +23,9 @@ def _chunk(bits: int) -> tuple[int, int]:
     return values, values * bits // 32
 
 
-def packable(length: int, bits: int) -> bool:
-    """Whether `length` values of `bits` each fill whole int32 words with this layout."""
-    return length % _chunk(bits)[0] == 0
+def word_multiple(bits: int) -> int:
+    """Lengths packed with this layout must be multiples of this to fill whole int32 words."""
+    return _chunk(bits)[0]
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,11 @@ def test_shared_hessians_change_nothing_but_the_work(tmp_path: Path, monkeypatch
     quantize(str(model), tmp_path / "shared", config, CALIBRATION, device="cpu")
     shared = len(calls)
     calls.clear()
-    monkeypatch.setattr(pipeline._SharedInputs, "add", lambda self, solver, x: solver.add_batch(x))
+    def separate(self, name, solver, x):  # every layer accumulates its own XᵀX, every batch
+        solver.add_batch(x)
+        return [name]
+
+    monkeypatch.setattr(pipeline._SharedInputs, "add", separate)
     quantize(str(model), tmp_path / "separate", config, CALIBRATION, device="cpu")
 
     # per block and batch: q,k,v -> 1, o -> 1, gate,up -> 1, down -> 1 accumulations instead of 7

@@ -58,16 +58,11 @@ class GPTQ:
         self.xtx = None  # type: ignore[assignment]
 
     def solve(self, config: QuantizeConfig, *, consume: bool = False) -> LayerQuantResult:
-        """consume=True turns the accumulated sums into the Hessian in place and works on the
-        weight given to __init__ in place (one K x K and one N x K matrix less at the peak; the
-        solver cannot solve again). For callers that pass a weight copy of their own."""
+        """consume=True turns the accumulated sums into the Hessian in place (one K x K matrix
+        less at the peak; the solver cannot solve again). The weight given to __init__ is
+        never modified."""
         start = time.perf_counter()
         maxq = config.maxq
-        W = self.weight.to(self.xtx.device, torch.float32)
-        if consume:  # W may be the very tensor given to __init__: it is worked on in place
-            self.weight = None  # type: ignore[assignment]
-        else:
-            W = W.clone()
         if consume:
             if self.nsamples == 0:
                 self.hessian()  # raises
@@ -78,99 +73,102 @@ class GPTQ:
         K = self.columns
         g = config.group_size if config.group_size != -1 else K
 
+        # the column loop works on Wᵀ: column j of W is row j here, a contiguous vector, and the
+        # rank-1 updates touch contiguous rows (3-5x faster than strided columns)
+        Wt = self.weight.t().to(H.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+        if consume:
+            self.weight = None  # type: ignore[assignment]
+
         # inputs that never fire carry no information: pin them, zero their weights
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
-        W[:, dead] = 0
+        Wt[dead] = 0
 
         static = None
         if config.static_groups and config.group_size != -1:
-            static = [find_params(W[:, i : i + g], config.bits, config.sym, config.mse) for i in range(0, K, g)]
+            static = [_row_params(Wt[i : i + g], config) for i in range(0, K, g)]
 
         perm = None
         if config.desc_act:
             perm = torch.argsort(torch.diag(H), descending=True)
-            W = W[:, perm]
+            Wt = Wt[perm]
             H = H[perm][:, perm]
 
         Hinv, damp = _inverse_hessian_factor(H, config)
         del H  # not needed below: free it before the per-column work
 
-        codes = torch.zeros_like(W)
-        Q = torch.zeros_like(W)
-        losses = torch.zeros_like(W)
+        codes = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # maxq <= 255
+        Q = torch.empty_like(Wt)
+        loss = torch.zeros((), dtype=torch.float64, device=Wt.device)
         scales: list[torch.Tensor] = []
         zeros: list[torch.Tensor] = []
         scale = zero = None
         if config.group_size == -1:
-            scale, zero = find_params(W, config.bits, config.sym, config.mse)
+            scale, zero = _row_params(Wt, config)
             scales.append(scale)
             zeros.append(zero)
 
         bs = config.block_size
         for i1 in range(0, K, bs):
             i2 = min(i1 + bs, K)
-            W1 = W[:, i1:i2].clone()
-            Err1 = torch.zeros_like(W1)
-            Diff1 = torch.empty_like(W1)  # w - dq per column; the losses come from it per block
+            W1 = Wt[i1:i2]  # a view: updates land in Wt, so a group reaching past i2 sees them
+            Err1 = torch.empty_like(W1)
             Hinv1 = Hinv[i1:i2, i1:i2]
             with _one_thread():
                 for i in range(i2 - i1):
                     col = i1 + i
-                    if config.group_size != -1:
-                        if static is not None:
-                            orig = int(perm[col]) if perm is not None else col
-                            scale, zero = static[orig // g]
-                        elif col % g == 0:
-                            # current values of the group: this block's columns carry the updates
-                            # made so far; later blocks' columns have not received them yet
-                            group = W1[:, i : i + g]
-                            if col + g > i2:
-                                group = torch.cat([group, W[:, i2 : col + g]], dim=1)
-                            scale, zero = find_params(group, config.bits, config.sym, config.mse)
-                            scales.append(scale)
-                            zeros.append(zero)
-                    w = W1[:, i : i + 1]
-                    d = Hinv1[i, i]
+                    if static is not None:
+                        orig = int(perm[col]) if perm is not None else col
+                        scale, zero = static[orig // g]
+                    elif config.group_size != -1 and col % g == 0:
+                        # current values of the group: its columns carry the updates made so far
+                        scale, zero = _row_params(Wt[col : col + g], config)
+                        scales.append(scale)
+                        zeros.append(zero)
+                    w = W1[i]
                     q = quantize(w, scale, zero, maxq)
-                    dq = dequantize(q, scale, zero)
-                    codes[:, col : col + 1] = q
-                    Q[:, col : col + 1] = dq
-                    diff = w - dq
-                    Diff1[:, i : i + 1] = diff
-                    err = diff / d
-                    W1[:, i:] -= err @ Hinv1[i : i + 1, i:]
-                    Err1[:, i : i + 1] = err
-            # (w - dq)² / d² / 2 for the whole block at once: the same elementwise operations
-            losses[:, i1:i2] = Diff1**2 / torch.diagonal(Hinv1) ** 2 / 2
-            W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+                    codes[col] = q
+                    dq = torch.mul(q - zero, scale, out=Q[col])
+                    err = torch.sub(w, dq, out=Err1[i]).div_(Hinv1[i, i])
+                    W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+            # loss = Σ (w - dq)² / d² / 2 = Σ err² / 2
+            loss += Err1.double().pow(2).sum() / 2
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+        del Wt, Hinv
 
         if static is not None:
             scales = [s for s, _ in static]
             zeros = [z for _, z in static]
-            g_idx = torch.arange(K, device=W.device) // g
+            g_idx = torch.arange(K, device=Q.device) // g
         elif config.group_size == -1:
-            g_idx = torch.zeros(K, dtype=torch.long, device=W.device)
+            g_idx = torch.zeros(K, dtype=torch.long, device=Q.device)
         else:
-            g_idx = torch.arange(K, device=W.device) // g  # group of each (permuted) column
+            g_idx = torch.arange(K, device=Q.device) // g  # group of each (permuted) column
 
         if perm is not None:
             inv = torch.argsort(perm)
-            codes, Q = codes[:, inv], Q[:, inv]
+            codes, Q = codes[inv], Q[inv]
             if static is None:
                 g_idx = g_idx[inv]
+        Q = Q.t().contiguous()
 
         return LayerQuantResult(
             weight=Q,
-            codes=codes.to(torch.int32),
-            scales=torch.cat(scales, dim=1).t().contiguous(),
-            zeros=torch.cat(zeros, dim=1).t().to(torch.int32).contiguous(),
+            codes=codes.t().to(torch.int32).contiguous(),
+            scales=torch.stack(scales),
+            zeros=torch.stack(zeros).to(torch.int32),
             g_idx=g_idx.to(torch.int32),
-            loss=float(losses.sum()),
+            loss=float(loss),
             damp_percent=damp,
             nsamples=self.nsamples,
             seconds=time.perf_counter() - start,
         )
+
+
+def _row_params(rows: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero of each output channel, from columns given as rows of Wᵀ: two [N] vectors."""
+    scale, zero = find_params(rows.t(), config.bits, config.sym, config.mse)
+    return scale.reshape(-1), zero.reshape(-1)
 
 
 @contextmanager

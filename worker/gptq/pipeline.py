@@ -105,25 +105,41 @@ class BlockCall:
 
 class _SharedInputs:
     """Layers fed the very same input tensor (q/k/v, gate/up) share one XᵀX: it is
-    accumulated once instead of once per layer, with bit-identical sums."""
+    accumulated once instead of once per layer, with bit-identical sums.
+
+    The first batch runs until every layer of the group has seen its input, which shows who
+    shares with whom; from the second batch on a leader's input counts for its followers as
+    well, so the forward stops before the leader (and its followers) compute anything."""
 
     def __init__(self) -> None:
         self.last: tuple[torch.Tensor, GPTQ] | None = None
         self.leader: dict[int, GPTQ] = {}  # id(follower) -> the solver whose XᵀX it uses
+        self.followers: dict[int, list[tuple[str, GPTQ]]] = {}  # id(leader) -> its followers
+        self.learned = False  # set once the first batch has shown every sharing
 
-    def add(self, solver: GPTQ, inputs: torch.Tensor) -> None:
+    def add(self, name: str, solver: GPTQ, inputs: torch.Tensor) -> list[str]:
+        """Account one input; returns the layers it counts for (name, and followers if known)."""
         last = self.last
         if last is not None and last[0] is inputs and last[1].columns == solver.columns:
+            if self.learned:
+                return []  # counted when its leader saw this tensor
             leader = self.leader.setdefault(id(solver), last[1])
             if leader is not last[1]:
                 raise RuntimeError("layers that shared an input tensor stopped sharing it")
+            self.followers.setdefault(id(leader), []).append((name, solver))
             solver.xtx = leader.xtx  # its own zeros are dropped on the first batch
             solver.nsamples += inputs.numel() // solver.columns
-            return
+            return [name]
         if id(solver) in self.leader:
             raise RuntimeError("layers that shared an input tensor stopped sharing it")
         solver.add_batch(inputs)
         self.last = (inputs, solver)
+        counted = [name]
+        if self.learned:
+            for follower_name, follower in self.followers.get(id(solver), []):
+                follower.nsamples += inputs.numel() // follower.columns
+                counted.append(follower_name)
+        return counted
 
 
 class _CaptureDone(Exception):
@@ -266,7 +282,7 @@ class _Run:
             pending: set[str] = set()
             shared = _SharedInputs()
             handles = [
-                linears[name].register_forward_hook(self._hessian_hook(name, solver, group, pending, shared))
+                linears[name].register_forward_pre_hook(self._hessian_hook(name, solver, group, pending, shared))
                 for name, solver in solvers.items()
             ]
             try:
@@ -314,13 +330,15 @@ class _Run:
     def _hessian_hook(
         self, name: str, solver: GPTQ, group: tuple[str, ...], seen: set[str], shared: _SharedInputs
     ) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        # a pre-hook: the batch stops before the group's last layer computes its output
+        def hook(module: nn.Module, args: tuple) -> None:
             began = time.perf_counter()
-            shared.add(solver, args[0])
-            self.stage_seconds["hessian"] += time.perf_counter() - began
+            seen.update(shared.add(name, solver, args[0]))
             seen.add(name)
+            self.stage_seconds["hessian"] += time.perf_counter() - began
             if len(seen) == len(group):
                 seen.clear()
+                shared.learned = True
                 raise _GroupSeen
 
         return hook

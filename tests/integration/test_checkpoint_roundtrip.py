@@ -159,7 +159,7 @@ def test_reads_a_foreign_v1_checkpoint(tmp_path):
 @pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "opt", "gpt_neox"])
 def test_every_family_roundtrips(tmp_path, model_type):
     # the same tiny configs the pipeline tests use, one per supported family
-    from tests.integration.test_pipeline import tiny_model
+    from tests.tiny_models import tiny_model
 
     model = tiny_model(model_type)
     config = QuantizeConfig(bits=4, group_size=32, desc_act=True)

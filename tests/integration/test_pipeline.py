@@ -6,43 +6,16 @@ import copy
 
 import pytest
 import torch
-import transformers as tf
 from transformers import AutoTokenizer
 
 from tests.conftest import fixture_path
+from tests.tiny_models import CONFIGS, VOCAB, tiny_model
 from worker.gptq.arch import get_arch, get_weight, set_weight, validate_layers
 from worker.gptq.calibration import build_calibration
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.gptq import LayerQuantResult, rtn_quantize
 from worker.gptq.pipeline import capture_inputs, quantize_model, run_block
 from worker.gptq.progress import Cancelled, ProgressEvent
-
-VOCAB = 128
-LLAMA_LIKE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
-)
-CONFIGS = {
-    "llama": lambda: tf.LlamaConfig(**LLAMA_LIKE),
-    # a sliding window shorter than the windows: its layers get their own attention mask
-    "mistral": lambda: tf.MistralConfig(**LLAMA_LIKE, sliding_window=16),
-    "qwen2": lambda: tf.Qwen2Config(**LLAMA_LIKE),  # q/k/v carry biases
-    "qwen3": lambda: tf.Qwen3Config(**LLAMA_LIKE, head_dim=16),  # q/k norms inside attention
-    "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=128),
-    "opt": lambda: tf.OPTConfig(
-        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-        word_embed_proj_dim=64, vocab_size=VOCAB, max_position_embeddings=128,
-    ),
-    "gpt_neox": lambda: tf.GPTNeoXConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        vocab_size=VOCAB, max_position_embeddings=128,
-    ),
-}
-
-
-def tiny_model(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(CONFIGS[model_type](), dtype=dtype).eval()
 
 
 @pytest.fixture(scope="module")

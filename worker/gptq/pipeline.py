@@ -30,6 +30,7 @@ from worker.gptq.arch import ArchSpec, get_arch, get_weight, linear_shape, set_w
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.gptq import GPTQ, LayerQuantResult
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
+from worker.gptq.replay import FinishedChildren
 
 # transformers 5 decoder layers return the hidden states; 4.x returns a tuple
 _LAYERS_RETURN_TUPLES = int(transformers.__version__.split(".")[0]) < 5
@@ -209,6 +210,7 @@ class _Run:
         self.start = time.perf_counter()
         self.block_seconds: list[float] = []
         self.output_seconds: list[float] = []  # each block's pass computing the next inputs
+        self.finished_children: FinishedChildren | None = None  # of the block being quantized
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -238,14 +240,17 @@ class _Run:
                     self.hooks.load(index, block)
             home = _device_of(block)
             block.to(self.device)
+            children = self.finished_children = FinishedChildren(block, self.groups)
             try:
                 self._quantize_block(index, block, hidden, calls[index])
                 if index + 1 < self.num_blocks:  # the last block's outputs feed nothing
                     self._check_stop(f"after block {index + 1}/{self.num_blocks}")
                     began_output = time.perf_counter()
+                    children.install(len(self.groups))
                     hidden = self._forward(block, hidden, calls[index])
                     self.output_seconds.append(time.perf_counter() - began_output)
             finally:
+                children.clear()
                 block.to(home)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # the next block should not meet a fragmented pool
@@ -276,8 +281,10 @@ class _Run:
     ) -> None:
         linears = self.arch.block_linears(block, index)
         done = 0
-        for group in self.groups:
+        for groups_done, group in enumerate(self.groups):
             self._check_stop(f"at block {index + 1}/{self.num_blocks}")
+            if self.finished_children is not None:
+                self.finished_children.install(groups_done)
             solvers = {name: GPTQ(get_weight(linears[name])) for name in group}
             pending: set[str] = set()
             shared = _SharedInputs()
@@ -354,11 +361,13 @@ class _Run:
         a batch whose forward raises `stop` is cut short and gives no output."""
         began = time.perf_counter()
         hessian_before = self.stage_seconds["hessian"]
-        if stop is None:
-            outputs = run_block(block, hidden, calls)
-        else:
-            outputs = []
-            for states, call in zip(hidden, calls, strict=True):
+        outputs = []
+        for batch, (states, call) in enumerate(zip(hidden, calls, strict=True)):
+            if self.finished_children is not None:
+                self.finished_children.batch = batch
+            if stop is None:
+                outputs.extend(run_block(block, [states], [call]))
+            else:
                 with contextlib.suppress(stop):
                     run_block(block, [states], [call])
         hook_time = self.stage_seconds["hessian"] - hessian_before

@@ -30,6 +30,7 @@ from worker.gptq.arch import ArchSpec, set_weight
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.gptq import LayerQuantResult
 from worker.gptq.lazyload import LazyModel, release
+from worker.gptq.memory import trim
 from worker.gptq.packing import unpack_qweight, unpack_qzeros
 from worker.gptq.pipeline import ModuleReport, Resumed
 
@@ -85,6 +86,7 @@ class BlockStore:
         from worker.gptq.export import layer_tensors
 
         self._packed.update(layer_tensors(self.model, name, layer, self.config))
+        trim()  # the solver's K x K temporaries are freed by now: give their pages back
         return _stub(_meta_of(layer))
 
     def finished(
@@ -110,6 +112,7 @@ class BlockStore:
         self._hidden_path(index).unlink(missing_ok=True)  # inputs of a block now done
         if self.lazy is not None:
             release(block)
+        trim()
         return {name: _stub(self.state["layers"][name]) for name in layers}
 
     # --- the checkpoint --------------------------------------------------------------------

@@ -8,7 +8,6 @@ heavy work is matrix-matrix products. Weights are [out, in] (nn.Linear orientati
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantizeConfig
-from .errors import CholeskyError
+from .linalg import inverse_hessian_factor
 from .quantizer import dequantize, find_params, quantize
 
 
@@ -92,10 +91,14 @@ class GPTQ:
         if config.desc_act:
             perm = torch.argsort(torch.diag(H), descending=True)
             Wt = Wt[perm]
-            H = H[perm][:, perm]
+            H = H[perm]  # two steps: the unpermuted H is freed before the second copy
+            H = H[:, perm]
 
-        Hinv, damp = _inverse_hessian_factor(H, config)
-        del H  # not needed below: free it before the per-column work
+        box = [H]
+        del H  # the factorisation frees it as soon as it has its factor
+        Hinv, damp = inverse_hessian_factor(
+            box, config.damp_percent, config.damp_auto_increment, config.max_damp_percent
+        )
 
         codes = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # maxq <= 255
         Q = torch.empty_like(Wt)
@@ -182,34 +185,6 @@ def _one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _inverse_hessian_factor(H: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + λI)⁻¹, with λ = damp * mean(diag H).
-
-    Raises the damping by config.damp_auto_increment until the factorisation succeeds.
-    """
-    mean_diag = torch.mean(torch.diag(H))
-    damp = config.damp_percent
-    while True:
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
-        del Hd  # each step frees its input: at most three K x K matrices at a time
-        if info == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0 and torch.isfinite(U).all():
-                return U, round(damp, 6)
-        damp += config.damp_auto_increment
-        if damp > config.max_damp_percent or not math.isfinite(float(mean_diag)):
-            raise CholeskyError(
-                f"Cholesky factorisation failed even with damp_percent={damp:.4f}: the "
-                "calibration inputs of this layer are degenerate; use more or more varied "
-                "calibration samples, or a larger damp_percent"
-            )
 
 
 def rtn_quantize(weight: torch.Tensor, config: QuantizeConfig) -> LayerQuantResult:

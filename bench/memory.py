@@ -14,7 +14,7 @@ not a sample). Rows:
   * "imports only": the RSS of the interpreter with torch, transformers and the engine
     imported, which every run pays before touching a weight.
 
-    .venv/bin/python bench/memory.py [--big-layers 10] [--eager] [--keep DIR]
+    .venv/bin/python bench/memory.py [--big-layers 10] [--no-tinyllama] [--eager] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,10 +44,17 @@ class Shape:
     layers: int
     vocab: int = 128  # the babyllama character tokenizer: the blocks dominate the size
     heads: int = 16
+    kv_heads: int | None = None  # grouped-query attention when fewer than heads
+    label: str = ""
 
     @property
     def name(self) -> str:
-        return f"llama h{self.hidden} i{self.intermediate} x{self.layers}"
+        return self.label or f"llama h{self.hidden} i{self.intermediate} x{self.layers}"
+
+
+# TinyLlama-1.1B's shape (2.2 GB in fp16): a model people quantize on a box like this one
+TINYLLAMA = Shape(hidden=2048, intermediate=5632, layers=22, vocab=32000, heads=32, kv_heads=4,
+                  label="TinyLlama-1.1B shape (h2048 x22, GQA 32/4, vocab 32000)")
 
 
 def build_model(shape: Shape, directory: Path, seed: int = 0) -> int:
@@ -62,7 +70,7 @@ def build_model(shape: Shape, directory: Path, seed: int = 0) -> int:
     config = tf.LlamaConfig(
         hidden_size=shape.hidden, intermediate_size=shape.intermediate,
         num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.heads, vocab_size=shape.vocab, max_position_embeddings=2048,
+        num_key_value_heads=shape.kv_heads or shape.heads, vocab_size=shape.vocab, max_position_embeddings=2048,
         tie_word_embeddings=False, dtype="float16",
     )
     directory.mkdir(parents=True)
@@ -132,6 +140,7 @@ def main() -> None:
     parser.add_argument("--small-layers", type=int, default=4)
     parser.add_argument("--big-hidden", type=int, default=2048)
     parser.add_argument("--big-layers", type=int, default=10)
+    parser.add_argument("--no-tinyllama", action="store_true", help="skip the 2.2 GB TinyLlama-shaped model")
     parser.add_argument("--eager", action="store_true", help="also run with the whole model loaded")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them")
     args = parser.parse_args()
@@ -143,16 +152,16 @@ def main() -> None:
         Shape(h, _mlp(h), args.small_layers),
         Shape(h, _mlp(h), 2 * args.small_layers),
         Shape(b, _mlp(b), args.big_layers),
-    ]
+    ] + ([] if args.no_tinyllama else [TINYLLAMA])
     imports = [sys.executable, "-c", "import torch, transformers, worker.gptq.api, app.cli"]
     baseline, _ = peak_rss(imports)
     rows = []
     try:
         for shape in shapes:
-            model = work / shape.name.replace(" ", "_")
+            model = work / re.sub(r"[^A-Za-z0-9.-]+", "_", shape.name)
             size = build_model(shape, model) if not model.exists() else _size(model)
-            # the whole-model comparison only on the small pair: the big one would take long
-            for eager in ([False, True] if args.eager and shape is not shapes[-1] else [False]):
+            # the whole-model comparison only on the small pair: the big ones would take long
+            for eager in ([False, True] if args.eager and shape in shapes[:2] else [False]):
                 out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
                 rss, seconds = peak_rss(quantize_argv(model, out, eager))

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,11 @@ class BlockStore:
         self.state = self._read_state()
 
     # --- BlockHooks ------------------------------------------------------------------------
+
+    def captured(self) -> None:
+        if self.lazy is not None:
+            self.lazy.release_outside_blocks()
+            trim()
 
     def resume(self, num_blocks: int, device: torch.device) -> Resumed | None:
         done = self.state["finished"]
@@ -117,9 +122,12 @@ class BlockStore:
 
     # --- the checkpoint --------------------------------------------------------------------
 
-    def stored(self) -> Mapping[str, torch.Tensor]:
-        """Every finished block's checkpoint tensors, read from disk when asked for."""
-        return _StoredTensors([self._block_path(i) for i in range(self.state["finished"])])
+    def stored(self, dtype: torch.dtype = torch.float16) -> Mapping[str, torch.Tensor]:
+        """Every finished block's checkpoint tensors, read from disk when asked for; with lazy
+        loading also the tensors outside the blocks, from the model's files, floats in dtype
+        (the checkpoint's)."""
+        outside = self.lazy.outside_tensors(dtype) if self.lazy is not None else {}
+        return _StoredTensors([self._block_path(i) for i in range(self.state["finished"])], outside)
 
     def clear(self) -> None:
         """Our files, and the directory itself if that leaves it empty."""
@@ -186,24 +194,30 @@ def dequantize_stored(
 
 
 class _StoredTensors(Mapping[str, torch.Tensor]):
-    def __init__(self, paths: list[Path]) -> None:
+    """Tensors in safetensors files, plus tensors made by readers, each read when asked for."""
+
+    def __init__(self, paths: list[Path], readers: Mapping[str, Callable[[], torch.Tensor]]) -> None:
         self.where: dict[str, Path] = {}
         for path in paths:
             with safe_open(path, framework="pt") as f:
                 self.where.update(dict.fromkeys(f.keys(), path))
+        self.readers = readers
 
     def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self.readers:
+            return self.readers[key]()
         with safe_open(self.where[key], framework="pt") as f:
             return f.get_tensor(key)
 
     def __contains__(self, key: object) -> bool:
-        return key in self.where
+        return key in self.where or key in self.readers
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.where)
+        yield from self.where
+        yield from (key for key in self.readers if key not in self.where)
 
     def __len__(self) -> int:
-        return len(self.where)
+        return len(self.where.keys() | self.readers.keys())
 
 
 def _meta_of(layer: LayerQuantResult) -> dict[str, Any]:

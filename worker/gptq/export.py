@@ -29,6 +29,7 @@ from . import __version__
 from .config import QuantizeConfig
 from .errors import EngineError, LayerShapeError
 from .gptq import LayerQuantResult
+from .lazyload import tied_keys
 from .packing import pack_qweight, pack_qzeros
 
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
@@ -136,6 +137,7 @@ def _checkpoint_entries(
     """Everything the checkpoint holds, in state-dict order, quantized layers in place of their weight."""
     seen_storage: set[tuple] = set()
     skip = {f"{name}.bias" for name in layers}
+    tied = tied_keys(model)
     for key, tensor in model.state_dict().items():
         if key in skip:
             continue
@@ -144,7 +146,9 @@ def _checkpoint_entries(
             yield _quantized_entry(model, module_name, layers[module_name], config, dtype)
             continue
         # tied weights (lm_head = embeddings) share storage: write the first name only
-        # (meta tensors, a streamed run's finished blocks, have no storage to compare)
+        # (meta tensors, a streamed run's, have no storage to compare: the tie names them)
+        if tensor.device.type == "meta" and key in tied:
+            continue
         if tensor.device.type != "meta":
             ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
             if ident in seen_storage:

@@ -10,7 +10,7 @@ memory-mapped pages of blocks already done do not stay mapped (and counted in th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,8 +83,7 @@ class LazyModel:
         self.model, self.files, self.arch, self.dtype = model, files, arch, dtype
         prefix = getattr(model, "base_model_prefix", "") or ""
         self._strip = prefix + "." if prefix else None
-        tied = getattr(model, "get_expanded_tied_weights_keys", None)
-        self._tied: set[str] = set(tied(all_submodels=True)) if tied is not None else set()
+        self._tied = tied_keys(model)
 
     def key_of(self, name: str) -> str | None:
         """The file key of a parameter: its own name, or without the base model prefix."""
@@ -108,6 +107,34 @@ class LazyModel:
         if self._tied:
             self.model.tie_weights()
 
+    def release_outside_blocks(self) -> None:
+        """Embeddings, norms, head back to meta (the checkpoint reads them from the files)."""
+        inside = {id(p) for block in self.arch.blocks(self.model) for p in block.parameters()}
+        on_meta: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
+        for module in self.model.modules():
+            for attr, param in module._parameters.items():
+                if param is not None and id(param) not in inside and param.device.type != "meta":
+                    if id(param) not in on_meta:
+                        on_meta[id(param)] = nn.Parameter(param.data.to("meta"), requires_grad=False)
+                    module._parameters[attr] = on_meta[id(param)]
+
+    def outside_tensors(self, dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
+        """Readers of the stored tensors outside the blocks, by state-dict name, floats in dtype
+        (the same values the loaded model would give: fp16/bf16 -> fp32 -> dtype is exact)."""
+        prefix = self.arch.blocks_path + "."
+        readers: dict[str, Callable[[], torch.Tensor]] = {}
+        for name in self.model.state_dict():
+            key = self.key_of(name)
+            if name.startswith(prefix) or key is None or name in self._tied:
+                continue
+
+            def read(key: str = key) -> torch.Tensor:
+                tensor = self.files.read([key])[key]
+                return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+            readers[name] = read
+        return readers
+
     def load_block(self, index: int, block: nn.Module) -> None:
         self._load(block, self.arch.block_prefix(index) + ".")
 
@@ -130,6 +157,12 @@ class LazyModel:
             tensor = tensor.to(self.dtype if tensor.is_floating_point() else tensor.dtype)
             is_param = isinstance(store[attr], nn.Parameter)
             store[attr] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """State-dict names whose tensor is another's (lm_head.weight tied to the embeddings)."""
+    tied = getattr(model, "get_expanded_tied_weights_keys", None)
+    return set(tied(all_submodels=True)) if tied is not None else set()
 
 
 def release(module: nn.Module) -> None:

@@ -73,6 +73,10 @@ class Resumed:
 
 
 class BlockHooks(Protocol):
+    def captured(self) -> None:
+        """Called once the inputs of block 0 are captured: nothing outside the blocks
+        (embeddings, final norm, head) is needed again until the checkpoint is written."""
+
     def resume(self, num_blocks: int, device: torch.device) -> Resumed | None:
         """The point to restart from, or None to start at block 0."""
 
@@ -223,6 +227,8 @@ class _Run:
         began = time.perf_counter()
         hidden, calls = capture_inputs(self.model, self.arch, calib_ids.split(batch_size), self.device)
         self.stage_seconds["capture"] += time.perf_counter() - began
+        if self.hooks is not None:
+            self.hooks.captured()
         first = 0
         resumed = self.hooks.resume(self.num_blocks, self.device) if self.hooks else None
         if resumed is not None:

@@ -202,5 +202,6 @@ class VerificationOut(BaseModel):
     spec: dict[str, Any]
     created_at: datetime
     finished_at: datetime | None
+    attempts: int  # runs started; more than 1 when a worker died and another took over
     result: dict[str, Any] | None
     error: ErrorOut | None

@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     delete,
     func,
+    inspect,
     or_,
     select,
     update,
@@ -109,6 +110,7 @@ class Verification(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     result: Mapped[dict | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
@@ -147,10 +149,24 @@ class Store:
         for _ in range(5):
             try:
                 Base.metadata.create_all(self.engine)
+                self._add_missing_columns()
                 return
             except (IntegrityError, OperationalError, ProgrammingError):
                 continue
         Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Nullable columns added since a store was created (create_all makes only missing
+        tables): a store from an older version keeps its rows and gains the new columns."""
+        existing = inspect(self.engine)
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    with self.engine.begin() as conn:
+                        conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}")
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -532,9 +548,53 @@ class Store:
             n = s.execute(
                 update(Verification)
                 .where(Verification.id == verification_id, Verification.status == "queued")
-                .values(status="running", started_at=now, attempts=Verification.attempts + 1)
+                .values(status="running", started_at=now, heartbeat_at=now,
+                        attempts=Verification.attempts + 1)
             ).rowcount
         return self.get_verification(verification_id) if n else None
+
+    def heartbeat_verification(self, verification_id: str, attempt: int) -> bool:
+        with self._write() as s:
+            return bool(s.execute(
+                update(Verification)
+                .where(Verification.id == verification_id, Verification.status == "running",
+                       Verification.attempts == attempt)
+                .values(heartbeat_at=utcnow())
+            ).rowcount)
+
+    def requeue_stale_verifications(
+        self, stale_before: datetime, max_attempts: int
+    ) -> tuple[list[str], list[str]]:
+        """Running verifications whose worker stopped beating: queued again (the caller re-sends
+        them), or failed as worker_lost once they used max_attempts. (requeued, failed)."""
+        requeued, ended = [], []
+        now = utcnow()
+        with self._write() as s:
+            rows = s.execute(
+                select(Verification.id, Verification.attempts).where(
+                    Verification.status == "running",
+                    # rows from before heartbeats were kept have only started_at
+                    func.coalesce(Verification.heartbeat_at, Verification.started_at) < stale_before,
+                )
+            ).all()
+            for vid, attempts in rows:
+                if attempts >= max_attempts:
+                    values: dict[str, Any] = {
+                        "status": "failed", "finished_at": now, "error_code": "worker_lost",
+                        "error_message": f"the worker died {attempts} times while running this "
+                        "verification, probably out of memory: use fewer max_windows or a "
+                        "shorter seq_length, or a machine with more memory"}
+                else:
+                    values = {"status": "queued", "heartbeat_at": None}
+                n = s.execute(
+                    update(Verification)
+                    .where(Verification.id == vid, Verification.status == "running",
+                           Verification.attempts == attempts)
+                    .values(**values)
+                ).rowcount
+                if n:
+                    (requeued if values["status"] == "queued" else ended).append(vid)
+        return requeued, ended
 
     def finish_verification(
         self,
@@ -543,15 +603,21 @@ class Store:
         *,
         result: dict | None = None,
         error: tuple[str, str] | None = None,
+        attempt: int | None = None,
     ) -> bool:
+        """attempt: only if the verification is still in that attempt (a worker presumed dead
+        and replaced must not overwrite its successor's result)."""
         values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "result": result}
         if error is not None:
             values["error_code"], values["error_message"] = error
+        mine = [Verification.id == verification_id, Verification.status == "running"]
+        if attempt is not None:
+            mine.append(Verification.attempts == attempt)
         with self._write() as s:
             return bool(
                 s.execute(
                     update(Verification)
-                    .where(Verification.id == verification_id, Verification.status == "running")
+                    .where(*mine)
                     .values(**values)
                 ).rowcount
             )

@@ -18,7 +18,7 @@ import shutil
 import socket
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -86,18 +86,19 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 @contextmanager
-def heartbeat(store: Store, job_id: str, attempt: int, every: float) -> Iterator[None]:
-    """Beats in a thread while the job runs, so a reconciler can tell a live worker."""
+def heartbeat(beat: Callable[[], object], name: str, every: float) -> Iterator[None]:
+    """Calls beat() in a thread every `every` seconds while the work runs (a job's or a
+    verification's), so a reconciler can tell a live worker from a dead one."""
     stop = threading.Event()
 
-    def beat() -> None:
+    def loop() -> None:
         while not stop.wait(every):
             try:
-                store.heartbeat(job_id, attempt)
-            except Exception:  # a store hiccup must not kill the job; the next beat retries
-                log.warning("heartbeat for %s failed", job_id, exc_info=True)
+                beat()
+            except Exception:  # a store hiccup must not kill the work; the next beat retries
+                log.warning("heartbeat for %s failed", name, exc_info=True)
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}", daemon=True)
+    thread = threading.Thread(target=loop, name=f"heartbeat-{name}", daemon=True)
     thread.start()
     try:
         yield
@@ -153,7 +154,7 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str | None:
         return None
     attempt = job.attempts
     writer = ProgressWriter(store, job_id, attempt, settings.progress_interval)
-    with heartbeat(store, job_id, attempt, settings.heartbeat_seconds), \
+    with heartbeat(lambda: store.heartbeat(job_id, attempt), job_id, settings.heartbeat_seconds), \
             scratch_dir(settings, f"{job_id}.{attempt}"):
         status, ended = _attempt(job, attempt, writer, store, settings)
     if ended:

@@ -4,6 +4,7 @@ Every worker runs one (a thread in the worker's main process, at start and then 
 `reconcile_seconds`). Each pass:
 - requeues running jobs whose heartbeat is older than `stale_seconds` (their worker died:
   OOM-killed, machine lost) and re-sends them, or fails them once they used `max_attempts`;
+  running verifications the same way (they beat too);
 - re-sends queued jobs whose message went out more than `resend_seconds` ago, that no worker
   claimed and whose message the broker no longer holds (lost: Redis flushed or restarted
   without persistence). On a broker that cannot be looked into (the embedded SQL one) a job
@@ -68,6 +69,13 @@ def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
         remove_leftovers(settings, job_id)
     for job_id in done.requeued:
         send(job_id)
+    stale_verifications, failed_verifications = store.requeue_stale_verifications(
+        now - timedelta(seconds=settings.stale_seconds), settings.max_attempts
+    )
+    for vid in stale_verifications:
+        sender.send_verification(vid)
+    done.requeued += stale_verifications
+    done.ended += failed_verifications
     pending = sender.pending_ids()
     done.resent = store.take_unclaimed(now - timedelta(seconds=settings.resend_seconds),
                                        pending or frozenset())

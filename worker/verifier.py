@@ -10,7 +10,7 @@ from typing import Any
 from app.settings import Settings
 from app.store import Store
 from worker import jobspec
-from worker.jobrunner import error_of, public_source, scratch_dir
+from worker.jobrunner import error_of, heartbeat, public_source, scratch_dir
 
 log = logging.getLogger("gptqd.worker")
 
@@ -51,12 +51,15 @@ def run_verification(verification_id: str, store: Store, settings: Settings) -> 
             error=("job_not_succeeded", "the job has no checkpoint (not succeeded or deleted)"),
         )
         return "failed"
+    attempt = v.attempts
+    beat = heartbeat(lambda: store.heartbeat_verification(verification_id, attempt),
+                     verification_id, settings.heartbeat_seconds)
     try:
-        with scratch_dir(settings, verification_id):
+        with beat, scratch_dir(settings, f"{verification_id}.{attempt}"):
             result = measure(job.spec, {**v.spec, "job_id": job.id}, store, settings)
     except Exception as exc:
         log.exception("verification %s failed", verification_id)
-        store.finish_verification(verification_id, "failed", error=error_of(exc))
+        store.finish_verification(verification_id, "failed", error=error_of(exc), attempt=attempt)
         return "failed"
-    store.finish_verification(verification_id, "succeeded", result=result)
+    store.finish_verification(verification_id, "succeeded", result=result, attempt=attempt)
     return "succeeded"

@@ -123,6 +123,35 @@ def test_a_worker_killed_mid_job_is_replaced_and_the_job_resumes(
     assert not (box.data_dir / "work" / job["id"]).exists()
 
 
+def test_a_worker_killed_mid_verification_is_replaced_and_the_verification_reruns(box: Box) -> None:
+    http = box.http
+    job = http.post("/jobs", json=SMALL_JOB).json()
+    assert wait_status(http, job["id"], TERMINAL)["status"] == "succeeded"
+    # long enough to be caught running: thousands of perplexity windows, then generations
+    slow = {"max_windows": 10000, "seq_length": 16, "prompts": ["Return the"] * 4, "max_new_tokens": 64}
+    v = http.post(f"/jobs/{job['id']}/verifications", json=slow).json()
+    deadline = time.monotonic() + 60
+    while http.get(f"/jobs/{job['id']}/verifications/{v['id']}").json()["status"] == "queued":
+        assert time.monotonic() < deadline, "the verification never started"
+        time.sleep(0.05)
+    worker = box.workers[0]
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait(10)
+    box.workers.remove(worker)
+    running = http.get(f"/jobs/{job['id']}/verifications/{v['id']}").json()
+    assert running["status"] == "running" and running["attempts"] == 1, running
+
+    box.add_worker("w-after-verification-kill")
+    deadline = time.monotonic() + 240
+    while (got := http.get(f"/jobs/{job['id']}/verifications/{v['id']}").json())["status"] in (
+            "queued", "running"):
+        assert time.monotonic() < deadline, got
+        time.sleep(0.2)
+    assert got["status"] == "succeeded", got["error"]
+    assert got["attempts"] == 2
+    assert got["result"]["perplexity"] > 1 and len(got["result"]["samples"]) == 4
+
+
 def test_restarting_the_api_mid_job_loses_nothing(box: Box) -> None:
     http = box.http
     job = http.post("/jobs", json=DEEP_JOB).json()

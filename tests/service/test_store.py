@@ -202,3 +202,57 @@ def test_reconcilers_in_several_workers_requeue_and_resend_each_job_once(
     assert job.status == "failed" and job.error_code == "worker_lost"
     assert "died 2 times" in job.error_message and "num_samples" in job.error_message
     assert not (settings.work_dir / dead[0]).exists()
+
+
+def test_a_verification_whose_worker_stopped_is_requeued_then_failed(store: Store, tmp_path: Path) -> None:
+    from app.settings import Settings
+    from worker.reconciler import reconcile
+
+    settings = Settings(data_dir=tmp_path, heartbeat_seconds=0.1, stale_seconds=0.3,
+                        resend_seconds=60, max_attempts=2)
+    job, _ = _job(store)
+    v = store.create_verification(job.id, {"max_windows": 1})
+    beating = store.create_verification(job.id, {"max_windows": 2})
+    for attempt in (1, 2):
+        assert store.claim_verification(v.id).attempts == attempt
+        if attempt == 1:
+            store.claim_verification(beating.id)
+        time.sleep(0.2)
+        assert store.heartbeat_verification(beating.id, 1)
+        assert store.heartbeat_verification(v.id, attempt)  # alive: left alone
+        assert reconcile(store, settings, RecordingSender()).requeued == []
+        time.sleep(0.5)
+        assert store.heartbeat_verification(beating.id, 1)
+        sender = RecordingSender()
+        done = reconcile(store, settings, sender)
+        if attempt == 1:
+            assert done.requeued == [v.id] and sender.sent == [v.id]
+            assert store.get_verification(v.id).status == "queued"
+            # the presumed-dead attempt finishing late is fenced off
+            assert not store.finish_verification(v.id, "succeeded", result={}, attempt=1)
+            assert not store.heartbeat_verification(v.id, 1)
+        else:
+            assert done.ended == [v.id] and sender.sent == []
+    gone = store.get_verification(v.id)
+    assert gone.status == "failed" and gone.error_code == "worker_lost"
+    assert "died 2 times" in gone.error_message and "max_windows" in gone.error_message
+    assert store.get_verification(beating.id).status == "running"
+
+
+def test_a_store_from_before_verification_heartbeats_gains_the_column(tmp_path: Path) -> None:
+    """create_all() adds nullable columns a store of an older version lacks; rows survive."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    Store(url).create_all()
+    db = sqlite3.connect(tmp_path / "old.sqlite")
+    db.execute("INSERT INTO gptqd_verifications (id, job_id, status, spec, created_at, attempts) "
+               "VALUES ('ver_old', 'job_x', 'queued', '{}', '2026-01-01 00:00:00', 0)")
+    db.execute("ALTER TABLE gptqd_verifications DROP COLUMN heartbeat_at")
+    db.commit()
+    assert "heartbeat_at" not in [r[1] for r in db.execute("PRAGMA table_info(gptqd_verifications)")]
+    db.close()
+    store = Store(url)
+    store.create_all()
+    assert store.get_verification("ver_old").heartbeat_at is None
+    assert store.claim_verification("ver_old").heartbeat_at is not None

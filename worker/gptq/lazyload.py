@@ -101,11 +101,24 @@ class LazyModel:
         ]
 
     def load_outside_blocks(self) -> None:
-        """Embeddings, norms, head: everything not in a decoder block; then re-tie weights."""
+        """What the capture of block 0's inputs runs: everything not in a decoder block except
+        the output head (capture stops at the last block; the head is read again at export),
+        unless the head is tied to the embeddings; then re-tie weights."""
         prefix = self.arch.blocks_path + "."
-        self._load(self.model, "", skip=lambda name: name.startswith(prefix))
+        head = self._untied_head()
+        self._load(self.model, "", skip=lambda name: name.startswith(prefix)
+                   or (head is not None and name.startswith(head + ".")))
         if self._tied:
             self.model.tie_weights()
+
+    def _untied_head(self) -> str | None:
+        """The output head's module name, if it has a weight of its own in the files."""
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        for name, module in self.model.named_modules():
+            if module is head and head is not None:
+                return name if f"{name}.weight" not in self._tied else None
+        return None
 
     def release_outside_blocks(self) -> None:
         """Embeddings, norms, head back to meta (the checkpoint reads them from the files)."""

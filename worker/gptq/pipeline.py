@@ -505,7 +505,8 @@ def _move_outside_blocks(
     model: nn.Module, arch: ArchSpec, device: torch.device
 ) -> list[tuple[dict, str, torch.device]]:
     """Put every parameter and buffer outside the decoder blocks on the device (for the
-    capture pass: embeddings, rotary tables...); returns what to move back."""
+    capture pass: embeddings, rotary tables...; a lazily loaded model's head stays on meta, the
+    capture never reaches it); returns what to move back."""
     prefix = arch.blocks_path + "."
     moved = []
     for name, module in model.named_modules():
@@ -513,7 +514,7 @@ def _move_outside_blocks(
             continue
         for store in (module._parameters, module._buffers):
             for key, tensor in store.items():
-                if tensor is not None and tensor.device != device:
+                if tensor is not None and tensor.device != device and tensor.device.type != "meta":
                     moved.append((store, key, tensor.device))
                     _assign(store, key, tensor.to(device))
     return moved

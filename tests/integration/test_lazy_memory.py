@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import transformers as tf
 
 from tests.conftest import fixture_path
 from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
-from worker.gptq import lazyload
+from worker.gptq import compactblock, lazyload
 from worker.gptq.api import quantize
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import EngineError
@@ -33,6 +34,18 @@ def sharded_llama(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def fp16_llama(tmp_path_factory) -> Path:
+    """The same Llama stored in fp16, as checkpoints usually are: the streamed blocks keep their
+    linears in fp16 and solved ones as codes (compactblock.py) while the forward runs in fp32."""
+    path = tiny_llama(tmp_path_factory.mktemp("llama-fp16"), layers=3)
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float16)
+    for f in path.glob("*.safetensors"):
+        f.unlink()
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def gpt2_copy(tmp_path_factory) -> Path:
     """The trained GPT-2 fixture: tied head, Conv1D, biases."""
     path = tmp_path_factory.mktemp("gpt2") / "model"
@@ -44,6 +57,7 @@ def gpt2_copy(tmp_path_factory) -> Path:
     ("model", "config"),
     [
         ("sharded_llama", QuantizeConfig(bits=4, group_size=32)),
+        ("fp16_llama", QuantizeConfig(bits=4, group_size=32, desc_act=True)),
         ("gpt2_copy", QuantizeConfig(bits=3, group_size=32, desc_act=True, sym=False)),
     ],
 )
@@ -53,16 +67,26 @@ def test_lazy_checkpoint_is_bit_identical_to_the_whole_model_path(model, config,
 
     resident: list[int] = []
     outside: list[int] = []
+    materialized: list[int] = []
     load_block = lazyload.LazyModel.load_block
+    materialize = compactblock.CompactLinears._weight
 
-    def counting(self, index, block):
+    def counting_materialize(self, module):
+        # what the module holds between calls: its stored dtype, or a meta stand-in once solved
+        held = self._held[module]
+        materialized.append(held.dtype if held.device.type != "meta" else "codes")
+        return materialize(self, module)
+
+    monkeypatch.setattr(compactblock.CompactLinears, "_weight", counting_materialize)
+
+    def counting(self, index, block, as_stored=()):
         # blocks holding real weights when the next one is read: the finished ones must be gone
         blocks = self.arch.blocks(self.model)
         resident.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in blocks))
         # embeddings, norm and head are not needed after the capture: read again at export
         outside.append(sum(p.device.type != "meta" for n, p in self.model.named_parameters()
                            if not n.startswith(self.arch.blocks_path + ".")))
-        load_block(self, index, block)
+        load_block(self, index, block, as_stored)
 
     monkeypatch.setattr(lazyload.LazyModel, "load_block", counting)
     lazy = quantize(str(source), tmp_path / "lazy", config, CALIBRATION, device="cpu", lazy=True)
@@ -70,6 +94,9 @@ def test_lazy_checkpoint_is_bit_identical_to_the_whole_model_path(model, config,
     assert not eager.lazy and lazy.lazy
     assert resident == [0] * lazy.num_blocks
     assert outside == [0] * lazy.num_blocks
+    # the linears were held as stored (then as codes) and made fp32 only to run
+    stored = torch.float16 if model == "fp16_llama" else torch.float32
+    assert "codes" in materialized and set(materialized) <= {stored, "codes"}
     assert assert_same_checkpoint(tmp_path / "eager", tmp_path / "lazy") > 10
     assert [m["loss"] for m in lazy.modules] == [m["loss"] for m in eager.modules]
     assert lazy.sizes["quantized_parameters"] == eager.sizes["quantized_parameters"]

@@ -143,7 +143,7 @@ def quantize(
         store = BlockStore(
             Path(work_dir) if work_dir is not None else _temporary_work_dir(out_dir),
             _fingerprint(model, revision, config, calibration, compute),
-            loaded.model, arch, config, loaded.lazy,
+            loaded.model, arch, config, loaded.lazy, compact=compute.type == "cpu",
         )
         if store.discarded:
             run.emit("loading", run.fraction, f"work dir not resumed from: {store.discarded}")

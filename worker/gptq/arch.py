@@ -166,6 +166,12 @@ def get_weight(module: nn.Module) -> torch.Tensor:
     return weight.to(torch.float32, copy=True).contiguous()
 
 
+def weight_view(module: nn.Module) -> torch.Tensor:
+    """The weight as [out, in], in its own dtype, without a copy (the solver makes its own)."""
+    weight = module.weight.detach()
+    return weight.t() if is_conv1d(module) else weight
+
+
 def set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     """Write an [out, in] weight back in the module's own orientation, dtype and device."""
     if is_conv1d(module):

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from worker.gptq.arch import ArchSpec, set_weight
+from worker.gptq.compactblock import CompactLinears
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.gptq import LayerQuantResult
 from worker.gptq.lazyload import LazyModel, release
@@ -51,10 +52,15 @@ class BlockStore:
         arch: ArchSpec,
         config: QuantizeConfig,
         lazy: LazyModel | None = None,
+        compact: bool = False,
     ) -> None:
+        """compact: hold the streamed blocks' linears small (worker/gptq/compactblock.py);
+        for lazy runs on the CPU, whose forward passes run in fp32."""
         self.directory = Path(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it reads back from disk
         self.model, self.arch, self.config, self.lazy = model, arch, config, lazy
+        self.compact = compact and lazy is not None
+        self._compact: CompactLinears | None = None
         self._packed: dict[str, torch.Tensor] = {}  # this block's layers, packed when solved
         self.discarded = ""  # why an existing work dir was not resumed from, if it was not
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -83,14 +89,22 @@ class BlockStore:
         return Resumed(done, hidden, layers, modules)
 
     def load(self, index: int, block: nn.Module) -> None:
-        if self.lazy is not None:
+        if self.lazy is None:
+            return
+        if not self.compact:
             self.lazy.load_block(index, block)
+            return
+        linears = self.arch.block_linears(block, index)
+        self.lazy.load_block(index, block, as_stored=[f"{name}.weight" for name in linears])
+        self._compact = CompactLinears(linears, self.lazy.dtype)
 
     def solved(self, name: str, module: nn.Module, layer: LayerQuantResult) -> LayerQuantResult:
         """Pack the layer now (a fraction of its int32 codes and fp32 weight) and keep a stub."""
         from worker.gptq.export import layer_tensors
 
         self._packed.update(layer_tensors(self.model, name, layer, self.config))
+        if self._compact is not None:
+            self._compact.solved(module, layer)
         trim()  # the solver's K x K temporaries are freed by now: give their pages back
         return _stub(_meta_of(layer))
 
@@ -115,6 +129,9 @@ class BlockStore:
         self.state["modules"].extend(m.to_dict() for m in modules)
         self._write_state()
         self._hidden_path(index).unlink(missing_ok=True)  # inputs of a block now done
+        if self._compact is not None:
+            self._compact.remove()
+            self._compact = None
         if self.lazy is not None:
             release(block)
         trim()

@@ -10,7 +10,7 @@ memory-mapped pages of blocks already done do not stay mapped (and counted in th
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -148,10 +148,12 @@ class LazyModel:
             readers[name] = read
         return readers
 
-    def load_block(self, index: int, block: nn.Module) -> None:
-        self._load(block, self.arch.block_prefix(index) + ".")
+    def load_block(self, index: int, block: nn.Module, as_stored: Collection[str] = ()) -> None:
+        """as_stored: parameter names (relative to the block) kept in the files' dtype."""
+        prefix = self.arch.block_prefix(index) + "."
+        self._load(block, prefix, keep={prefix + name for name in as_stored})
 
-    def _load(self, root: nn.Module, prefix: str, skip: Any = None) -> None:
+    def _load(self, root: nn.Module, prefix: str, skip: Any = None, keep: Collection[str] = ()) -> None:
         slots = []
         for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
             # parameters, and buffers the checkpoint stores (computed ones are already real)
@@ -163,11 +165,12 @@ class LazyModel:
                     key = self.key_of(name)
                     if key is None:
                         continue  # a tied weight (set by tie_weights()) or a computed buffer
-                    slots.append((store, attr, key))
-        tensors = self.files.read([key for _, _, key in slots])
-        for store, attr, key in slots:
+                    slots.append((store, attr, key, name))
+        tensors = self.files.read([key for _, _, key, _ in slots])
+        for store, attr, key, name in slots:
             tensor = tensors.pop(key)
-            tensor = tensor.to(self.dtype if tensor.is_floating_point() else tensor.dtype)
+            if tensor.is_floating_point() and name not in keep:
+                tensor = tensor.to(self.dtype)
             is_param = isinstance(store[attr], nn.Parameter)
             store[attr] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
 

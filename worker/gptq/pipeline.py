@@ -26,7 +26,7 @@ import torch
 import transformers
 from torch import nn
 
-from worker.gptq.arch import ArchSpec, get_arch, get_weight, linear_shape, set_weight
+from worker.gptq.arch import ArchSpec, get_arch, linear_shape, set_weight, weight_view
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.gptq import GPTQ, LayerQuantResult
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
@@ -245,7 +245,8 @@ class _Run:
                 with self._timed("loading"):
                     self.hooks.load(index, block)
             home = _device_of(block)
-            block.to(self.device)
+            if home != self.device:  # (a streamed block may hold meta stand-ins: never moved)
+                block.to(self.device)
             children = self.finished_children = FinishedChildren(block, self.groups)
             try:
                 self._quantize_block(index, block, hidden, calls[index])
@@ -257,7 +258,8 @@ class _Run:
                     self.output_seconds.append(time.perf_counter() - began_output)
             finally:
                 children.clear()
-                block.to(home)
+                if home != self.device:
+                    block.to(home)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()  # the next block should not meet a fragmented pool
             if self.hooks is not None:
@@ -291,11 +293,13 @@ class _Run:
             self._check_stop(f"at block {index + 1}/{self.num_blocks}")
             if self.finished_children is not None:
                 self.finished_children.install(groups_done)
-            solvers = {name: GPTQ(get_weight(linears[name])) for name in group}
+            solvers = {name: GPTQ(weight_view(linears[name])) for name in group}
             pending: set[str] = set()
             shared = _SharedInputs()
             handles = [
-                linears[name].register_forward_pre_hook(self._hessian_hook(name, solver, group, pending, shared))
+                # first among the pre-hooks: it may stop the batch before anything else runs
+                linears[name].register_forward_pre_hook(
+                    self._hessian_hook(name, solver, group, pending, shared), prepend=True)
                 for name, solver in solvers.items()
             ]
             try:

@@ -34,16 +34,20 @@ def inverse_hessian_factor(
     while math.isfinite(mean_diag):
         H.diagonal().add_((damp - applied) * mean_diag)
         applied = damp
-        L, info = torch.linalg.cholesky_ex(H)
+        # upper=True: LAPACK writes H = UᵀU column-major, whose memory read row-major is the
+        # lower factor L = Uᵀ: a view, no copy
+        factor, info = torch.linalg.cholesky_ex(H, upper=True)
         if info == 0:
-            del H, box  # from here on only L's memory (and small panels) is used
+            del H, box  # from here on only the factor's memory (and small panels) is used
+            L = factor.t()
+            del factor
             _reverse(L)  # J L J = R, upper triangular, H + λI = R Rᵀ
             _invert_upper(L)
-            if bool(torch.isfinite(L).all()):
-                # the factor comes column-major from LAPACK; the solver reads its rows
+            if _finite(L):
+                # the solver reads rows: row-major already unless LAPACK's layout changes
                 return L.contiguous(), round(damp, 6)
             break
-        del L
+        del factor
         damp += increment
         if damp > max_damp:
             break
@@ -52,6 +56,11 @@ def inverse_hessian_factor(
         "calibration inputs of this layer are degenerate; use more or more varied "
         "calibration samples, or a larger damp_percent"
     )
+
+
+def _finite(A: torch.Tensor) -> bool:
+    """isfinite(A).all(), a block of rows at a time (at once it makes K x K temporaries)."""
+    return all(bool(torch.isfinite(A[i : i + _BLOCK]).all()) for i in range(0, A.shape[0], _BLOCK))
 
 
 def _reverse(A: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from torch import nn
 from worker.gptq.arch import ArchSpec, get_arch, linear_shape, set_weight, weight_view
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.gptq import GPTQ, LayerQuantResult
+from worker.gptq.memory import trim
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
 from worker.gptq.replay import FinishedChildren
 
@@ -380,6 +381,7 @@ class _Run:
             else:
                 with contextlib.suppress(stop):
                     run_block(block, [states], [call])
+        trim()  # the pass's intermediates are freed: give their pages back before the solves
         hook_time = self.stage_seconds["hessian"] - hessian_before
         self.stage_seconds["forward"] += time.perf_counter() - began - hook_time
         return outputs

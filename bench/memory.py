@@ -115,9 +115,12 @@ def peak_rss(argv: list[str]) -> tuple[int, float]:
     return usage.ru_maxrss * 1024, seconds
 
 
-def quantize_argv(model: Path, out: Path, eager: bool) -> list[str]:
+GPTQD = ROOT / ".venv/bin/gptqd"
+
+
+def quantize_argv(model: Path, out: Path, eager: bool, gptqd: Path = GPTQD) -> list[str]:
     if not eager:
-        return [str(ROOT / ".venv/bin/gptqd"), "quantize", "--model", str(model), "--out", str(out),
+        return [str(gptqd), "quantize", "--model", str(model), "--out", str(out),
                 "--num-samples", str(NUM_SAMPLES), "--seq-length", str(SEQ_LENGTH),
                 "--device", "cpu", "--no-progress"]
     code = (
@@ -143,6 +146,9 @@ def main() -> None:
     parser.add_argument("--no-tinyllama", action="store_true", help="skip the 2.2 GB TinyLlama-shaped model")
     parser.add_argument("--eager", action="store_true", help="also run with the whole model loaded")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them")
+    parser.add_argument("--gptqd", type=Path, default=GPTQD,
+                        help="the gptqd to measure, e.g. from a venv with only the service's own "
+                             "dependencies (the dev venv's interop extra adds torchao, ~80 MiB)")
     args = parser.parse_args()
 
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="gptqd-memory-"))
@@ -153,7 +159,10 @@ def main() -> None:
         Shape(h, _mlp(h), 2 * args.small_layers),
         Shape(b, _mlp(b), args.big_layers),
     ] + ([] if args.no_tinyllama else [TINYLLAMA])
-    imports = [sys.executable, "-c", "import torch, transformers, worker.gptq.api, app.cli"]
+    python = args.gptqd.parent / "python"
+    # what every run pays before touching a weight: the engine, transformers' model classes
+    imports = [str(python), "-c", "import torch, transformers, worker.gptq.api, app.cli; "
+               "from transformers import LlamaForCausalLM"]
     baseline, _ = peak_rss(imports)
     rows = []
     try:
@@ -164,7 +173,7 @@ def main() -> None:
             for eager in ([False, True] if args.eager and shape in shapes[:2] else [False]):
                 out = work / "out"
                 shutil.rmtree(out, ignore_errors=True)
-                rss, seconds = peak_rss(quantize_argv(model, out, eager))
+                rss, seconds = peak_rss(quantize_argv(model, out, eager, args.gptqd))
                 rows.append((shape, size, "whole model" if eager else "lazy (gptqd quantize)", rss, seconds))
                 print(f"{shape.name} {'eager' if eager else 'lazy'}: {rss / 2**20:.0f} MiB in {seconds:.0f}s",
                       file=sys.stderr, flush=True)
@@ -173,7 +182,7 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     mib = 2**20
-    print(f"calibration: {NUM_SAMPLES} x {SEQ_LENGTH} tokens, 4-bit g128, CPU; "
+    print(f"calibration: {NUM_SAMPLES} x {SEQ_LENGTH} tokens, 4-bit g128, CPU; gptqd: {args.gptqd}; "
           f"RSS of the imports alone: {baseline / mib:.0f} MiB\n")
     print("| model | layers | fp16 weights | mode | peak RSS | peak RSS - imports | target | time |")
     print("|---|---:|---:|---|---:|---:|---|---:|")

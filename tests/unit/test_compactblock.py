@@ -1,0 +1,42 @@
+"""A compact linear computes with exactly the weight the fp32 path would hold."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from worker.gptq.arch import set_weight, weight_view
+from worker.gptq.compactblock import CompactLinears
+from worker.gptq.config import QuantizeConfig
+from worker.gptq.gptq import GPTQ
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_solved_weight_is_the_solvers_bit_for_bit(conv1d: bool, desc_act: bool) -> None:
+    torch.manual_seed(0)
+    module = Conv1D(96, 640) if conv1d else nn.Linear(640, 96)  # K = 640: more than one 512-column chunk
+    module.weight.data = module.weight.data.half()  # held as the checkpoint stores it
+    x = torch.randn(5, 640)
+    reference = copy.deepcopy(module).float()  # what the fp32 path holds: the same values in fp32
+    compact = CompactLinears({"m": module}, torch.float32)
+    with torch.no_grad():  # unsolved: the fp16 weight made fp32 just for the call
+        assert torch.equal(module(x), reference(x))
+    assert module.weight.dtype == torch.float16  # dropped again after the call
+
+    solver = GPTQ(weight_view(module))
+    solver.add_batch(torch.randn(256, 640))
+    layer = solver.solve(QuantizeConfig(bits=4, group_size=64, desc_act=desc_act))
+    compact.solved(module, layer)
+    assert module.weight.device.type == "meta"
+    made = compact._weight(module)
+    assert torch.equal(made.t() if conv1d else made, layer.weight)
+    set_weight(reference, layer.weight)  # the fp32 path after the solve
+    with torch.no_grad():
+        assert torch.equal(module(x), reference(x))
+    compact.remove()
+    assert not module._forward_pre_hooks and not module._forward_hooks

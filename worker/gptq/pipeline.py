@@ -308,6 +308,7 @@ class _Run:
             finally:
                 for handle in handles:
                     handle.remove()
+                shared.last = None  # the pass's last input (46 MiB for a 5632-wide down_proj)
             order = list(solvers.items())
             for position, (name, solver) in enumerate(order):
                 self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {name}")

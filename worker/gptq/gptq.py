@@ -140,7 +140,7 @@ class GPTQ:
             # loss = Σ (w - dq)² / d² / 2 = Σ err² / 2
             loss += Err1.double().pow(2).sum() / 2
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
-        del Wt, Hinv
+        del Wt, Hinv, W1, Hinv1, Err1  # the views too, or the last ones keep Wt and Hinv alive
 
         if static is not None:
             scales = [s for s, _ in static]
@@ -160,7 +160,7 @@ class GPTQ:
 
         return LayerQuantResult(
             weight=Q,
-            codes=codes.t().to(torch.int32).contiguous(),
+            codes=codes.t().contiguous().to(torch.int32),  # transposed as uint8: 4x less to copy
             scales=torch.stack(scales),
             zeros=torch.stack(zeros).to(torch.int32),
             g_idx=g_idx.to(torch.int32),

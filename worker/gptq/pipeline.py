@@ -148,6 +148,12 @@ class _SharedInputs:
         return counted
 
 
+# Tokens per calibration forward call. A block's intermediates grow with it (an MLP 5632 wide
+# makes 22 MiB per intermediate at 1024 tokens; 8 windows of 2048 tokens through a 7B model's
+# 11008-wide MLP would make 720 MiB each), while larger matrix products gain little on a CPU.
+BATCH_TOKENS = 1024
+
+
 class _CaptureDone(Exception):
     """Stops the capture forward pass once the last block has been reached."""
 
@@ -169,14 +175,18 @@ def quantize_model(
     device: str | torch.device | None = None,
     progress: ProgressCallback | None = None,
     should_stop: Callable[[], bool] | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     arch: ArchSpec | None = None,
     hooks: BlockHooks | None = None,
 ) -> PipelineResult:
     """Quantize every linear of every decoder block in place; returns their GPTQ results.
 
+    batch_size: calibration windows per forward call; by default as many as make
+    BATCH_TOKENS tokens (at least one).
     hooks (optional) load each block before it is quantized, persist it when it is done, and
     may resume the run from a later block (see BlockHooks)."""
+    if batch_size is None:
+        batch_size = max(1, BATCH_TOKENS // max(1, calib_ids.shape[-1]))
     arch = arch or get_arch(model)
     device = torch.device(device) if device is not None else default_device()
     run = _Run(model, arch, config, device, progress, should_stop, hooks)

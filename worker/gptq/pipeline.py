@@ -149,9 +149,10 @@ class _SharedInputs:
 
 
 # Tokens per calibration forward call. A block's intermediates grow with it (an MLP 5632 wide
-# makes 22 MiB per intermediate at 1024 tokens; 8 windows of 2048 tokens through a 7B model's
-# 11008-wide MLP would make 720 MiB each), while larger matrix products gain little on a CPU.
-BATCH_TOKENS = 1024
+# makes 44 MiB per intermediate at 2048 tokens; 8 windows of 2048 tokens through a 7B model's
+# 11008-wide MLP would make 720 MiB each). Fewer tokens per call cost time: each call makes
+# the compact block's weights anew (compactblock.py); at 1024 the forward stage took 30% longer.
+BATCH_TOKENS = 2048
 
 
 class _CaptureDone(Exception):

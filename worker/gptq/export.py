@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from . import __version__
 from .config import QuantizeConfig
@@ -30,7 +31,6 @@ from .errors import EngineError, LayerShapeError
 from .gptq import LayerQuantResult
 from .lazyload import tied_keys
 from .packing import pack_qweight, pack_qzeros
-from .stwriter import save_streamed
 
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
@@ -241,13 +241,15 @@ def _write_weights(
     total = 0
     paths = []
     for fname, shard in zip(names, shards, strict=True):
-        # one entry's tensors in memory at a time, however large the shard
-        made = (item for entry in shard for item in entry.make().items())
-        sizes = save_streamed(made, out_dir / fname, metadata={"format": "pt"})
+        tensors: dict[str, torch.Tensor] = {}
+        for entry in shard:
+            tensors.update(entry.make())
+        save_file(tensors, out_dir / fname, metadata={"format": "pt"})
         paths.append(out_dir / fname)
-        for key, size in sizes.items():
+        for key, t in tensors.items():
             weight_map[key] = fname
-            total += size
+            total += t.numel() * t.element_size()
+        del tensors
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         paths.append(_write_json(out_dir / INDEX_NAME, index))

@@ -115,21 +115,15 @@ class LazyModel:
         """The output head's module name, if it has a weight of its own in the files."""
         get_head = getattr(self.model, "get_output_embeddings", None)
         head = get_head() if get_head is not None else None
-        for name, module in self.model.named_modules():
-            if module is head and head is not None:
-                return name if f"{name}.weight" not in self._tied else None
-        return None
+        if head is None:
+            return None
+        name = next((n for n, m in self.model.named_modules() if m is head), None)
+        return name if name is not None and f"{name}.weight" not in self._tied else None
 
     def release_outside_blocks(self) -> None:
         """Embeddings, norms, head back to meta (the checkpoint reads them from the files)."""
         inside = {id(p) for block in self.arch.blocks(self.model) for p in block.parameters()}
-        on_meta: dict[int, nn.Parameter] = {}  # tied parameters stay one parameter
-        for module in self.model.modules():
-            for attr, param in module._parameters.items():
-                if param is not None and id(param) not in inside and param.device.type != "meta":
-                    if id(param) not in on_meta:
-                        on_meta[id(param)] = nn.Parameter(param.data.to("meta"), requires_grad=False)
-                    module._parameters[attr] = on_meta[id(param)]
+        release(self.model, keep=inside)
 
     def outside_tensors(self, dtype: torch.dtype) -> dict[str, Callable[[], torch.Tensor]]:
         """Readers of the stored tensors outside the blocks, by state-dict name, floats in dtype
@@ -181,12 +175,17 @@ def tied_keys(model: nn.Module) -> set[str]:
     return set(tied(all_submodels=True)) if tied is not None else set()
 
 
-def release(module: nn.Module) -> None:
-    """Return a module's parameters to the meta device (their memory is freed)."""
+def release(module: nn.Module, keep: Collection[int] = ()) -> None:
+    """Return a module's parameters to the meta device (their memory is freed), except those
+    whose id() is in keep; a parameter shared by several modules (tied) stays one parameter."""
+    on_meta: dict[int, nn.Parameter] = {}
     for sub in module.modules():
         for attr, param in sub._parameters.items():
-            if param is not None and param.device.type != "meta":
-                sub._parameters[attr] = nn.Parameter(param.data.to("meta"), requires_grad=False)
+            if param is None or param.device.type == "meta" or id(param) in keep:
+                continue
+            if id(param) not in on_meta:
+                on_meta[id(param)] = nn.Parameter(param.data.to("meta"), requires_grad=False)
+            sub._parameters[attr] = on_meta[id(param)]
 
 
 def open_lazy(

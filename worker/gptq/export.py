@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from . import __version__
 from .config import QuantizeConfig
@@ -31,6 +30,7 @@ from .errors import EngineError, LayerShapeError
 from .gptq import LayerQuantResult
 from .lazyload import tied_keys
 from .packing import pack_qweight, pack_qzeros
+from .stwriter import TensorSpec, write_safetensors
 
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
@@ -123,9 +123,12 @@ def pack_layer(name: str, layer: LayerQuantResult, config: QuantizeConfig) -> di
 class _Entry:
     """One or more tensors written together, materialised only when their shard is written."""
 
-    nbytes: int
+    specs: dict[str, TensorSpec]  # the names make() returns, with their dtypes and shapes
     make: Callable[[], dict[str, torch.Tensor]]
-    keys: tuple[str, ...] = ()  # the names make() returns
+
+    @property
+    def nbytes(self) -> int:
+        return sum(spec.nbytes for spec in self.specs.values())
 
 
 def _checkpoint_entries(
@@ -156,11 +159,10 @@ def _checkpoint_entries(
             seen_storage.add(ident)
         out_dtype = dtype if tensor.is_floating_point() else tensor.dtype
         yield _Entry(
-            tensor.numel() * out_dtype.itemsize,
+            {key: TensorSpec(out_dtype, tuple(tensor.shape))},
             lambda key=key, tensor=tensor, out_dtype=out_dtype: {
                 key: tensor.detach().to("cpu", out_dtype).contiguous()
             },
-            (key,),
         )
 
 
@@ -170,9 +172,15 @@ def _quantized_entry(
     N, K = layer.codes.shape
     G = layer.scales.shape[0]
     bias = getattr(model.get_submodule(name), "bias", None)
-    nbytes = K * config.bits // 8 * N + G * N * config.bits // 8 + G * N * 2 + K * 4
+    # what pack_layer makes: b-bit values packed along K (qweight) and N (qzeros) in int32
+    specs = {
+        f"{name}.qweight": TensorSpec(torch.int32, (K * config.bits // 32, N)),
+        f"{name}.qzeros": TensorSpec(torch.int32, (G, N * config.bits // 32)),
+        f"{name}.scales": TensorSpec(torch.float16, (G, N)),
+        f"{name}.g_idx": TensorSpec(torch.int32, (K,)),
+    }
     if bias is not None:
-        nbytes += N * dtype.itemsize
+        specs[f"{name}.bias"] = TensorSpec(dtype, (N,))
 
     def make() -> dict[str, torch.Tensor]:
         tensors = pack_layer(name, layer, config)
@@ -180,8 +188,7 @@ def _quantized_entry(
             tensors[f"{name}.bias"] = bias.detach().to("cpu", dtype).contiguous()
         return tensors
 
-    keys = tuple(f"{name}.{part}" for part in ("qweight", "qzeros", "scales", "g_idx"))
-    return _Entry(nbytes, make, keys + ((f"{name}.bias",) if bias is not None else ()))
+    return _Entry(specs, make)
 
 
 def layer_tensors(
@@ -205,16 +212,16 @@ def checkpoint_tensors(
     stored: tensors already made (e.g. layers packed as soon as they were solved)."""
     tensors: dict[str, torch.Tensor] = {}
     for entry in _checkpoint_entries(model, layers, config, dtype):
-        if entry.keys and entry.keys[0].startswith(prefix):
+        if next(iter(entry.specs)).startswith(prefix):
             tensors.update(_from_store(entry, stored).make())
     return tensors
 
 
 def _from_store(entry: _Entry, stored: Mapping[str, torch.Tensor] | None) -> _Entry:
     """The entry read from already-written tensors when the store has all of its names."""
-    if stored is None or not entry.keys or not all(key in stored for key in entry.keys):
+    if stored is None or not all(key in stored for key in entry.specs):
         return entry
-    return _Entry(entry.nbytes, lambda: {key: stored[key] for key in entry.keys}, entry.keys)
+    return _Entry(entry.specs, lambda: {key: stored[key] for key in entry.specs})
 
 
 def _plan_shards(entries: list[_Entry], max_shard_size: int) -> list[list[_Entry]]:
@@ -241,15 +248,13 @@ def _write_weights(
     total = 0
     paths = []
     for fname, shard in zip(names, shards, strict=True):
-        tensors: dict[str, torch.Tensor] = {}
-        for entry in shard:
-            tensors.update(entry.make())
-        save_file(tensors, out_dir / fname, metadata={"format": "pt"})
+        specs = {key: spec for entry in shard for key, spec in entry.specs.items()}
+        # one entry's tensors in memory at a time, however large the shard
+        made = (item for entry in shard for item in entry.make().items())
+        write_safetensors(out_dir / fname, specs, made, metadata={"format": "pt"})
         paths.append(out_dir / fname)
-        for key, t in tensors.items():
-            weight_map[key] = fname
-            total += t.numel() * t.element_size()
-        del tensors
+        weight_map.update(dict.fromkeys(specs, fname))
+        total += sum(spec.nbytes for spec in specs.values())
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         paths.append(_write_json(out_dir / INDEX_NAME, index))

@@ -41,3 +41,24 @@ def test_shared_hessians_change_nothing_but_the_work(tmp_path: Path, monkeypatch
     # per block and batch: q,k,v -> 1, o -> 1, gate,up -> 1, down -> 1 accumulations instead of 7
     assert shared * 7 == len(calls) * 4
     assert_same_checkpoint(tmp_path / "shared", tmp_path / "separate")
+
+
+def test_the_tracker_keeps_no_input_alive() -> None:
+    """Between batches the last input would otherwise stay in memory (a whole MLP
+    intermediate during the down_proj pass); it is only compared by identity."""
+    import gc
+    import weakref
+
+    import torch
+
+    shared = pipeline._SharedInputs()
+    q, k = GPTQ(torch.zeros(3, 4)), GPTQ(torch.zeros(5, 4))
+    x = torch.randn(2, 4)
+    assert shared.add("q", q, x) == ["q"]
+    assert shared.add("k", k, x) == ["k"]  # the same tensor: k shares q's XᵀX
+    assert k.xtx is q.xtx
+    seen = weakref.ref(x)
+    del x
+    gc.collect()
+    assert seen() is None
+    assert shared.add("q", q, torch.randn(2, 4)) == ["q"]  # a new batch: counted afresh

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -118,7 +119,9 @@ class _SharedInputs:
     well, so the forward stops before the leader (and its followers) compute anything."""
 
     def __init__(self) -> None:
-        self.last: tuple[torch.Tensor, GPTQ] | None = None
+        # the last input seen, weakly: held, it would keep a batch's intermediate (46 MiB for
+        # a 5632-wide down_proj) alive through the whole next batch
+        self.last: tuple[weakref.ref[torch.Tensor], GPTQ] | None = None
         self.leader: dict[int, GPTQ] = {}  # id(follower) -> the solver whose XᵀX it uses
         self.followers: dict[int, list[tuple[str, GPTQ]]] = {}  # id(leader) -> its followers
         self.learned = False  # set once the first batch has shown every sharing
@@ -126,7 +129,7 @@ class _SharedInputs:
     def add(self, name: str, solver: GPTQ, inputs: torch.Tensor) -> list[str]:
         """Account one input; returns the layers it counts for (name, and followers if known)."""
         last = self.last
-        if last is not None and last[0] is inputs and last[1].columns == solver.columns:
+        if last is not None and last[0]() is inputs and last[1].columns == solver.columns:
             if self.learned:
                 return []  # counted when its leader saw this tensor
             leader = self.leader.setdefault(id(solver), last[1])
@@ -139,7 +142,7 @@ class _SharedInputs:
         if id(solver) in self.leader:
             raise RuntimeError("layers that shared an input tensor stopped sharing it")
         solver.add_batch(inputs)
-        self.last = (inputs, solver)
+        self.last = (weakref.ref(inputs), solver)
         counted = [name]
         if self.learned:
             for follower_name, follower in self.followers.get(id(solver), []):
@@ -319,7 +322,6 @@ class _Run:
             finally:
                 for handle in handles:
                     handle.remove()
-                shared.last = None  # the pass's last input (46 MiB for a 5632-wide down_proj)
             order = list(solvers.items())
             for position, (name, solver) in enumerate(order):
                 self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {name}")

@@ -122,3 +122,20 @@ def test_lazy_refused_for_a_directory_without_safetensors(tmp_path):
     with pytest.raises(EngineError, match="no safetensors weights"):
         quantize(str(source), tmp_path / "out", QuantizeConfig(group_size=32), CALIBRATION,
                  device="cpu", lazy=True)
+
+
+@pytest.mark.parametrize(("evaluate", "expected"), [(None, True), (EvalSpec("builtin", seq_length=32, max_windows=2), False)])
+def test_glibc_is_told_before_the_first_weight(tmp_path: Path, monkeypatch, evaluate, expected) -> None:
+    """A run that may stream sets glibc's thresholds before anything large is allocated (done
+    after loading, about half the runs kept ~150 MiB more in the brk heap); a whole-model
+    run leaves the allocator alone."""
+    from worker.gptq import api
+
+    model = tiny_llama(tmp_path / "m", layers=1)
+    told: list[str] = []
+    monkeypatch.setattr(api, "return_freed_memory", lambda: told.append("mallopt"))
+    load_config = api.load_config
+    monkeypatch.setattr(api, "load_config", lambda *a, **k: (told.append("load"), load_config(*a, **k))[1])
+    quantize(str(model), tmp_path / "out", QuantizeConfig(bits=4, group_size=32), CALIBRATION,
+             device="cpu", evaluate=evaluate)
+    assert told == (["mallopt", "load"] if expected else ["load"])

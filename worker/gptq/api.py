@@ -110,6 +110,12 @@ def quantize(
                           "model: ask for one or the other")
     run = _Run(progress, should_stop, stage_ends(evaluate is not None))
     compute = _compute_device(device)
+    may_stream = lazy or (lazy is None and evaluate is None)
+    if may_stream:
+        # before the first large allocation: one made earlier under glibc's default (dynamic)
+        # mmap threshold can land in the brk heap, which then held ~150 MiB more at every
+        # block's peak in about half the runs (bench/README.md)
+        return_freed_memory()
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
 
@@ -123,7 +129,7 @@ def quantize(
             _check_context(hf_config, evaluate.seq_length, "evaluation")
         common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
         loaded = None
-        if lazy or (lazy is None and evaluate is None):
+        if may_stream:
             loaded, why = _open_lazy(model, hf_config, arch, compute, common)
             if loaded is None and lazy:
                 raise EngineError(f"lazy loading is not possible for {model}: {why}")
@@ -136,8 +142,6 @@ def quantize(
                 **common,
             )
     streamed = loaded.lazy is not None
-    if streamed:
-        return_freed_memory()
     store = None
     if work_dir is not None or streamed:
         store = BlockStore(

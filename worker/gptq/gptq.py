@@ -55,7 +55,9 @@ class GPTQ:
         return self.xtx * (2.0 / self.nsamples)
 
     def free(self) -> None:
+        """Drop the sums and the weight (a solver outlives its solve in the caller's loop)."""
         self.xtx = None  # type: ignore[assignment]
+        self.weight = None  # type: ignore[assignment]
 
     def solve(self, config: QuantizeConfig, *, consume: bool = False) -> LayerQuantResult:
         """consume=True turns the accumulated sums into the Hessian in place (one K x K matrix

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -102,8 +103,24 @@ def build_model(shape: Shape, directory: Path, seed: int = 0) -> int:
     return total
 
 
+def build_in_child(shape: Shape, directory: Path) -> int:
+    """build_model in a child process: this one must stay small (see peak_rss)."""
+    code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from memory import Shape, build_model; "
+            "from pathlib import Path; build_model(Shape(**json.loads(sys.argv[3])), Path(sys.argv[4]))")
+    fields = {k: getattr(shape, k) for k in ("hidden", "intermediate", "layers", "vocab", "heads", "kv_heads", "label")}
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(ROOT), json.dumps(fields), str(directory)],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return _size(directory)
+
+
 def peak_rss(argv: list[str]) -> tuple[int, float]:
-    """(peak RSS in bytes, seconds) of a child process, from the kernel's own high-water mark."""
+    """(peak RSS in bytes, seconds) of a child process, from the kernel's own high-water mark.
+
+    That mark counts the parent's too: the child is forked (vfork: it runs in the parent's
+    memory until exec), and exec records the high-water mark of the memory it leaves. A
+    measuring process that built a 2.2 GB model itself had a 1063 MiB mark, which every
+    child then reported (the child's own: 849 MiB). So models are built in a child
+    (build_in_child) and main() checks that its own mark stays below every row."""
     began = time.perf_counter()
     child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(child.pid, 0)
@@ -147,9 +164,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="also run with the whole model loaded")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them")
     parser.add_argument("--repeat", type=int, default=1,
-                        help="runs per model: the peak moves by up to ~150 MiB from run to run "
-                             "(allocator behaviour), so each row shows every run and the target "
-                             "is judged on the highest")
+                        help="runs per model: each row shows every run and the target is judged "
+                             "on the highest")
     parser.add_argument("--gptqd", type=Path, default=GPTQD,
                         help="the gptqd to measure, e.g. from a venv with only the service's own "
                              "dependencies (the dev venv's interop extra adds torchao, ~80 MiB)")
@@ -172,7 +188,7 @@ def main() -> None:
     try:
         for shape in shapes:
             model = work / re.sub(r"[^A-Za-z0-9.-]+", "_", shape.name)
-            size = build_model(shape, model) if not model.exists() else _size(model)
+            size = build_in_child(shape, model) if not model.exists() else _size(model)
             # the whole-model comparison only on the small pair: the big ones would take long
             for eager in ([False, True] if args.eager and shape in shapes[:2] else [False]):
                 runs = []
@@ -189,8 +205,13 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
 
     mib = 2**20
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # see peak_rss
+    if any(own >= min(peaks) for _, _, _, peaks, _ in rows):
+        print(f"warning: this process peaked at {own / mib:.0f} MiB, which the children's figures "
+              "include: rows at or below it are not their own", file=sys.stderr)
     print(f"calibration: {NUM_SAMPLES} x {SEQ_LENGTH} tokens, 4-bit g128, CPU; gptqd: {args.gptqd}; "
-          f"RSS of the imports alone: {baseline / mib:.0f} MiB\n")
+          f"RSS of the imports alone: {baseline / mib:.0f} MiB; the measuring process's own peak: "
+          f"{own / mib:.0f} MiB\n")
     print("| model | layers | fp16 weights | mode | peak RSS (each run) | highest - imports | target | time |")
     print("|---|---:|---:|---|---:|---:|---|---:|")
     for shape, size, mode, peaks, seconds in rows:

@@ -16,7 +16,6 @@ held; trim() (malloc_trim) after each layer and block gives it back: 750 -> 424 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _M_TRIM_THRESHOLD = -1
@@ -51,7 +50,9 @@ def _glibc() -> ctypes.CDLL | None:
     global _libc
     if _libc is None and sys.platform.startswith("linux"):
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            # glibc's soname, opened directly: ctypes.util.find_library runs ldconfig in a
+            # subprocess, which a job process (forked from a worker with threads) should not
+            libc = ctypes.CDLL("libc.so.6")
             libc.mallopt  # noqa: B018 - musl and others have no mallopt
         except (OSError, AttributeError):
             return None

@@ -18,6 +18,7 @@ wins, and a duplicate message is harmless because claiming a job is atomic.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -92,6 +93,22 @@ def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
     return done
 
 
+# Job processes are forked from the worker's main process, where this thread may be inside
+# SQLite (store, embedded broker) or a socket library at that moment: a child forked then
+# inherits their locks held and hangs at its first query (seen once: a job left 'queued', its
+# process blocked until the worker stopped). A fork waits for the pass to end instead.
+_in_pass = threading.Lock()
+_fork_guarded = False
+
+
+def _guard_forks() -> None:
+    global _fork_guarded
+    if not _fork_guarded:
+        os.register_at_fork(before=_in_pass.acquire, after_in_parent=_in_pass.release,
+                            after_in_child=_in_pass.release)
+        _fork_guarded = True
+
+
 class Reconciler(threading.Thread):
     """Runs reconcile() now and then every `settings.reconcile_seconds` until stopped."""
 
@@ -99,11 +116,13 @@ class Reconciler(threading.Thread):
         super().__init__(name="gptqd-reconciler", daemon=True)
         self.store, self.settings, self.sender = store, settings, sender
         self.stopping = threading.Event()
+        _guard_forks()
 
     def run(self) -> None:
         while True:
             try:
-                reconcile(self.store, self.settings, self.sender)
+                with _in_pass:
+                    reconcile(self.store, self.settings, self.sender)
             except Exception:  # a store or broker outage: try again next time
                 log.warning("reconcile pass failed", exc_info=True)
             if self.stopping.wait(self.settings.reconcile_seconds):

@@ -20,6 +20,7 @@ not a sample). Rows:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -107,8 +108,8 @@ def build_in_child(shape: Shape, directory: Path) -> int:
     """build_model in a child process: this one must stay small (see peak_rss)."""
     code = ("import sys, json; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from memory import Shape, build_model; "
             "from pathlib import Path; build_model(Shape(**json.loads(sys.argv[3])), Path(sys.argv[4]))")
-    fields = {k: getattr(shape, k) for k in ("hidden", "intermediate", "layers", "vocab", "heads", "kv_heads", "label")}
-    subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(ROOT), json.dumps(fields), str(directory)],
+    fields = json.dumps(dataclasses.asdict(shape))
+    subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(ROOT), fields, str(directory)],
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return _size(directory)
 

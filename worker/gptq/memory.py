@@ -10,7 +10,9 @@ a flat 414 MB with; peak 794 -> 634 MB.
 That is not all: memory freed by torch's worker threads goes back to their own malloc arenas,
 which glibc does not trim on its own. In about half the runs of a Llama h2048 block ~320 MiB
 stayed resident between blocks (and added to the next block's peak) that no live tensor
-held; trim() (malloc_trim) after each layer and block gives it back: 750 -> 424 MiB.
+held; trim() (malloc_trim) after each calibration batch, layer and block gives it back:
+750 -> 424 MiB. The thresholds must be set before the run's first large allocation: set
+after loading, about half the runs kept ~150-240 MiB more in the brk heap (api.quantize).
 """
 
 from __future__ import annotations

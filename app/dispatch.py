@@ -7,7 +7,7 @@ import re
 
 from celery import Celery
 
-from worker.celery_app import RUN_JOB, RUN_VERIFICATION
+from app.tasknames import RUN_JOB, RUN_VERIFICATION
 
 log = logging.getLogger("gptqd.api")
 ITEM_ID = re.compile(rb"(?:job|ver)_[0-9a-f]{32}")

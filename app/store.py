@@ -139,6 +139,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise ValueError("cursor is not one returned by GET /jobs") from exc
 
 
+def _stale_or_only(table: Any, beat: Any, stale_before: datetime | None,
+                   only: tuple[str, int] | None) -> list[Any]:
+    """The conditions picking the rows to requeue: one given attempt, or all stale ones."""
+    if only is not None:
+        return [table.id == only[0], table.attempts == only[1]]
+    assert stale_before is not None, "give stale_before or only"
+    return [beat < stale_before]
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
@@ -442,18 +451,21 @@ class Store:
         return self.get_job(job_id)
 
     def requeue_stale(
-        self, stale_before: datetime, max_attempts: int
+        self, stale_before: datetime | None, max_attempts: int, *,
+        only: tuple[str, int] | None = None,
     ) -> tuple[list[str], list[str]]:
         """Running jobs whose worker stopped beating before stale_before: back to queued (the
         next claim counts a new attempt), or failed once they used max_attempts, or cancelled
         when that was asked. Returns (requeued ids, ended ids); the caller re-sends the
-        requeued ones to the broker."""
+        requeued ones to the broker. only=(job id, attempt): that attempt alone, whatever its
+        heartbeat (its process is known to be dead)."""
         requeued, ended = [], []
         now = utcnow()
         with self._write() as s:
             rows = s.execute(
                 select(Job.id, Job.attempts, Job.cancel_requested)
-                .where(Job.status == "running", Job.heartbeat_at < stale_before)
+                .where(Job.status == "running",
+                       *_stale_or_only(Job, Job.heartbeat_at, stale_before, only))
             ).all()
             for job_id, attempts, cancel in rows:
                 values: dict[str, Any] = {"updated_at": now, "worker": None}
@@ -563,18 +575,21 @@ class Store:
             ).rowcount)
 
     def requeue_stale_verifications(
-        self, stale_before: datetime, max_attempts: int
+        self, stale_before: datetime | None, max_attempts: int, *,
+        only: tuple[str, int] | None = None,
     ) -> tuple[list[str], list[str]]:
         """Running verifications whose worker stopped beating: queued again (the caller re-sends
-        them), or failed as worker_lost once they used max_attempts. (requeued, failed)."""
+        them), or failed as worker_lost once they used max_attempts. (requeued, failed).
+        only=(verification id, attempt) as in requeue_stale."""
         requeued, ended = [], []
         now = utcnow()
+        # rows from before heartbeats were kept have only started_at
+        beat = func.coalesce(Verification.heartbeat_at, Verification.started_at)
         with self._write() as s:
             rows = s.execute(
                 select(Verification.id, Verification.attempts).where(
                     Verification.status == "running",
-                    # rows from before heartbeats were kept have only started_at
-                    func.coalesce(Verification.heartbeat_at, Verification.started_at) < stale_before,
+                    *_stale_or_only(Verification, beat, stale_before, only),
                 )
             ).all()
             for vid, attempts in rows:

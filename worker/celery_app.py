@@ -3,20 +3,22 @@
 The job store is the source of truth; a message only says "look at job X", so the tasks are
 idempotent and results are not kept in Celery (no result backend). Start a worker with
 `celery -A worker.celery_app worker` (or `gptqd worker`, which adds the per-GPU flags).
+
+The worker's own processes never run engine code and never import torch: each job runs in a
+clean process of its own (worker/jobprocess.py), so nothing imported here, by us or by a
+library a team installs, can break it.
 """
 
 from __future__ import annotations
 
 import logging
-import resource
+import os
+import sys
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
 
 from app.settings import Settings, get_settings
-
-RUN_JOB = "gptqd.run_job"
-RUN_VERIFICATION = "gptqd.run_verification"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -45,7 +47,8 @@ def make_celery(settings: Settings) -> Celery:
         # letting two workers run the same job (the store's claim also refuses the second)
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_track_started=True,
-        # a fresh process per job frees everything the job allocated (GPU memory included)
+        # a fresh pool process per job; the job itself runs in a clean exec'd process
+        # (worker/jobprocess.py), which frees everything it allocated (GPU memory included)
         worker_max_tasks_per_child=1,
         worker_concurrency=1,
         worker_hijack_root_logger=False,
@@ -54,28 +57,28 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-# what a job imports on first use (about 2 s per job otherwise); no computation runs here, so
-# no thread pool exists yet when the job processes are forked
-PRELOAD = (
-    "transformers", "accelerate", "tokenizers", "safetensors.torch",
-    "transformers.tokenization_utils_fast", "transformers.models.auto.tokenization_auto",
-    "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama",
-    "transformers.generation.utils", "huggingface_hub.serialization",
-    "worker.gptq.api", "worker.gptq.loader", "worker.gptq.lazyload", "worker.gptq.export",
-    "worker.gptq.calibration", "worker.gptq.pipeline", "worker.gptq.blockstore",
-    "worker.gptq.evaluate",
-)
+_solo = False  # tasks run in the worker's main process (--pool=solo)
 
 
 @worker_init.connect
-def _preload_engine(**_: object) -> None:
-    """Import torch, transformers and the engine once in the worker's main process, so each
-    fresh per-job child (forked from it) starts in a fraction of a second. Importing does not
-    initialise CUDA, so the fork stays safe on a GPU box."""
-    import importlib
+def _check_worker(sender: object = None, **_: object) -> None:
+    """Refuse to start a worker whose jobs could only fail: GPTQD_DEVICE asks for a device
+    that does not work here. One clear message instead of a failed job after job."""
+    global _solo
+    pool = getattr(sender, "pool_cls", "")
+    _solo = "solo" in str(getattr(pool, "__name__", pool)).lower()
+    from worker.devicecheck import device_problem
 
-    for name in PRELOAD:
-        importlib.import_module(name)
+    problem = device_problem(get_settings().device)
+    if problem:
+        logging.getLogger("gptqd.worker").critical("%s", problem)
+        print(f"gptqd worker: {problem}", file=sys.stderr, flush=True)
+        os._exit(78)  # EX_CONFIG: a restart policy should not retry a broken configuration
+
+
+def solo_pool() -> bool:
+    """Tasks run in the worker's main process (--pool=solo), which outlives each task."""
+    return _solo
 
 
 _reconciler = None  # the worker main process's reconciler thread (see worker/reconciler.py)
@@ -85,6 +88,10 @@ _reconciler = None  # the worker main process's reconciler thread (see worker/re
 def _start_reconciler(**_: object) -> None:
     """At worker start and then periodically, the store and the broker are made to agree."""
     global _reconciler
+    if solo_pool():  # jobs are handed out from this process: start the first job process now
+        from worker.tasks import launcher
+
+        launcher.prepare()
     from app.dispatch import Dispatcher
     from app.store import Store
     from worker.reconciler import Reconciler
@@ -104,16 +111,15 @@ def _stop_reconciler(**_: object) -> None:
 
 
 @worker_process_init.connect
-def _init_job_process(**_: object) -> None:
-    """In each forked job process: drop the parent's database connections (never share a
-    socket across a fork) and apply the job memory limit."""
+def _init_pool_process(**_: object) -> None:
+    """In each pool process (forked, one task each): drop the parent's database connections
+    (never share a socket across a fork) and start the clean process its job will run in
+    (worker/jobprocess.py), so it has imported the engine by the time the job arrives."""
     if _reconciler is not None:
         _reconciler.store.engine.dispose(close=False)
-    limit = get_settings().job_memory_limit_mb
-    if limit:
-        size = limit * 1024 * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (size, size))
-        logging.getLogger("gptqd.worker").info("job memory limited to %d MiB", limit)
+    from worker.tasks import launcher
+
+    launcher.prepare()
 
 
 app = make_celery(get_settings())

@@ -32,8 +32,9 @@ from worker.reconciler import remove_leftovers
 log = logging.getLogger("gptqd.worker")
 
 
-def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+def worker_name(pid: int | None = None) -> str:
+    """How the store names the process running an attempt (this one by default)."""
+    return f"{socket.gethostname()}:{pid or os.getpid()}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

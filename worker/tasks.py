@@ -1,12 +1,25 @@
-"""Celery tasks. A message carries only an id; everything else is read from the job store."""
+"""Celery tasks. A message carries only an id; everything else is read from the job store.
+
+A task hands its item to a clean job process (worker/jobprocess.py) and waits for it. If that
+process dies (the kernel's OOM killer picks the biggest process: the job's), the attempt is
+requeued at once, or failed once it used its attempts, instead of waiting for its heartbeat to
+go stale.
+"""
 
 from __future__ import annotations
 
+import logging
+import signal
 from functools import cache
 
 from app.settings import get_settings
 from app.store import Store
-from worker.celery_app import RUN_JOB, RUN_VERIFICATION, app
+from app.tasknames import RUN_JOB, RUN_VERIFICATION
+from worker.celery_app import app
+from worker.jobprocess import Kind, Launcher
+
+log = logging.getLogger("gptqd.worker")
+launcher = Launcher()
 
 
 @cache
@@ -16,15 +29,49 @@ def _store() -> Store:
     return store
 
 
-@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
-def run_job(job_id: str) -> str | None:
-    from worker.jobrunner import run_job as run
+def _run(kind: Kind, item_id: str) -> None:
+    from worker import celery_app
 
-    return run(job_id, _store(), get_settings())
+    pid, code = launcher.run(kind, item_id)
+    if celery_app.solo_pool():  # every task runs in this process: keep a job process waiting
+        launcher.prepare()
+    if code != 0:
+        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        log.warning("the process running %s %s died (%s)", kind, item_id, how)
+        _requeue_dead(kind, item_id, pid)
+
+
+def _requeue_dead(kind: Kind, item_id: str, pid: int) -> None:
+    """The attempt of a job process that died is requeued (and re-sent) now, or ended once it
+    used max_attempts; an attempt that recorded its end, or that another worker holds, is left
+    alone."""
+    from app.dispatch import Dispatcher
+    from worker.jobrunner import worker_name
+
+    settings, store = get_settings(), _store()
+    dispatcher = Dispatcher(app, settings.queue)
+    if kind == "job":
+        job = store.get_job(item_id)
+        if job is None or job.status != "running" or job.worker != worker_name(pid):
+            return
+        requeued, _ = store.requeue_stale(None, settings.max_attempts, only=(item_id, job.attempts))
+        for job_id in requeued:
+            dispatcher.send_job(job_id)
+        return
+    ver = store.get_verification(item_id)
+    if ver is None or ver.status != "running":
+        return
+    requeued, _ = store.requeue_stale_verifications(None, settings.max_attempts,
+                                                    only=(item_id, ver.attempts))
+    for vid in requeued:
+        dispatcher.send_verification(vid)
+
+
+@app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)
+def run_job(job_id: str) -> None:
+    _run("job", job_id)
 
 
 @app.task(name=RUN_VERIFICATION, acks_late=True, reject_on_worker_lost=True)
-def run_verification(verification_id: str) -> str | None:
-    from worker.verifier import run_verification as run
-
-    return run(verification_id, _store(), get_settings())
+def run_verification(verification_id: str) -> None:
+    _run("verification", verification_id)

@@ -1,0 +1,145 @@
+"""Every job and every verification runs in a process of its own that starts clean.
+
+A job process is exec'd (a new interpreter), never forked from the worker: whatever the
+worker's process imported or initialised cannot reach it. CUDA above all: a library that
+touches CUDA while being imported (torchao does, once installed) breaks every child forked
+after it ("Cannot re-initialize CUDA in forked subprocess").
+
+To keep a job's start cheap, the next job process is started ahead of its job: it imports
+torch, transformers and the engine, then waits on its stdin for one line, `job <id>` or
+`verification <id>`. It runs that one item and exits, so everything it allocated (GPU memory
+included) goes back to the system. It dies with the process that started it (PR_SET_PDEATHSIG),
+so stopping a worker never leaves a job process behind.
+
+Parent side: `Launcher`. Child side: `python -m worker.jobprocess` (main()).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+from typing import Literal
+
+log = logging.getLogger("gptqd.worker")
+
+Kind = Literal["job", "verification"]
+
+# what a job imports on first use (seconds per job otherwise): imported while the process waits
+PRELOAD = (
+    "torch", "transformers", "accelerate", "tokenizers", "safetensors.torch",
+    "transformers.tokenization_utils_fast", "transformers.models.auto.tokenization_auto",
+    "transformers.models.auto.modeling_auto", "transformers.models.llama.modeling_llama",
+    "transformers.generation.utils", "huggingface_hub.serialization",
+    "worker.gptq.api", "worker.gptq.loader", "worker.gptq.lazyload", "worker.gptq.export",
+    "worker.gptq.calibration", "worker.gptq.pipeline", "worker.gptq.blockstore",
+    "worker.gptq.evaluate", "worker.jobrunner", "worker.verifier",
+)
+PARENT_ENV = "GPTQD_JOB_PARENT"  # the pid the job process must die with
+PR_SET_PDEATHSIG = 1
+
+
+class Launcher:
+    """Starts job processes ahead of their jobs, one waiting at a time."""
+
+    def __init__(self) -> None:
+        self.waiting: subprocess.Popen | None = None
+
+    def prepare(self) -> None:
+        """Starts the next job process now, unless one is already waiting."""
+        if self.waiting is None or self.waiting.poll() is not None:
+            self.waiting = subprocess.Popen(
+                [sys.executable, "-m", "worker.jobprocess"], stdin=subprocess.PIPE,
+                env={**os.environ, PARENT_ENV: str(os.getpid())}, close_fds=True,
+            )
+
+    def run(self, kind: Kind, item_id: str) -> tuple[int, int]:
+        """Hands one item to the waiting job process (started now if none waits) and waits
+        for it to end: (its pid, its exit code; negative: the signal that killed it)."""
+        self.prepare()
+        proc, self.waiting = self.waiting, None
+        assert proc is not None and proc.stdin is not None
+        try:
+            proc.stdin.write(f"{kind} {item_id}\n".encode())
+            proc.stdin.close()
+        except BrokenPipeError:  # it died while waiting; wait() below says how
+            pass
+        return proc.pid, proc.wait()
+
+    def close(self) -> None:
+        """Lets a waiting job process exit (it reads end-of-file instead of a job)."""
+        if self.waiting is not None and self.waiting.stdin is not None:
+            self.waiting.stdin.close()
+            self.waiting.wait()
+        self.waiting = None
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the one that started it ends (Linux), and exit now if that
+    already happened before the request was in place."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent is None:
+        return
+    # not glibc (OSError): the parent's end is still seen below and by end-of-file on stdin
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent):
+        os._exit(0)
+
+
+def _limit_memory() -> None:
+    """The job memory limit (GPTQD_JOB_MEMORY_LIMIT_MB): a job that needs more fails with
+    out_of_memory instead of waking the kernel's OOM killer."""
+    from app.settings import get_settings
+
+    limit = get_settings().job_memory_limit_mb
+    if limit:
+        size = limit * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size, size))
+        log.info("job memory limited to %d MiB", limit)
+
+
+def run_item(kind: Kind, item_id: str) -> str | None:
+    """Runs one job or verification in this process; its final status (None: skipped)."""
+    from app.settings import get_settings
+    from app.store import Store
+
+    settings = get_settings()
+    store = Store(settings.store_url)
+    try:
+        if kind == "job":
+            from worker.jobrunner import run_job
+
+            return run_job(item_id, store, settings)
+        from worker.verifier import run_verification
+
+        return run_verification(item_id, store, settings)
+    finally:
+        store.dispose()
+
+
+def main() -> None:
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="[%(asctime)s: %(levelname)s/JobProcess-%(process)d] %(message)s")
+    _limit_memory()
+    for name in PRELOAD:
+        importlib.import_module(name)
+    line = sys.stdin.readline().split()
+    if not line:  # the worker stopped before giving this process a job
+        return
+    kind, item_id = line
+    if kind not in ("job", "verification"):
+        raise SystemExit(f"unknown item kind {kind!r}")
+    status = run_item(kind, item_id)  # type: ignore[arg-type]
+    log.info("%s %s: %s", kind, item_id, status or "skipped (not queued)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""The GPU check's steps, run one after another inside one deadline (started by bench/gpu.sh).
+
+Each step is a child process with its own timeout (steprun.run); a step that fails or runs out
+of time is recorded with the reason and the next one runs. After every step the table and the
+JSON of all figures are rewritten (to $OUT when set), so a run cut short still reports.
+Steps: env, build, quantize, gptqmodel, ratio, quality, service, service_poisoned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import steprun
+
+ROOT = Path(__file__).resolve().parents[2]
+RESERVE_S = 8  # kept back from every step for writing the table at the end
+# in this order: the cheap checks before the service runs, which may hang until their timeout
+STEPS = {
+    "env": "environment",
+    "build": "build random Llama",
+    "quantize": "gptqd quantize",
+    "gptqmodel": "GPTQModel quantize",
+    "ratio": "time ratio",
+    "quality": "fixture quality, device vs CPU",
+    "service": "service job (gptqd up)",
+    "service_poisoned": "service job, CUDA-touching preload",
+}
+# each step's own limit on a GPU (seconds); CPU mode multiplies them by CPU_SLOWER
+LIMITS = {"env": 60, "build": 120, "quantize": 200, "gptqmodel": 200, "quality": 45,
+          "service": 150, "service_poisoned": 150}
+CPU_SLOWER = 4
+FULL = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4}
+# intermediate 768, not 688: a 688-wide down_proj cannot be cut into groups of 128
+SMALL = {"hidden": 256, "intermediate": 768, "layers": 2, "heads": 4, "kv_heads": 2}
+STAGES = ("loading", "calibration", "quantizing", "saving")
+SUBSTAGES = ("forward", "hessian", "solve", "packing", "storing")
+QUALITY_TOLERANCE = 0.005  # perplexity after quantization, device vs CPU
+
+
+@dataclasses.dataclass
+class Row:
+    step: str
+    title: str
+    status: str = "SKIP"  # PASS, FAIL, SKIP, or INFO for a derived figure
+    seconds: float | None = None
+    summary: str = ""
+    figures: dict = dataclasses.field(default_factory=dict)
+
+    def fail(self, why: str) -> None:
+        self.status, self.summary = "FAIL", why
+
+
+def gib(n: float | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def marked_json(log: Path, mark: str) -> dict | None:
+    """The JSON after the last line starting with mark (how the step scripts report)."""
+    found = None
+    if log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            if line.startswith(mark):
+                found = line[len(mark):]
+    return json.loads(found) if found else None
+
+
+def read_report(out_dir: Path) -> dict | None:
+    path = out_dir / "quant_report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Check:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = args.device
+        self.cuda = args.device == "cuda"
+        self.scale = 1 if self.cuda else CPU_SLOWER
+        self.shape = SMALL if args.small else FULL
+        self.fixtures = Path(args.fixtures).resolve()
+        self.work = Path(args.work).resolve()
+        self.logs = self.work / "logs"
+        self.out = Path(os.environ["OUT"]) if os.environ.get("OUT") else self.work
+        self.started = args.t0
+        self.deadline = args.t0 + args.budget
+        self.site = {name: Path(args.site) / name for name in ("svc", "gpm")}
+        self.model_name = "llama-small" if args.small else "llama-tinyllama-shape"
+        self.models_dir = self.work / "models"
+        self.model = self.models_dir / self.model_name
+        self.rows: list[Row] = []
+        self.meta: dict = {}
+
+    # --- running children ----------------------------------------------------------------
+
+    def env(self, *extra: Path) -> dict[str, str]:
+        """The children's environment: extra paths, carried wheels, then the checkout."""
+        paths = [*extra, *(p for p in self.site.values() if p.name == "svc" and p.is_dir()), ROOT]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths)),
+               "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if not self.cuda:
+            # no GPU visible at all: a CPU run must not touch one, even on a GPU machine
+            env["CUDA_VISIBLE_DEVICES"] = ""
+            env["GPTQD_DEVICE"] = "cpu"
+            env["GPTQMODEL_CPU_WORKERS"] = str(max(2, os.cpu_count() or 2))
+        return env
+
+    def left(self) -> float:
+        return self.deadline - time.time()
+
+    def run(self, row: Row, name: str, cmd: list[str], *, extra: tuple[Path, ...] = (),
+            sample: bool = False, limit: float | None = None) -> steprun.Outcome | None:
+        """Runs one child for a step (log: logs/<name>.log); None when no time is left."""
+        limit = (limit or LIMITS[row.step]) * self.scale
+        timeout = min(limit, self.left() - RESERVE_S)
+        if timeout < 10:
+            row.status, row.summary = "SKIP", "no time left before the overall deadline"
+            return None
+        sampler = steprun.GpuSampler(self.logs / f"{name}.smi.csv", sample and self.cuda
+                                     and shutil.which("nvidia-smi") is not None)
+        with sampler:
+            outcome = steprun.run(cmd, env=self.env(*extra), timeout=timeout,
+                                  log=self.logs / f"{name}.log", cwd=ROOT)
+        row.seconds = round((row.seconds or 0) + outcome.seconds, 1)
+        gpu = sampler.summary()
+        if gpu:
+            row.figures["gpu_util"] = gpu
+        print(f"    {name}: rc={outcome.rc} in {outcome.seconds:.1f} s", flush=True)
+        return outcome
+
+    def quantize_cli(self, model: Path, out: Path, device: str, *options: str) -> list[str]:
+        shutil.rmtree(out, ignore_errors=True)
+        return [sys.executable, "-m", "app.cli", "quantize", "--model", str(model),
+                "--out", str(out), "--device", device, "--no-progress", "--damp-percent", "0.01",
+                *options]
+
+    # --- steps ----------------------------------------------------------------------------
+
+    def step_env(self, row: Row) -> None:
+        code = (
+            "import json, os, platform, torch, transformers\n"
+            "svc = []\n"
+            "for m in ('fastapi', 'celery', 'sqlalchemy', 'pydantic_settings', 'uvicorn'):\n"
+            "    try: __import__(m)\n"
+            "    except Exception as e: svc.append(f'{m}: {e}')\n"
+            "cuda = torch.cuda.is_available()\n"
+            "print('ENV_JSON:' + json.dumps({'python': platform.python_version(),"
+            " 'torch': torch.__version__, 'transformers': transformers.__version__,"
+            " 'cuda': cuda, 'gpu': torch.cuda.get_device_name() if cuda else None,"
+            " 'cpus': os.cpu_count(), 'service_deps_missing': svc}))\n"
+        )
+        outcome = self.run(row, "env", [sys.executable, "-c", code])
+        info = outcome and marked_json(outcome.log, "ENV_JSON:")
+        if not info:
+            return row.fail(outcome.why() if outcome else row.summary)
+        self.meta.update(info)
+        row.figures = info
+        row.summary = (f"{info['gpu'] or 'no GPU'}, torch {info['torch']}, transformers "
+                       f"{info['transformers']}, python {info['python']}, {info['cpus']} CPUs")
+        if info["service_deps_missing"]:
+            return row.fail("service packages missing: " + "; ".join(info["service_deps_missing"]))
+        if self.cuda and not info["cuda"]:
+            return row.fail("torch sees no CUDA device (" + row.summary + ")")
+        row.status = "PASS"
+
+    def step_build(self, row: Row) -> None:
+        shutil.rmtree(self.model, ignore_errors=True)
+        s = self.shape
+        cmd = [sys.executable, str(ROOT / "bench/gpu/make_model.py"), "--out", str(self.model),
+               "--tokenizer", str(self.fixtures / "tokenizers/gpt2"), "--device", self.device,
+               "--hidden", str(s["hidden"]), "--intermediate", str(s["intermediate"]),
+               "--layers", str(s["layers"]), "--heads", str(s["heads"]),
+               "--kv-heads", str(s["kv_heads"])]
+        outcome = self.run(row, "build", cmd)
+        info = outcome and marked_json(outcome.log, "MODEL_JSON:")
+        if not info or outcome.rc != 0:
+            return row.fail(outcome.why() if outcome else row.summary)
+        row.figures = info
+        row.status = "PASS"
+        row.summary = (f"{info['params_m']:.0f}M params, {gib(info['bytes'])} on disk, "
+                       f"built on {info['device']}")
+
+    def need_model(self, row: Row) -> bool:
+        if (self.model / "config.json").is_file():
+            return True
+        row.fail("no model: the build step failed")
+        return False
+
+    def step_quantize(self, row: Row) -> None:
+        if not self.need_model(row):
+            return
+        out = self.work / "q-gptqd"
+        cmd = self.quantize_cli(
+            self.model, out, self.device, "--bits", "4", "--group-size", "128",
+            "--calibration", str(self.fixtures / "wikitext-2/valid.txt"),
+            "--num-samples", str(self.args.num_samples), "--seq-length", str(self.args.seq_length))
+        outcome = self.run(row, "quantize", cmd, sample=True)
+        report = read_report(out) if outcome and outcome.rc == 0 else None
+        if report is None:
+            return row.fail(outcome.why() if outcome else row.summary)
+        stages = report["stage_seconds"]
+        peak = report.get("peak_memory") or {}
+        row.figures.update({
+            "wall_s": row.seconds, "duration_s": round(report["duration_seconds"], 2),
+            "device": report["device"], "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
+            "peak_cuda_bytes": peak.get("cuda_bytes"), "peak_rss_bytes": peak.get("rss_bytes"),
+        })
+        parts = [f"wall {row.seconds:.1f} s, engine {report['duration_seconds']:.1f} s ("
+                 + ", ".join(f"{k} {stages[k]:.1f}" for k in STAGES if k in stages) + "; "
+                 + ", ".join(f"{k} {stages['quantizing.' + k]:.1f}" for k in SUBSTAGES
+                             if "quantizing." + k in stages) + ")",
+                 f"peak CUDA {gib(peak.get('cuda_bytes'))}, RSS {gib(peak.get('rss_bytes'))}",
+                 f"device {report['device']}"]
+        gpu = row.figures.get("gpu_util")
+        if gpu:
+            parts.append(f"GPU util mean {gpu['util_mean']:.0f}% max {gpu['util_max']}% "
+                         f"({gpu['samples']} samples)")
+        elif self.cuda:
+            parts.append("GPU util not sampled (no nvidia-smi)")
+        row.summary = "; ".join(parts)
+        if not str(report["device"]).startswith(self.device):
+            return row.fail(f"report says device {report['device']}, expected {self.device}; "
+                            + row.summary)
+        row.status = "PASS"
+
+    def step_gptqmodel(self, row: Row) -> None:
+        if not self.need_model(row):
+            return
+        gpm = (self.site["gpm"],) if self.site["gpm"].is_dir() else ()
+        probe = self.run(row, "gptqmodel-import", [sys.executable, "-c", "import gptqmodel"],
+                         extra=gpm, limit=60)
+        if probe is None:
+            return
+        if probe.rc != 0:
+            row.status = "SKIP"
+            row.summary = f"GPTQModel not importable ({probe.why()})"
+            return
+        out = self.work / "q-gptqmodel"
+        shutil.rmtree(out, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "bench/gpu/gpm_quantize.py"), "--model", str(self.model),
+               "--calibration", str(self.fixtures / "wikitext-2/valid.txt"), "--out", str(out),
+               "--num-samples", str(self.args.num_samples),
+               "--seq-length", str(self.args.seq_length), "--bits", "4", "--group-size", "128",
+               "--damp", "0.01", "--device", self.device]
+        outcome = self.run(row, "gptqmodel", cmd, extra=gpm, sample=True)
+        info = outcome and marked_json(outcome.log, "GPM_JSON:")
+        if not info or outcome.rc != 0:
+            return row.fail(outcome.why() if outcome else row.summary)
+        row.figures.update(info)
+        row.status = "PASS"
+        row.summary = (f"GPTQModel {info['version']}: load {info['load_s']:.1f} + quantize "
+                       f"{info['quantize_s']:.1f} + save {info['save_s']:.1f} = "
+                       f"{info['total_s']:.1f} s (import and tokenizing {info['setup_s']:.1f} s "
+                       f"not counted); peak CUDA {info['cuda_peak_gib'] or 'n/a'} GiB")
+        gpu = row.figures.get("gpu_util")
+        if gpu:
+            row.summary += f"; GPU util mean {gpu['util_mean']:.0f}% max {gpu['util_max']}%"
+
+    def step_ratio(self, row: Row) -> None:
+        ours = self.row("quantize").figures.get("duration_s")
+        theirs = self.row("gptqmodel").figures.get("total_s")
+        if not ours or not theirs:
+            row.summary = "needs both quantize rows"
+            return
+        row.status = "INFO"
+        row.figures = {"ratio": round(ours / theirs, 3)}
+        row.summary = (f"gptqd {ours:.1f} s / GPTQModel {theirs:.1f} s = {ours / theirs:.2f} "
+                       "(below 1: gptqd faster)")
+
+    def step_quality(self, row: Row) -> None:
+        fx = self.fixtures
+        ppl = {}
+        for label, device in (("device", self.device), ("cpu", "cpu")):
+            out = self.work / f"q-fixture-{label}"
+            cmd = self.quantize_cli(
+                fx / "models/tiny-gpt2-wikitext2", out, device, "--bits", "3",
+                "--group-size", "128", "--calibration", str(fx / "wikitext-2/valid.txt"),
+                "--num-samples", "32", "--seq-length", "128",
+                "--eval-text", str(fx / "wikitext-2/test.txt"),
+                "--eval-max-windows", str(self.args.eval_windows))
+            outcome = self.run(row, f"quality-{label}", cmd)
+            report = read_report(out) if outcome and outcome.rc == 0 else None
+            if report is None or report.get("perplexity_after") is None:
+                return row.fail(f"{device} run: " + (outcome.why() if outcome else row.summary))
+            if not str(report["device"]).startswith(device):
+                return row.fail(f"{device} run's report says device {report['device']}")
+            ppl[label] = (report["perplexity_before"], report["perplexity_after"])
+        gap = abs(ppl["device"][1] - ppl["cpu"][1]) / ppl["cpu"][1]
+        row.figures = {"perplexity_" + k: v for k, v in ppl.items()} | {"rel_gap": gap}
+        row.status = "PASS" if gap <= QUALITY_TOLERANCE else "FAIL"
+        row.summary = (f"tiny-gpt2-wikitext2 3-bit g128, 32 x 128 calibration, wikitext-2 test "
+                       f"({self.args.eval_windows} x 128 tokens) ppl before -> after: "
+                       f"{self.device} {ppl['device'][0]:.3f} -> {ppl['device'][1]:.3f}, "
+                       f"cpu {ppl['cpu'][0]:.3f} -> {ppl['cpu'][1]:.3f}; after differs by "
+                       f"{gap:.3%} (limit {QUALITY_TOLERANCE:.1%})")
+
+    def service(self, row: Row, poisoned: bool) -> None:
+        if not self.need_model(row):
+            return
+        data = self.work / ("svc-poisoned" if poisoned else "svc")
+        shutil.rmtree(data, ignore_errors=True)
+        preload = []
+        if poisoned:
+            preload = [ROOT / "bench/gpu_preload", ROOT / "tests/forkpoison"]
+            preload += [self.site["gpm"]] if self.site["gpm"].is_dir() else []  # its torchao
+        limit = LIMITS[row.step] * self.scale
+        cmd = [sys.executable, str(ROOT / "bench/gpu/service_job.py"),
+               "--models-dir", str(self.models_dir), "--model", self.model_name,
+               "--data-dir", str(data), "--expect-device", self.device,
+               "--calibration", str(self.fixtures / "wikitext-2/valid.txt"),
+               "--timeout", str(min(limit, self.left() - RESERVE_S) - 5)]
+        for path in preload:
+            cmd += ["--preload", str(path)]
+        outcome = self.run(row, row.step, cmd, sample=True)
+        info = outcome and marked_json(outcome.log, "SVC_JSON:")
+        if not info:
+            return row.fail(outcome.why() if outcome else row.summary)
+        row.figures = info | row.figures
+        arts = info.get("artifacts") or []
+        metrics = info.get("metrics") or {}
+        parts = [f"up in {info.get('up_s')} s", f"job {info.get('status')} in {info.get('job_s')} s"]
+        if arts:
+            size = sum(a["size"] for a in arts)
+            big = max(arts, key=lambda a: a["size"])
+            parts.append(f"{len(arts)} artifacts, {size / 2**20:.1f} MiB, largest {big['name']} "
+                         f"sha256 {big['sha256'][:12]}…")
+        if metrics.get("device"):
+            parts.append(f"metrics.device {metrics['device']}")
+        if poisoned:
+            parts.append(f"preload active in {info.get('preload_processes')} processes"
+                         + (f" ({info['preload_first'].split(': ', 1)[-1]})"
+                            if info.get("preload_first") else ""))
+        row.summary = "; ".join(parts)
+        if poisoned and not info.get("preload_processes"):
+            return row.fail("the preload never ran (bench/gpu_preload not imported); " + row.summary)
+        if not info.get("ok"):
+            return row.fail(f"{info.get('reason')}; " + row.summary)
+        row.status = "PASS"
+
+    def step_service(self, row: Row) -> None:
+        self.service(row, poisoned=False)
+
+    def step_service_poisoned(self, row: Row) -> None:
+        self.service(row, poisoned=True)
+
+    # --- the whole run --------------------------------------------------------------------
+
+    def row(self, step: str) -> Row:
+        return next((r for r in self.rows if r.step == step), Row(step, step))
+
+    def main(self, steps: list[str]) -> int:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            row = Row(step, STEPS[step])
+            self.rows.append(row)
+            print(f"=== {time.strftime('%H:%M:%S')} {row.title} "
+                  f"({self.left():.0f} s left)", flush=True)
+            method: Callable[[Row], None] = getattr(self, f"step_{step}")
+            try:
+                method(row)
+            except Exception as exc:  # a bug in this script must not stop the steps after it
+                traceback.print_exc()
+                row.fail(f"check script error: {type(exc).__name__}: {exc}")
+            print(f"    {row.status}: {row.summary}", flush=True)
+            self.save()
+        print(self.table(), flush=True)
+        return 0 if all(r.status in ("PASS", "INFO") for r in self.rows) else 1
+
+    def heading(self) -> str:
+        s, m = self.shape, self.meta
+        when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        return (
+            f"gptqd GPU check, device {self.device}{' (CPU dry run)' if not self.cuda else ''}: "
+            f"random Llama h{s['hidden']} i{s['intermediate']} L{s['layers']} GQA "
+            f"{s['heads']}/{s['kv_heads']} fp16, 4-bit g128 damp 0.01, "
+            f"{self.args.num_samples} x {self.args.seq_length} calibration tokens (wikitext-2 valid); "
+            f"{m.get('gpu') or 'no GPU'}, torch {m.get('torch')}, commit {commit()}, {when}; "
+            f"{time.time() - self.started:.0f} s of a {self.args.budget:.0f} s budget"
+        )
+
+    def table(self) -> str:
+        lines = [self.heading(), "", "| step | result | time | figures, or why it failed |",
+                 "|---|---|---:|---|"]
+        for r in self.rows:
+            secs = "" if r.seconds is None else f"{r.seconds:.1f} s"
+            text = r.summary.replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r.title} | {r.status} | {secs} | {text} |")
+        return "\n".join(lines) + "\n"
+
+    def save(self) -> None:
+        (self.out / "gpu_table.md").write_text(self.table())
+        doc = {"heading": self.heading(), "device": self.device, "shape": self.shape,
+               "calibration": [self.args.num_samples, self.args.seq_length], "env": self.meta,
+               "rows": [dataclasses.asdict(r) for r in self.rows]}
+        (self.out / "gpu_check.json").write_text(json.dumps(doc, indent=1, default=str))
+        # the logs' ends only: $OUT brings back 8 files, and GPTQModel prints megabytes
+        with (self.out / "gpu_logs.txt").open("w") as f:
+            for log in sorted(self.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
+                text = log.read_text(errors="replace")
+                f.write(f"===== {log.name} ({len(text)} chars, last 4000)\n{text[-4000:]}\n")
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--small", action="store_true",
+                    default=os.environ.get("GPU_CHECK_SMALL", "") not in ("", "0"),
+                    help="h256 i768 2 layers, 32 x 256 calibration (env GPU_CHECK_SMALL=1)")
+    ap.add_argument("--num-samples", type=int)
+    ap.add_argument("--seq-length", type=int)
+    ap.add_argument("--eval-windows", type=int,
+                    help="perplexity windows (of 128 tokens) in the quality step (256; small: 64)")
+    ap.add_argument("--budget", type=float, help="overall seconds (default 470; CPU 1800)")
+    ap.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset, in order")
+    ap.add_argument("--fixtures", default=os.environ.get("GPTQD_FIXTURES", ""))
+    ap.add_argument("--work", default=os.environ.get("GPU_CHECK_WORK", "/tmp/gptqd-gpu-check"))
+    ap.add_argument("--site", default=os.environ.get("GPU_CHECK_SITE", "/tmp/gptqd-gpu-site"))
+    ap.add_argument("--t0", type=float, default=float(os.environ.get("GPU_CHECK_T0") or time.time()),
+                    help="when the run started (bench/gpu.sh passes its own start)")
+    args = ap.parse_args()
+    args.num_samples = args.num_samples or (32 if args.small else 128)
+    args.seq_length = args.seq_length or (256 if args.small else 512)
+    args.eval_windows = args.eval_windows or (64 if args.small else 256)
+    args.budget = args.budget or (470 if args.device == "cuda" else 1800)
+    if not args.fixtures:
+        carried = ROOT / ".gpu/fixtures"
+        args.fixtures = carried if carried.is_dir() else ROOT.parent / "shared/fixtures"
+    chosen = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in STEPS]
+    if unknown:
+        ap.error(f"unknown steps {unknown}; known: {', '.join(STEPS)}")
+    return Check(args).main(chosen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

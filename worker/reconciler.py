@@ -93,10 +93,11 @@ def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
     return done
 
 
-# Job processes are forked from the worker's main process, where this thread may be inside
-# SQLite (store, embedded broker) or a socket library at that moment: a child forked then
-# inherits their locks held and hangs at its first query (seen once: a job left 'queued', its
-# process blocked until the worker stopped). A fork waits for the pass to end instead.
+# Pool processes (each hands one task to its job process, worker/jobprocess.py) are forked
+# from the worker's main process, where this thread may be inside SQLite (store, embedded
+# broker) or a socket library at that moment: a child forked then inherits their locks held
+# and hangs at its first query (seen once: a job left 'queued', its process blocked until the
+# worker stopped). A fork waits for the pass to end instead.
 _in_pass = threading.Lock()
 _fork_guarded = False
 

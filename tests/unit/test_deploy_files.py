@@ -366,7 +366,7 @@ def local_env(container_env: dict[str, str], tmp: Path, **extra: str) -> dict[st
     """The container's GPTQD_* environment, with its paths and servers moved to this machine."""
     env = {k: v for k, v in container_env.items() if k.startswith("GPTQD_") or k == "HF_TOKEN"}
     env.update(GPTQD_DATA_DIR=str(tmp / "data"), HF_HOME=str(tmp / "hf"),
-               GPTQD_DATABASE_URL="", GPTQD_BROKER_URL=REDIS_URL,
+               GPTQD_DATABASE_URL="", GPTQD_BROKER_URL=REDIS_URL, GPTQD_DEVICE="cpu",
                GPTQD_QUEUE=f"deploy-test-{uuid.uuid4().hex[:8]}", **extra)
     return process_env(env)
 
@@ -436,6 +436,8 @@ def test_compose_workers_reserve_gpus_one_per_worker() -> None:
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"], name
         assert svc["command"] == found["worker"]["command"], name
         gpus.append(service_env(svc)["CUDA_VISIBLE_DEVICES"])
+        # a GPU worker whose CUDA does not work refuses to start instead of failing jobs
+        assert service_env(svc)["GPTQD_DEVICE"] == "cuda", name
         test = svc["healthcheck"]["test"]
         assert test[0] == "CMD-SHELL" and "inspect ping" in test[1], name
     assert gpus == sorted(set(gpus), key=int) and gpus[0] == "0", gpus  # one GPU each

@@ -62,3 +62,29 @@ def test_the_tracker_keeps_no_input_alive() -> None:
     gc.collect()
     assert seen() is None
     assert shared.add("q", q, torch.randn(2, 4)) == ["q"]  # a new batch: counted afresh
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_layers_sharing_a_hessian_are_solved_as_one_stack(tmp_path: Path, monkeypatch, true_sequential) -> None:
+    """One factorisation for q,k,v and one for gate,up: 4 per Llama block instead of 7; the
+    report still has one entry per linear, in the order they were solved before."""
+    from worker.gptq import gptq
+
+    model = tiny_llama(tmp_path / "m", layers=2)
+    config = QuantizeConfig(bits=4, group_size=32, true_sequential=true_sequential)
+    factorisations: list[int] = []
+    factor = gptq.inverse_hessian_factor
+
+    def counting(*args, **kwargs):
+        factorisations.append(1)
+        return factor(*args, **kwargs)
+
+    monkeypatch.setattr(gptq, "inverse_hessian_factor", counting)
+    report = quantize(str(model), tmp_path / "out", config, CALIBRATION, device="cpu")
+    assert len(factorisations) == 2 * 4
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    assert [(m["block"], m["module"]) for m in report.modules] == [(b, n) for b in (1, 2) for n in names]
+    q, k = report.modules[0], report.modules[1]
+    assert q["damp_percent"] == k["damp_percent"] and q["nsamples"] == k["nsamples"]
+    assert q["out_features"] == 64 and k["out_features"] == 32 and q["loss"] != k["loss"]

@@ -4,13 +4,14 @@ Minimises ||WX - ŴX||² column by column: each column is quantized, and its err
 the inverse Hessian, is spread over the columns not yet quantized. H = 2XᵀX/n comes from the
 layer's calibration inputs. Updates are applied lazily, a block of columns at a time, so the
 heavy work is matrix-matrix products. Weights come and go as [out, in] (nn.Linear orientation);
-the column loop itself runs on the transpose, where a column is a contiguous row.
+the column loop itself runs on the transpose, where a column is a contiguous row. Layers fed
+the same inputs share H and are solved as one problem, their rows stacked (solve_together).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -63,113 +64,220 @@ class GPTQ:
         """consume=True turns the accumulated sums into the Hessian in place (one K x K matrix
         less at the peak; the solver cannot solve again). The weight given to __init__ is
         never modified."""
-        start = time.perf_counter()
-        maxq = config.maxq
+        [layer] = solve_together([self], config, consume=consume)
+        return layer
+
+
+def solve_together(
+    solvers: Sequence[GPTQ], config: QuantizeConfig, *, consume: bool = False
+) -> Iterator[LayerQuantResult]:
+    """Solve layers fed the same inputs (one shared XᵀX: q/k/v, gate/up) as one problem.
+
+    Their weights are stacked row-wise ([N1+N2+..., K]): one damping, one factorisation, one
+    column loop. GPTQ's error feedback acts on each output row on its own, so each layer gets
+    what its own solve gives, up to the summation order of the lazy block updates' products.
+    consume as in GPTQ.solve. The results come one per layer, in order, each made when it is
+    asked for (holding all of them at once would double the stack's memory)."""
+    start = time.perf_counter()
+    H = _shared_hessian(solvers, consume)
+    dead, perm, Hinv, damp = _factorise(H, config)
+    del H
+    # made after the factorisation, whose two K x K matrices are the solver's peak
+    Wt = _stacked_transposed(solvers, Hinv.device, consume)
+    Wt.masked_fill_(dead[:, None], 0)  # inputs that never fire: their weights are zeroed
+    bounds = _row_bounds([s.rows for s in solvers])
+    box = [Wt, Hinv]
+    del Wt, Hinv  # the loop drops them as soon as it is done with them
+    solved = _quantize_columns(box, perm, config, bounds)
+    seconds = time.perf_counter() - start
+    yield from _split(solved, bounds, damp, [s.nsamples for s in solvers], seconds)
+
+
+def _shared_hessian(solvers: Sequence[GPTQ], consume: bool) -> torch.Tensor:
+    """H = 2XᵀX/n of solvers that share one XᵀX (refused otherwise)."""
+    first = solvers[0]
+    if any(s.xtx is not first.xtx or s.nsamples != first.nsamples for s in solvers):
+        raise ValueError("layers solved together must share one XᵀX")
+    if not consume:
+        return first.hessian()
+    if first.nsamples == 0:
+        first.hessian()  # raises
+    H = first.xtx.mul_(2.0 / first.nsamples)
+    for solver in solvers:
+        solver.xtx = None  # type: ignore[assignment]
+    return H
+
+
+def _factorise(
+    H: torch.Tensor, config: QuantizeConfig
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, float]:
+    """(dead inputs, act-order permutation or None, U with UᵀU = (H + λI)⁻¹, damp used).
+    H is consumed."""
+    # inputs that never fire carry no information: pin them (their weights are zeroed)
+    dead = torch.diag(H) == 0
+    H.diagonal().masked_fill_(dead, 1)  # a mask, not dead-indexing: that would sync on CUDA
+    perm = None
+    if config.desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        H = H[perm]  # two steps: the unpermuted H is freed before the second copy
+        H = H[:, perm]
+    box = [H]
+    del H  # the factorisation frees it as soon as it has its factor
+    Hinv, damp = inverse_hessian_factor(
+        box, config.damp_percent, config.damp_auto_increment, config.max_damp_percent
+    )
+    return dead, perm, Hinv, damp
+
+
+def _stacked_transposed(solvers: Sequence[GPTQ], device: torch.device, consume: bool) -> torch.Tensor:
+    """[K, N1+N2+...] float32: the layers' Wᵀ side by side. The column loop works on Wᵀ:
+    column j of W is row j here, a contiguous vector, and the rank-1 updates touch contiguous
+    rows (3-5x faster than strided columns)."""
+    K = solvers[0].columns
+    Wt = torch.empty(K, sum(s.rows for s in solvers), dtype=torch.float32, device=device)
+    for solver, (a, b) in zip(solvers, _row_bounds([s.rows for s in solvers]), strict=True):
+        Wt[:, a:b].copy_(solver.weight.t())
         if consume:
-            if self.nsamples == 0:
-                self.hessian()  # raises
-            H = self.xtx.mul_(2.0 / self.nsamples)
-            self.xtx = None  # type: ignore[assignment]
-        else:
-            H = self.hessian()
-        K = self.columns
-        g = config.group_size if config.group_size != -1 else K
+            solver.weight = None  # type: ignore[assignment]
+    return Wt
 
-        # inputs that never fire carry no information: pin them, zero their weights (below)
-        dead = torch.diag(H) == 0
-        H[dead, dead] = 1
 
-        perm = None
-        if config.desc_act:
-            perm = torch.argsort(torch.diag(H), descending=True)
-            H = H[perm]  # two steps: the unpermuted H is freed before the second copy
-            H = H[:, perm]
+def _row_bounds(rows: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, end) of each layer's rows in the stack."""
+    ends = [sum(rows[: i + 1]) for i in range(len(rows))]
+    return [(end - n, end) for n, end in zip(rows, ends, strict=True)]
 
-        box = [H]
-        del H  # the factorisation frees it as soon as it has its factor
-        Hinv, damp = inverse_hessian_factor(
-            box, config.damp_percent, config.damp_auto_increment, config.max_damp_percent
-        )
 
-        # the column loop works on Wᵀ: column j of W is row j here, a contiguous vector, and the
-        # rank-1 updates touch contiguous rows (3-5x faster than strided columns). Made after
-        # the factorisation, whose two K x K matrices are the solver's peak.
-        Wt = self.weight.t().to(Hinv.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
-        if consume:
-            self.weight = None  # type: ignore[assignment]
-        Wt[dead] = 0
+@dataclass
+class _Solved:
+    """The stacked column loop's output, in original column order and Wᵀ orientation."""
 
-        static = None
-        if config.static_groups and config.group_size != -1:
-            static = [_row_params(Wt[i : i + g], config) for i in range(0, K, g)]
-        if perm is not None:
-            Wt = Wt[perm]
+    Q: torch.Tensor  # [K, N] float32, dequantized
+    codes: torch.Tensor  # [K, N] uint8
+    scales: torch.Tensor  # [G, N]
+    zeros: torch.Tensor  # [G, N] float32
+    g_idx: torch.Tensor  # [K]
+    losses: torch.Tensor  # [layers] float64
 
-        codes = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # maxq <= 255
-        Q = torch.empty_like(Wt)
-        loss = torch.zeros((), dtype=torch.float64, device=Wt.device)
-        scales: list[torch.Tensor] = []
-        zeros: list[torch.Tensor] = []
-        scale = zero = None
-        if config.group_size == -1:
-            scale, zero = _row_params(Wt, config)
-            scales.append(scale)
-            zeros.append(zero)
 
-        bs = config.block_size
-        for i1 in range(0, K, bs):
-            i2 = min(i1 + bs, K)
-            W1 = Wt[i1:i2]  # a view: updates land in Wt, so a group reaching past i2 sees them
-            Err1 = torch.empty_like(W1)
-            Hinv1 = Hinv[i1:i2, i1:i2]
-            with _one_thread():
-                for i in range(i2 - i1):
-                    col = i1 + i
-                    if static is not None:
-                        orig = int(perm[col]) if perm is not None else col
-                        scale, zero = static[orig // g]
-                    elif config.group_size != -1 and col % g == 0:
-                        # current values of the group: its columns carry the updates made so far
-                        scale, zero = _row_params(Wt[col : col + g], config)
-                        scales.append(scale)
-                        zeros.append(zero)
-                    w = W1[i]
-                    q = quantize(w, scale, zero, maxq)
-                    codes[col] = q
-                    dq = torch.mul(q - zero, scale, out=Q[col])
-                    err = torch.sub(w, dq, out=Err1[i]).div_(Hinv1[i, i])
-                    W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
-            # loss = Σ (w - dq)² / d² / 2 = Σ err² / 2
-            loss += Err1.double().pow(2).sum() / 2
-            Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
-        del Wt, Hinv, W1, Hinv1, Err1  # the views too, or the last ones keep Wt and Hinv alive
+def _quantize_columns(
+    box: list[torch.Tensor],
+    perm: torch.Tensor | None,
+    config: QuantizeConfig,
+    bounds: list[tuple[int, int]],
+) -> _Solved:
+    """GPTQ's column loop with lazy block updates. box holds Wᵀ and U, taken out and
+    consumed (Wᵀ is updated in place and freed with U before the results are reordered)."""
+    Wt, Hinv = box
+    box.clear()
+    K = Wt.shape[0]
+    groups = _Groups(Wt, perm, config)
+    if perm is not None:
+        Wt = Wt[perm]
+    codes = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # maxq <= 255
+    Q = torch.empty_like(Wt)
+    losses = torch.zeros(len(bounds), dtype=torch.float64, device=Wt.device)
+    bs = config.block_size
+    for i1 in range(0, K, bs):
+        i2 = min(i1 + bs, K)
+        W1 = Wt[i1:i2]  # a view: updates land in Wt, so a group reaching past i2 sees them
+        Err1 = torch.empty_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        groups.enter_block(i1, i2)
+        with _one_thread():
+            for i in range(i2 - i1):
+                col = i1 + i
+                scale, zero = groups.params(Wt, col)
+                w = W1[i]
+                q = quantize(w, scale, zero, config.maxq)
+                codes[col] = q
+                dq = torch.mul(q - zero, scale, out=Q[col])
+                err = torch.sub(w, dq, out=Err1[i]).div_(Hinv1[i, i])
+                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+        # loss = Σ (w - dq)² / d² / 2 = Σ err² / 2, each layer over its own rows
+        for layer, (a, b) in enumerate(bounds):
+            losses[layer] += Err1[:, a:b].double().pow(2).sum() / 2
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
+    del Wt, Hinv, W1, Hinv1, Err1  # the views too, or the last ones keep Wt and Hinv alive
 
-        if static is not None:
-            scales = [s for s, _ in static]
-            zeros = [z for _, z in static]
-            g_idx = torch.arange(K, device=Q.device) // g
-        elif config.group_size == -1:
-            g_idx = torch.zeros(K, dtype=torch.long, device=Q.device)
-        else:
-            g_idx = torch.arange(K, device=Q.device) // g  # group of each (permuted) column
+    scales, zeros = groups.stacked()
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, Q = codes[inv], Q[inv]
+    return _Solved(Q, codes, scales, zeros, groups.g_idx(perm), losses)
 
-        if perm is not None:
-            inv = torch.argsort(perm)
-            codes, Q = codes[inv], Q[inv]
-            if static is None:
-                g_idx = g_idx[inv]
-        Q = Q.t().contiguous()
 
-        return LayerQuantResult(
-            weight=Q,
-            codes=codes.t().contiguous().to(torch.int32),  # transposed as uint8: 4x less to copy
-            scales=torch.stack(scales),
-            zeros=torch.stack(zeros).to(torch.int32),
-            g_idx=g_idx.to(torch.int32),
-            loss=float(loss),
+class _Groups:
+    """The scale and zero point of each column in the loop's (permuted) order: one pair per
+    group, found when the loop reaches the group's first column, on its current, already
+    compensated values (group_size -1 is one group of K columns); or, with static groups,
+    fixed beforehand on the original column grid."""
+
+    def __init__(self, Wt: torch.Tensor, perm: torch.Tensor | None, config: QuantizeConfig) -> None:
+        """Wt: the weights in original column order (before any permutation)."""
+        K = self.K = Wt.shape[0]
+        self.config = config
+        self.g = config.group_size if config.group_size != -1 else K
+        self.static = config.static_groups and config.group_size != -1
+        self.scales: list[torch.Tensor] = []
+        self.zeros: list[torch.Tensor] = []
+        if self.static:
+            for i in range(0, K, self.g):
+                scale, zero = _row_params(Wt[i : i + self.g], config)
+                self.scales.append(scale)
+                self.zeros.append(zero)
+            # each loop column's group, on the device: looked up a block at a time, never
+            # read back (int(perm[col]) per column would wait for the device every time)
+            columns = perm if perm is not None else torch.arange(K, device=Wt.device)
+            self.group_of = columns // self.g
+            self.table = self.stacked()
+
+    def enter_block(self, i1: int, i2: int) -> None:
+        if self.static:
+            index = self.group_of[i1:i2]
+            self.block = self.table[0].index_select(0, index), self.table[1].index_select(0, index)
+            self.i1 = i1
+
+    def params(self, Wt: torch.Tensor, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.static:
+            return self.block[0][col - self.i1], self.block[1][col - self.i1]
+        if col % self.g == 0:
+            # current values of the group: its columns carry the updates made so far
+            scale, zero = _row_params(Wt[col : col + self.g], self.config)
+            self.scales.append(scale)
+            self.zeros.append(zero)
+        return self.scales[-1], self.zeros[-1]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.stack(self.scales), torch.stack(self.zeros)
+
+    def g_idx(self, perm: torch.Tensor | None) -> torch.Tensor:
+        """Group of each input column, in original order."""
+        loop_order = torch.arange(self.K, device=self.scales[0].device) // self.g
+        if perm is None or self.static:
+            return loop_order  # static groups sit on the original grid
+        return loop_order[torch.argsort(perm)]
+
+
+def _split(
+    solved: _Solved, bounds: list[tuple[int, int]], damp: float, nsamples: list[int], seconds: float
+) -> Iterator[LayerQuantResult]:
+    """One LayerQuantResult per layer of the stack, in [out, in] orientation; the time is
+    shared by rows."""
+    total = bounds[-1][1]
+    losses = solved.losses.tolist()  # one read back for the whole stack
+    g_idx = solved.g_idx.to(torch.int32)
+    for (a, b), loss, n in zip(bounds, losses, nsamples, strict=True):
+        yield LayerQuantResult(
+            weight=solved.Q[:, a:b].t().contiguous(),
+            codes=solved.codes[:, a:b].t().contiguous().to(torch.int32),  # transposed as uint8: 4x less to copy
+            scales=solved.scales[:, a:b].contiguous(),
+            zeros=solved.zeros[:, a:b].to(torch.int32).contiguous(),
+            g_idx=g_idx.clone(),
+            loss=loss,
             damp_percent=damp,
-            nsamples=self.nsamples,
-            seconds=time.perf_counter() - start,
+            nsamples=n,
+            seconds=seconds * (b - a) / total,
         )
 
 

@@ -59,8 +59,13 @@ def inverse_hessian_factor(
 
 
 def _finite(A: torch.Tensor) -> bool:
-    """isfinite(A).all(), a block of rows at a time (at once it makes K x K temporaries)."""
-    return all(bool(torch.isfinite(A[i : i + _BLOCK]).all()) for i in range(0, A.shape[0], _BLOCK))
+    """isfinite(A).all(), a block of rows at a time (at once it makes K x K temporaries); the
+    flags are combined on the device and read back once (once per block would wait for a
+    GPU K/128 times)."""
+    ok = torch.ones((), dtype=torch.bool, device=A.device)
+    for i in range(0, A.shape[0], _BLOCK):
+        ok &= torch.isfinite(A[i : i + _BLOCK]).all()
+    return bool(ok)
 
 
 def _reverse(A: torch.Tensor) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from worker.gptq.arch import ArchSpec, get_arch, linear_shape, set_weight, weight_view
 from worker.gptq.config import QuantizeConfig
-from worker.gptq.gptq import GPTQ, LayerQuantResult
+from worker.gptq.gptq import GPTQ, LayerQuantResult, solve_together
 from worker.gptq.memory import trim
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
 from worker.gptq.replay import FinishedChildren
@@ -149,6 +149,15 @@ class _SharedInputs:
                 follower.nsamples += inputs.numel() // follower.columns
                 counted.append(follower_name)
         return counted
+
+
+def sharing_sets(solvers: dict[str, GPTQ]) -> list[list[str]]:
+    """The layers grouped by the XᵀX they use (_SharedInputs makes sharers use one tensor),
+    in order of first appearance: [[q, k, v]], [[gate, up]], [[o]]..."""
+    sets: dict[int, list[str]] = {}
+    for name, solver in solvers.items():
+        sets.setdefault(id(solver.xtx), []).append(name)
+    return list(sets.values())
 
 
 # Tokens per calibration forward call. A block's intermediates grow with it (an MLP 5632 wide
@@ -322,22 +331,33 @@ class _Run:
             finally:
                 for handle in handles:
                     handle.remove()
-            order = list(solvers.items())
-            for position, (name, solver) in enumerate(order):
-                self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {name}")
-                # the last solver of a shared XᵀX may turn it into its Hessian in place
-                last_user = all(other.xtx is not solver.xtx for _, other in order[position + 1:])
-                self._solve(index, name, linears[name], solver, consume=last_user)
-                done += 1
-                report = self.result.modules[-1]
-                self._emit(index, done, module=name, loss=report.loss, damp=report.damp_percent)
+            for names in sharing_sets(solvers):
+                self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {names[0]}")
+                done = self._solve(index, names, solvers, linears, done)
 
-    def _solve(self, index: int, name: str, module: nn.Module, solver: GPTQ, consume: bool) -> None:
+    def _solve(
+        self, index: int, names: list[str], solvers: dict[str, GPTQ], linears: dict[str, nn.Module], done: int
+    ) -> int:
+        """Solve layers that share one XᵀX as one stacked problem (a lone layer alone), write
+        their dequantized weights back and record them; returns the modules done in the block.
+        Their XᵀX is used by no one else: consumed."""
         began = time.perf_counter()
-        layer = solver.solve(self.config, consume=consume)
-        solver.free()
-        set_weight(module, layer.weight)
-        self.stage_seconds["solve"] += time.perf_counter() - began
+        layers = solve_together([solvers[name] for name in names], self.config, consume=True)
+        for name in names:
+            layer = next(layers)  # made one at a time: one layer's copies in memory at once
+            solvers[name].free()
+            set_weight(linears[name], layer.weight)
+            self.stage_seconds["solve"] += time.perf_counter() - began
+            self._record(index, name, linears[name], layer)
+            del layer  # before the next one is made
+            done += 1
+            report = self.result.modules[-1]
+            self._emit(index, done, module=name, loss=report.loss, damp=report.damp_percent)
+            began = time.perf_counter()
+        return done
+
+    def _record(self, index: int, name: str, module: nn.Module, layer: LayerQuantResult) -> None:
+        """Hand a solved layer to the hooks (or keep it on the CPU) and report it."""
         full = f"{self.arch.block_prefix(index)}.{name}"
         if self.hooks is not None:
             with self._timed("packing"):

@@ -239,3 +239,37 @@ def test_layers_left_unquantized_are_listed_in_dynamic(tmp_path):
     full = export(tiny_llama(), config, tmp_path / "all", arch=get_arch(model))
     assert "dynamic" not in json.loads((tmp_path / "all" / "quantize_config.json").read_text())
     assert f"{skipped}.qweight" in full
+
+
+def test_layers_are_packed_on_the_device_they_were_solved_on() -> None:
+    """Only the packed words, scales and g_idx are copied to the host, never the [N, K] codes
+    (on a GPU those would be 8x the packed bytes at 4 bits). On the CPU the copies are no-ops,
+    so the calls are recorded where they are made."""
+    from torch.overrides import TorchFunctionMode
+
+    from worker.gptq.arch import weight_view
+    from worker.gptq.export import layer_tensors
+    from worker.gptq.packing import pack_qweight, pack_qzeros
+
+    moved: list[tuple[int, ...]] = []
+
+    class HostCopies(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            to_host = func is torch.Tensor.cpu or (
+                func is torch.Tensor.to and any(str(a) == "cpu" for a in [*args[1:], kwargs.get("device")]))
+            if to_host:
+                moved.append(tuple(args[0].shape))
+            return func(*args, **kwargs)
+
+    model = tiny_llama()
+    config = QuantizeConfig(bits=4, group_size=32, desc_act=True)
+    solver = GPTQ(weight_view(model.get_submodule(Q_PROJ)))
+    solver.add_batch(torch.randn(256, 64))
+    layer = solver.solve(config)
+    with HostCopies():
+        tensors = layer_tensors(model, Q_PROJ, layer, config)
+    N, K = layer.codes.shape
+    assert moved and (N, K) not in moved and (K, N) not in moved
+    assert torch.equal(tensors[f"{Q_PROJ}.qweight"], pack_qweight(layer.codes, 4))
+    assert torch.equal(tensors[f"{Q_PROJ}.qzeros"], pack_qzeros(layer.zeros, 4, "gptq"))

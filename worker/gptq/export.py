@@ -107,14 +107,16 @@ def pack_layer(name: str, layer: LayerQuantResult, config: QuantizeConfig) -> di
         # a non-trivial g_idx without desc_act is silently ignored by vLLM: wrong results
         raise EngineError(f"{name}: the solver returned a non-trivial g_idx without act-order")
     try:
-        qweight = pack_qweight(layer.codes.cpu(), config.bits)
-        qzeros = pack_qzeros(layer.zeros.cpu(), config.bits, config.checkpoint_format)
+        # packed where the solver left the codes: only the int32 words (b/32 of the codes)
+        # travel to the host, not the codes themselves
+        qweight = pack_qweight(layer.codes, config.bits).cpu()
+        qzeros = pack_qzeros(layer.zeros, config.bits, config.checkpoint_format).cpu()
     except ValueError as exc:
         raise LayerShapeError(f"{name} ({K} inputs, {N} outputs) cannot be packed: {exc}") from exc
     return {
         f"{name}.qweight": qweight,
         f"{name}.qzeros": qzeros,
-        f"{name}.scales": layer.scales.cpu().to(torch.float16),
+        f"{name}.scales": layer.scales.to(torch.float16).cpu(),  # exact: fp16-representable
         f"{name}.g_idx": g_idx,
     }
 

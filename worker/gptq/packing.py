@@ -35,13 +35,14 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack [R, C] integer values in [0, 2^bits) along dim 0 into int32 [R·bits/32, C]."""
+    """Pack [R, C] integer values in [0, 2^bits) along dim 0 into int32 [R·bits/32, C], on
+    the values' device."""
     n_values, n_words = _chunk(bits)
     rows, cols = values.shape
     if rows % n_values:
         raise ValueError(f"{rows} rows of {bits}-bit values do not fill whole int32 words")
     v = values.to(torch.int64).reshape(rows // n_values, n_values, cols)
-    if (v < 0).any() or (v >= 2**bits).any():
+    if not bool(((v >= 0) & (v < 2**bits)).all()):  # one read back (on a GPU: one wait)
         raise ValueError(f"values out of range for {bits} bits")
     words = torch.zeros(rows // n_values, n_words, cols, dtype=torch.int64, device=values.device)
     for j in range(n_values):

@@ -30,12 +30,10 @@ def api_command(host: str, port: int, log_level: str = "warning") -> list[str]:
 
 def worker_command(name: str, queue: str, pool: str = "prefork",
                    loglevel: str = "INFO") -> list[str]:
-    """One job at a time, in a fresh child process per job (prefork, max-tasks-per-child 1)."""
+    """One job at a time; each job runs in a clean process of its own (worker/jobprocess.py)."""
     cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
            f"--loglevel={loglevel}", f"--pool={pool}", "--concurrency=1", "-Q", queue,
            "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]
-    if pool == "prefork":
-        cmd.append("--max-tasks-per-child=1")
     return cmd
 
 

@@ -47,9 +47,9 @@ def make_celery(settings: Settings) -> Celery:
         # letting two workers run the same job (the store's claim also refuses the second)
         worker_cancel_long_running_tasks_on_connection_loss=True,
         task_track_started=True,
-        # a fresh pool process per job; the job itself runs in a clean exec'd process
-        # (worker/jobprocess.py), which frees everything it allocated (GPU memory included)
-        worker_max_tasks_per_child=1,
+        # no fresh pool process per job: the job itself runs in a clean exec'd process
+        # (worker/jobprocess.py), which frees everything it allocated (GPU memory included),
+        # and the pool process that lives on starts the next one while a job runs
         worker_concurrency=1,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
@@ -76,11 +76,6 @@ def _check_worker(sender: object = None, **_: object) -> None:
         os._exit(78)  # EX_CONFIG: a restart policy should not retry a broken configuration
 
 
-def solo_pool() -> bool:
-    """Tasks run in the worker's main process (--pool=solo), which outlives each task."""
-    return _solo
-
-
 _reconciler = None  # the worker main process's reconciler thread (see worker/reconciler.py)
 
 
@@ -88,7 +83,7 @@ _reconciler = None  # the worker main process's reconciler thread (see worker/re
 def _start_reconciler(**_: object) -> None:
     """At worker start and then periodically, the store and the broker are made to agree."""
     global _reconciler
-    if solo_pool():  # jobs are handed out from this process: start the first job process now
+    if _solo:  # jobs are handed out from this process: start the first job process now
         from worker.tasks import launcher
 
         launcher.prepare()
@@ -112,7 +107,7 @@ def _stop_reconciler(**_: object) -> None:
 
 @worker_process_init.connect
 def _init_pool_process(**_: object) -> None:
-    """In each pool process (forked, one task each): drop the parent's database connections
+    """In each pool process (forked from this one, one task at a time): drop the parent's database connections
     (never share a socket across a fork) and start the clean process its job will run in
     (worker/jobprocess.py), so it has imported the engine by the time the job arrives."""
     if _reconciler is not None:

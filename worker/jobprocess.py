@@ -5,9 +5,9 @@ worker's process imported or initialised cannot reach it. CUDA above all: a libr
 touches CUDA while being imported (torchao does, once installed) breaks every child forked
 after it ("Cannot re-initialize CUDA in forked subprocess").
 
-To keep a job's start cheap, the next job process is started ahead of its job: it imports
-torch, transformers and the engine, then waits on its stdin for one line, `job <id>` or
-`verification <id>`. It runs that one item and exits, so everything it allocated (GPU memory
+To keep a job's start cheap, the next job process is started ahead of its job (when the
+worker starts, and then as each job begins): it imports torch, transformers and the engine,
+then waits on its stdin for one line, `job <id>` or `verification <id>`. It runs that one item and exits, so everything it allocated (GPU memory
 included) goes back to the system. It dies with the process that started it (PR_SET_PDEATHSIG),
 so stopping a worker never leaves a job process behind.
 
@@ -65,6 +65,7 @@ class Launcher:
         self.prepare()
         proc, self.waiting = self.waiting, None
         assert proc is not None and proc.stdin is not None
+        self.prepare()  # the next job's process imports while this one runs
         try:
             proc.stdin.write(f"{kind} {item_id}\n".encode())
             proc.stdin.close()

@@ -30,11 +30,7 @@ def _store() -> Store:
 
 
 def _run(kind: Kind, item_id: str) -> None:
-    from worker import celery_app
-
     pid, code = launcher.run(kind, item_id)
-    if celery_app.solo_pool():  # every task runs in this process: keep a job process waiting
-        launcher.prepare()
     if code != 0:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         log.warning("the process running %s %s died (%s)", kind, item_id, how)

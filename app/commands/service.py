@@ -51,7 +51,7 @@ def serve(host: str = HOST, port: int = PORT) -> None:
 
 def worker(
     name: str = typer.Option("worker", help="Worker name (unique per host)."),
-    pool: str = typer.Option("prefork", help="prefork (a fresh process per job) or solo."),
+    pool: str = typer.Option("prefork", help="prefork (tasks in a pool process) or solo (in the worker's own); each job runs in a clean process of its own either way."),
     loglevel: str = typer.Option("INFO", help="Celery log level."),
 ) -> None:
     """One Celery worker: one job at a time (run one per GPU, with CUDA_VISIBLE_DEVICES)."""

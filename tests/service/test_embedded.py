@@ -34,9 +34,9 @@ def test_embedded_defaults_run_a_job_end_to_end(embedded_box: Box, tmp_path: Pat
     assert embedded_box.http.get("/readyz").json()["checks"] == {"store": "ok", "broker": "ok"}
 
 
-def test_the_worker_command_line_is_prefork_one_job_per_child() -> None:
+def test_the_worker_command_line_takes_one_job_at_a_time() -> None:
     from app.box import worker_command
 
     cmd = worker_command("w", "q")
     assert cmd[:3] == [sys.executable, "-m", "celery"]
-    assert "--concurrency=1" in cmd and "--max-tasks-per-child=1" in cmd
+    assert "--concurrency=1" in cmd and "--pool=prefork" in cmd

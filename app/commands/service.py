@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,21 @@ def up(host: str = HOST, port: int = PORT) -> None:
     settings.ensure_dirs()
     typer.echo(f"gptqd: data in {settings.data_dir}, API on http://{host}:{port}", err=True)
     proc = spawn(worker_command("worker1", settings.queue))
+    # uvicorn shuts down on SIGTERM/SIGHUP, then raises the signal again: as an exception here,
+    # so that the worker (in a session of its own) is stopped below instead of orphaned
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _exit_on_signal)
     try:
         serve(host, port)
     finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut this short
+        typer.echo("gptqd: stopping the worker", err=True)
         stop(proc, timeout=30)
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def serve(host: str = HOST, port: int = PORT) -> None:

@@ -67,7 +67,7 @@ def main() -> None:
         "quantize_s": round(t_save - t_quant, 2),
         "save_s": round(end - t_save, 2),
         "total_s": round(end - t_load, 2),
-        "cuda_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "cuda_peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "windows": list(windows.shape),
     }), flush=True)
 

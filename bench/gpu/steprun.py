@@ -33,7 +33,7 @@ class Outcome:
     def why(self) -> str:
         """Why it failed, in a few words: the timeout, or its exit code and last log line."""
         if self.timed_out:
-            return f"timed out after {self.timeout:.0f} s"
+            return f"timed out after {self.timeout:.0f} s (last output: {last_line(self.log)})"
         return f"exit {self.rc}: {last_line(self.log)}"
 
 

@@ -136,13 +136,21 @@ def test_should_stop_cancels_and_writes_nothing(model_dir, tmp_path) -> None:
 
 
 def test_out_of_memory_says_what_to_lower(model_dir, tmp_path, monkeypatch) -> None:
-    def exhausted(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    def exhausted(*args, **kwargs):  # torch's own wording on a CUDA device
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+            "23.64 GiB of which 1.10 GiB is free. Including non-PyTorch memory, this process "
+            "has 22.51 GiB memory in use. If reserved but unallocated memory is large try "
+            "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
     monkeypatch.setattr(api, "quantize_model", exhausted)
     with pytest.raises(OutOfMemory, match="while quantizing: lower num_samples or seq_length") as info:
         quantize(str(model_dir), tmp_path / "out", CONFIG, CALIBRATION)
     assert info.value.code == "out_of_memory"
+    # the GPU's numbers, without torch's allocator advice
+    assert "Tried to allocate 20.00 GiB" in info.value.message
+    assert "total capacity of 23.64 GiB of which 1.10 GiB is free" in info.value.message
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in info.value.message
 
 
 def test_a_full_disk_is_reported_as_such(model_dir, tmp_path, monkeypatch) -> None:

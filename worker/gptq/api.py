@@ -358,7 +358,8 @@ def map_resource_error(exc: BaseException, stage: str) -> EngineError | None:
     ):
         return OutOfMemory(
             f"ran out of memory while {stage}: lower num_samples or seq_length of the "
-            f"calibration, or use a machine with more memory ({type(exc).__name__})"
+            f"calibration, or use a machine with more memory ({type(exc).__name__}"
+            f"{_device_numbers(text)})"
         )
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text:
         return DiskFull(
@@ -366,6 +367,13 @@ def map_resource_error(exc: BaseException, stage: str) -> EngineError | None:
             f"output directory ({exc})"
         )
     return None
+
+
+def _device_numbers(text: str) -> str:
+    """What a CUDA out-of-memory error says of the GPU: the allocation that failed, the card's
+    capacity and what was free (torch's own sentences), for the job's error message."""
+    keep = [s for s in text.split(". ") if s.startswith(("Tried to allocate", "GPU "))]
+    return (": " + ". ".join(keep)) if keep else ""
 
 
 class _Evaluation:

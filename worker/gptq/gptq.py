@@ -10,6 +10,7 @@ the same inputs share H and are solved as one problem, their rows stacked (solve
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -177,34 +178,76 @@ def _quantize_columns(
     codes = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # maxq <= 255
     Q = torch.empty_like(Wt)
     losses = torch.zeros(len(bounds), dtype=torch.float64, device=Wt.device)
+    columns = _columns_kernel if use_column_kernel(Wt.device) else _columns_torch
     bs = config.block_size
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
-        W1 = Wt[i1:i2]  # a view: updates land in Wt, so a group reaching past i2 sees them
-        Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        # views: updates land in Wt, so a group reaching past i2 sees them
+        block = _Block(i1, Wt[i1:i2], Hinv[i1:i2, i1:i2], torch.empty_like(Wt[i1:i2]), Q[i1:i2], codes[i1:i2])
         groups.enter_block(i1, i2)
-        with _one_thread():
-            for i in range(i2 - i1):
-                col = i1 + i
-                scale, zero = groups.params(Wt, col)
-                w = W1[i]
-                q = quantize(w, scale, zero, config.maxq)
-                codes[col] = q
-                dq = torch.mul(q - zero, scale, out=Q[col])
-                err = torch.sub(w, dq, out=Err1[i]).div_(Hinv1[i, i])
-                W1[i + 1 :].addr_(Hinv1[i, i + 1 :], err, alpha=-1)
+        columns(Wt, block, groups, config.maxq)
         # loss = Σ (w - dq)² / d² / 2 = Σ err² / 2, each layer over its own rows
         for layer, (a, b) in enumerate(bounds):
-            losses[layer] += Err1[:, a:b].double().pow(2).sum() / 2
-        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1)
-    del Wt, Hinv, W1, Hinv1, Err1  # the views too, or the last ones keep Wt and Hinv alive
+            losses[layer] += block.Err[:, a:b].double().pow(2).sum() / 2
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), block.Err, alpha=-1)
+    del Wt, Hinv, block  # the views too, or the last ones keep Wt and Hinv alive
 
     scales, zeros = groups.stacked()
     if perm is not None:
         inv = torch.argsort(perm)
         codes, Q = codes[inv], Q[inv]
     return _Solved(Q, codes, scales, zeros, groups.g_idx(perm), losses)
+
+
+@dataclass
+class _Block:
+    """Columns i1.. of the loop, as views of Wᵀ, U, Q and the codes, and the block's errors."""
+
+    i1: int
+    W: torch.Tensor
+    U: torch.Tensor
+    Err: torch.Tensor
+    Q: torch.Tensor
+    codes: torch.Tensor
+
+
+# The per-column steps' implementation: "torch" (the loop below: the default and the CPU's
+# path) or "triton" (columns_triton.py, for CUDA). The kernel has so far been checked against
+# the loop only in Triton's CPU interpreter, not compiled on a GPU: opt-in until it has been.
+COLUMN_KERNEL = os.environ.get("GPTQD_COLUMN_KERNEL", "torch")
+
+
+def use_column_kernel(device: torch.device) -> bool:
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel on CPU tensors
+    return COLUMN_KERNEL == "triton" and (device.type == "cuda" or interpreted)
+
+
+def _columns_torch(Wt: torch.Tensor, block: _Block, groups: _Groups, maxq: int) -> None:
+    """The block's columns one by one: a dozen small kernels each."""
+    W1, U1 = block.W, block.U
+    with _one_thread():
+        for i in range(W1.shape[0]):
+            scale, zero = groups.params(Wt, block.i1 + i)
+            w = W1[i]
+            q = quantize(w, scale, zero, maxq)
+            block.codes[i] = q
+            dq = torch.mul(q - zero, scale, out=block.Q[i])
+            err = torch.sub(w, dq, out=block.Err[i]).div_(U1[i, i])
+            W1[i + 1 :].addr_(U1[i, i + 1 :], err, alpha=-1)
+
+
+def _columns_kernel(Wt: torch.Tensor, block: _Block, groups: _Groups, maxq: int) -> None:
+    """The block's columns one Triton launch per run of columns sharing group parameters
+    (one per block with static groups or groups as wide as the block)."""
+    from .columns_triton import quantize_columns
+
+    i2 = block.i1 + block.W.shape[0]
+    col = block.i1
+    while col < i2:
+        end, scale, zero = groups.run(Wt, col, i2)
+        quantize_columns(block.W, block.U, block.Err, block.Q, block.codes, scale, zero,
+                         col - block.i1, end - block.i1, maxq)
+        col = end
 
 
 class _Groups:
@@ -247,6 +290,14 @@ class _Groups:
             self.scales.append(scale)
             self.zeros.append(zero)
         return self.scales[-1], self.zeros[-1]
+
+    def run(self, Wt: torch.Tensor, col: int, i2: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(end, scale, zero) of the columns col..end-1 that share parameters, within the
+        block ending at i2: [N] vectors, or with static groups one row per column."""
+        if self.static:
+            return i2, self.block[0][col - self.i1 :], self.block[1][col - self.i1 :]
+        scale, zero = self.params(Wt, col)
+        return min(i2, (col // self.g + 1) * self.g), scale, zero
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.stack(self.scales), torch.stack(self.zeros)

@@ -1,0 +1,86 @@
+"""GPTQ's per-column steps inside one lazy block as one Triton kernel launch (CUDA).
+
+The torch loop in gptq.py launches about a dozen small kernels per column; on a GPU the solve is
+then bound by launches, not arithmetic. Here one launch runs a run of columns that share their
+group parameters: each program owns a tile of output channels (columns of Wᵀ) and walks the
+block's columns in order: quantize, dequantize, error / U[i, i], and the rank-1 update of the
+block's later columns. Error feedback never crosses output channels, so the tiles are
+independent. The math is the torch loop's, step for step; the compiled kernel may fuse
+w - h·err into one FMA (one rounding instead of two), so codes can differ on rare ties
+(tests/unit/test_columns_triton.py states the tolerance, run with TRITON_INTERPRET=1 on the CPU).
+
+Imported only when the kernel is used (gptq.COLUMN_KERNEL = "triton", or the environment's
+GPTQD_COLUMN_KERNEL): triton is optional.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TILE = 64  # output channels per program: a 6144-row q/k/v stack makes 96 programs
+
+
+@triton.jit
+def _round_half_even(x):
+    """torch.round's rounding (ties to even), exactly: x - floor(x) is exact in fp32."""
+    r = tl.floor(x)
+    frac = x - r
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    up = (frac > 0.5) | ((frac == 0.5) & odd)
+    return tl.where(up, r + 1.0, r)
+
+
+@triton.jit
+def _columns_kernel(
+    W, U, Err, Q, Codes, S, Z,
+    start, end, nb, N, u_stride, p_stride, maxq,
+    TILE_N: tl.constexpr,
+):
+    offs = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
+    mask = offs < N
+    for i in range(start, end):
+        w = tl.load(W + i * N + offs, mask=mask, other=0.0)
+        scale = tl.load(S + (i - start) * p_stride + offs, mask=mask, other=1.0)
+        zero = tl.load(Z + (i - start) * p_stride + offs, mask=mask, other=0.0)
+        q = _round_half_even(tl.math.div_rn(w, scale)) + zero
+        q = tl.minimum(tl.maximum(q, 0.0), maxq)
+        dq = (q - zero) * scale
+        err = tl.math.div_rn(w - dq, tl.load(U + i * u_stride + i))
+        tl.store(Q + i * N + offs, dq, mask=mask)
+        tl.store(Codes + i * N + offs, q.to(tl.uint8), mask=mask)
+        tl.store(Err + i * N + offs, err, mask=mask)
+        for j in range(i + 1, nb):  # the block's later columns carry this one's error
+            h = tl.load(U + i * u_stride + j)
+            wj = tl.load(W + j * N + offs, mask=mask, other=0.0)
+            tl.store(W + j * N + offs, wj - h * err, mask=mask)
+
+
+def quantize_columns(
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    Err1: torch.Tensor,
+    Q1: torch.Tensor,
+    codes1: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    start: int,
+    end: int,
+    maxq: int,
+) -> None:
+    """Columns start..end-1 of one block, in place: W1 [nb, N] (the block of Wᵀ, its later
+    columns updated), U1 [nb, nb] (rows with any stride), Err1, Q1 [nb, N] float32 and codes1
+    [nb, N] uint8 written. scale/zero: [N] for the whole run, or [end - start, N], one row
+    per column (static groups)."""
+    nb, N = W1.shape
+    for tensor in (W1, Err1, Q1, codes1):
+        if tensor.stride() != (N, 1):
+            raise ValueError("the block's rows must be contiguous")
+    per_column = scale.dim() == 2
+    grid = (triton.cdiv(N, TILE),)
+    _columns_kernel[grid](
+        W1, U1, Err1, Q1, codes1, scale.contiguous(), zero.contiguous(),
+        start, end, nb, N, U1.stride(0), N if per_column else 0, float(maxq),
+        TILE_N=TILE, num_warps=TILE // 32,  # one thread per output channel of the tile
+    )

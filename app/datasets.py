@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+from app.schemas import check_text
+
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 CHUNK = 1 << 20
 
@@ -23,6 +25,10 @@ class TooLarge(ValueError):
 
 
 def upload_format(filename: str) -> str:
+    try:
+        check_text(filename)
+    except ValueError as exc:
+        raise BadUpload(f"file name {exc}") from exc
     suffix = Path(filename).suffix.lower()
     if suffix not in FORMATS:
         raise BadUpload(f"file must be .txt, .jsonl or .parquet, got {filename!r}")

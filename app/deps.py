@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
 from app.auth import Principal, authenticate
 from app.dispatch import Dispatcher
+from app.schemas import JOB_ID
 from app.settings import Settings
 from app.store import Job, Store
 
@@ -34,9 +36,15 @@ DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
+def has_shape(pattern: re.Pattern[str], value: str) -> bool:
+    """Whether a client-given id is of the shape the store hands out: one that is not cannot
+    exist, so it is simply not found, and never reaches the database (a NUL fails there)."""
+    return pattern.fullmatch(value) is not None
+
+
 def visible_job(store: Store, principal: Principal, job_id: str) -> Job:
     """The job if it exists and the caller may see it; 404 otherwise (same answer for both)."""
-    job = store.get_job(job_id) if len(job_id) <= 64 else None
+    job = store.get_job(job_id) if has_shape(JOB_ID, job_id) else None
     if job is None or not principal.may_see(job.owner):
         raise HTTPException(404, f"job {job_id} not found")
     return job

@@ -18,7 +18,13 @@ _MODEL_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.
 _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
 _DATASET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
 _NAMEISH = re.compile(r"^[A-Za-z0-9_.\-]+$")
+# ids the store hands out (store.new_id): a prefix and 32 hex digits
+JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
+VERIFICATION_ID = re.compile(r"^ver_[0-9a-f]{32}$")
 DATASET_ID = re.compile(r"^ds_[0-9a-f]{32}$")
+# C0 control characters but tab, LF and CR (legitimate in text such as prompts): NUL is refused
+# by PostgreSQL and the rest have no place in a request; refused in every string of a request
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 Bits = Literal[2, 3, 4, 8]
 GroupSize = Literal[-1, 16, 32, 64, 128, 256, 512, 1024]
@@ -26,6 +32,35 @@ assert set(Bits.__args__) == set(SUPPORTED_BITS)  # one source of truth: the eng
 assert set(GroupSize.__args__) == set(SUPPORTED_GROUP_SIZES)
 
 Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+def check_text(value: str) -> str:
+    """The one check every string a client sends goes through (bodies, query, filenames)."""
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(
+            f"must not contain control characters (found U+{ord(found.group()):04X} at "
+            f"position {found.start()}); tab and newline are allowed"
+        )
+    return value
+
+
+def _check_strings(value: Any) -> Any:
+    """check_text on a string, or on every string inside a list or dict."""
+    if isinstance(value, str):
+        check_text(value)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    return value
+
+
+# a query parameter or header of text: the same check as every string of a body
+CleanStr = Annotated[str, AfterValidator(check_text)]
 
 
 def _check_dataset_id(v: str) -> str:
@@ -38,7 +73,15 @@ DatasetId = Annotated[str, AfterValidator(_check_dataset_id)]
 
 
 class Strict(BaseModel):
+    """Base of every request body: unknown fields and control characters are refused."""
+
     model_config = ConfigDict(extra="forbid")
+
+    # every field of every body, so a new field cannot forget it; nested bodies check their own
+    @field_validator("*")
+    @classmethod
+    def _no_control_characters(cls, value: Any) -> Any:
+        return _check_strings(value)
 
 
 def _no_dotdot(value: str, what: str) -> str:

@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 
 from app.deps import DispatcherDep, JobDep, PrincipalDep, SettingsDep, StoreDep
 from app.paths import OutsideRoot, resolve_model
-from app.schemas import TERMINAL, ErrorOut, JobIn, JobOut, JobPage, Progress
+from app.schemas import TERMINAL, CleanStr, ErrorOut, JobIn, JobOut, JobPage, Progress
 from app.store import IdempotencyConflict, Job
 from worker.reconciler import remove_leftovers
 
@@ -82,7 +82,7 @@ def submit_job(
     settings: SettingsDep,
     store: StoreDep,
     dispatcher: DispatcherDep,
-    idempotency_key: Annotated[str | None, Header(max_length=200, min_length=1)] = None,
+    idempotency_key: Annotated[CleanStr | None, Header(max_length=200, min_length=1)] = None,
 ) -> JobOut:
     model_source = check_against_server(body, principal, settings, store)
     spec = jsonable_encoder(body)
@@ -117,7 +117,7 @@ def list_jobs(
     store: StoreDep,
     status: JobStatusQuery | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    cursor: Annotated[CleanStr | None, Query(max_length=500)] = None,
 ) -> JobPage:
     try:
         jobs, next_cursor = store.list_jobs(

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Response
 from fastapi.encoders import jsonable_encoder
 
-from app.deps import DispatcherDep, JobDep, PrincipalDep, StoreDep
+from app.deps import DispatcherDep, JobDep, PrincipalDep, StoreDep, has_shape
 from app.routes.jobs import field_error
-from app.schemas import ErrorOut, VerificationIn, VerificationOut
+from app.schemas import VERIFICATION_ID, ErrorOut, VerificationIn, VerificationOut
 from app.store import Verification
 
 router = APIRouter(prefix="/jobs", tags=["verifications"])
@@ -45,7 +45,8 @@ def list_verifications(job: JobDep, store: StoreDep) -> list[VerificationOut]:
 
 @router.get("/{job_id}/verifications/{verification_id}", response_model=VerificationOut)
 def get_verification(job: JobDep, verification_id: str, store: StoreDep) -> VerificationOut:
-    v = store.get_verification(verification_id) if len(verification_id) <= 64 else None
+    found = has_shape(VERIFICATION_ID, verification_id)
+    v = store.get_verification(verification_id) if found else None
     if v is None or v.job_id != job.id:
         raise HTTPException(404, f"verification {verification_id} not found")
     return verification_view(v)

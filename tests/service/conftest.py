@@ -132,6 +132,21 @@ def pg_schema() -> Iterator[str]:
         engine.dispose()
 
 
+STORES = ["sqlite", "postgresql"]  # params of fixtures whose tests must hold on either store
+
+
+@contextmanager
+def store_env(kind: str) -> Iterator[dict[str, str]]:
+    """The environment of a box on that store: SQLite in its data dir (the default) or a
+    PostgreSQL schema of its own, dropped afterwards."""
+    if kind == "sqlite":
+        yield {}
+        return
+    assert kind == "postgresql", kind
+    with pg_schema() as url:
+        yield {"GPTQD_DATABASE_URL": url}
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     with pg_schema() as url:

@@ -1,10 +1,12 @@
 """Malformed requests against a real server: each gets a 4xx naming the field and the reason,
-never a 5xx or a traceback. The server has two API keys and no worker (nothing here runs).
-A job that "succeeded" is written into the store directly, with a symlink out of its
-directory planted among its files, to try the artifact path tricks on."""
+never a 5xx or a traceback, on SQLite and on PostgreSQL (which refuses a NUL in text, and times
+whose UTC conversion leaves years 1..9999, that SQLite stores). The server has two API keys and
+no worker (nothing here runs). A job that "succeeded" is written into the store directly, with
+a symlink out of its directory planted among its files, to try the artifact path tricks on."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from collections.abc import Iterator
@@ -13,26 +15,28 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.conftest import NO_VERIFY, Box, start_box, tiny_spec
+from tests.service.conftest import NO_VERIFY, STORES, Box, start_box, store_env, tiny_spec
 
 pytestmark = pytest.mark.service
 
 KEYS = {"alice": "sk-alice-bad-input", "bob": "sk-bob-bad-input"}
 
 
-@pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Box]:
+@pytest.fixture(scope="module", params=STORES)
+def box(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+        ) -> Iterator[Box]:
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.txt").write_text("not yours")
     models = tmp_path_factory.mktemp("bad-models")
     (models / "escape").symlink_to(outside)  # a model "directory" that points out of the root
     keys = ",".join(f"{n}:{s}" for n, s in KEYS.items())
-    b = start_box(tmp_path_factory.mktemp("bad-input"), models,
-                  {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": "",
-                   "GPTQD_MAX_QUEUED_PER_KEY": "3"}, workers=0)
-    b.env["OUTSIDE"] = str(outside)
-    yield b
-    b.close()
+    with store_env(request.param) as store:
+        b = start_box(tmp_path_factory.mktemp("bad-input"), models,
+                      {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": "",
+                       "GPTQD_MAX_QUEUED_PER_KEY": "3", **store}, workers=0)
+        b.env["OUTSIDE"] = str(outside)
+        yield b
+        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def done_job(box: Box) -> str:
     from app.settings import Settings
     from app.store import Store
 
-    settings = Settings(data_dir=box.data_dir, database_url="")
+    settings = Settings(data_dir=box.data_dir, database_url=box.env["GPTQD_DATABASE_URL"])
     store = Store(settings.store_url)
     job, _ = store.create_job(owner="alice", model_id="tiny", spec={}, spec_hash="x",
                               name=None, idempotency_key=None)
@@ -126,6 +130,15 @@ BODY = [
     ("trust_remote_code refused", spec(trust_remote_code=True, revision="abc123"),
      "trust_remote_code"),
     ("name too long", spec(name="n" * 500), "name"),
+    # a NUL fails PostgreSQL; no other C0 control character has a place in a request either
+    ("name nul", spec(name="a\x00b"), "name"),
+    ("name escape sequence", spec(name="a\x1b[31mb"), "name"),
+    ("name backspace", spec(name="ab\x08"), "name"),
+    ("revision nul", spec(revision="main\x00"), "revision"),
+    ("config nul", spec(calibration={"dataset": "builtin", "config": "a\x00"}), "config"),
+    ("verify prompt nul", spec(verify={"prompts": ["Once\x00upon"]}), "prompts"),
+    ("verify prompt bell", spec(verify={"prompts": ["ok", "ring\x07"]}), "prompts"),
+    ("unknown field named with a nul", spec(**{"a\x00b": 1}), "a\\u0000b"),
     ("body is a list", [spec()], "body"),
 ]
 
@@ -141,6 +154,22 @@ def test_a_bad_job_body_is_a_422_naming_the_field(alice: httpx.Client, case: str
     assert "Traceback" not in r.text
 
 
+A_JOB_ID = "job_" + "0" * 32
+
+
+def cursor(*parts: object) -> str:
+    """A validly encoded cursor holding whatever a forger put in it."""
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
+
+
+def raw_upload(filename: bytes) -> dict:
+    """Request kwargs of a multipart upload whose file name goes as these bytes (httpx would
+    percent-encode control characters in it)."""
+    body = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="' + filename
+            + b'"\r\nContent-Type: text/plain\r\n\r\nsome text\r\n--b--\r\n')
+    return {"content": body, "headers": {"content-type": "multipart/form-data; boundary=b"}}
+
+
 RAW = [
     # (case, method, path, kwargs, status, text in the answer)
     ("bad JSON", "POST", "/jobs", {"content": b'{"model_id": "tiny",',
@@ -151,6 +180,25 @@ RAW = [
     ("huge body", "POST", "/jobs", {"json": spec(name="x" * (2 * 1024 * 1024))}, 413, ""),
     ("bad cursor", "GET", "/jobs?cursor=!!!not-a-cursor", {}, 422, "cursor"),
     ("forged cursor", "GET", "/jobs?cursor=WyJ4Il0", {}, 422, "cursor"),
+    ("cursor with a naive time", "GET", "/jobs?cursor=" + cursor("2999-01-01T00:00:00", "zzz"),
+     {}, 422, "cursor"),
+    ("cursor with a naive time and a job id", "GET",
+     "/jobs?cursor=" + cursor("2999-01-01T00:00:00", A_JOB_ID), {}, 422, "cursor"),
+    ("cursor in year 0 once in UTC", "GET",
+     "/jobs?cursor=" + cursor("0001-01-01T00:00:00+14:00", A_JOB_ID), {}, 422, "cursor"),
+    ("cursor in year 10000 once in UTC", "GET",
+     "/jobs?cursor=" + cursor("9999-12-31T23:59:59-14:00", A_JOB_ID), {}, 422, "cursor"),
+    ("cursor id with a nul", "GET",
+     "/jobs?cursor=" + cursor("2999-01-01T00:00:00+00:00", "job_\x00"), {}, 422, "cursor"),
+    ("cursor id not an id", "GET",
+     "/jobs?cursor=" + cursor("2999-01-01T00:00:00+00:00", "x' OR 1=1"), {}, 422, "cursor"),
+    ("cursor id not a string", "GET",
+     "/jobs?cursor=" + cursor("2999-01-01T00:00:00+00:00", 5), {}, 422, "cursor"),
+    ("cursor time not a string", "GET", "/jobs?cursor=" + cursor(5, A_JOB_ID), {}, 422,
+     "cursor"),
+    ("cursor of three parts", "GET",
+     "/jobs?cursor=" + cursor("2999-01-01T00:00:00+00:00", A_JOB_ID, 1), {}, 422, "cursor"),
+    ("cursor with a raw nul", "GET", "/jobs?cursor=%00", {}, 422, "cursor"),
     ("limit 0", "GET", "/jobs?limit=0", {}, 422, "limit"),
     ("limit huge", "GET", "/jobs?limit=100000", {}, 422, "limit"),
     ("limit text", "GET", "/jobs?limit=ten", {}, 422, "limit"),
@@ -158,6 +206,14 @@ RAW = [
     ("job id traversal", "GET", "/jobs/..%2f..%2fetc%2fpasswd", {}, 404, ""),
     ("job id huge", "GET", "/jobs/" + "j" * 5000, {}, 404, ""),
     ("events of unknown job", "GET", "/jobs/job_nope/events", {}, 404, ""),
+    # ids not of the store's shape are not found, without a query (a NUL fails PostgreSQL)
+    ("job id with a nul", "GET", "/jobs/job_%00x", {}, 404, ""),
+    ("events of a job id with a nul", "GET", "/jobs/job_%00x/events", {}, 404, ""),
+    ("cancel a job id with a nul", "POST", "/jobs/job_%00x/cancel", {}, 404, ""),
+    ("delete a job id with a nul", "DELETE", "/jobs/job_%00x", {}, 404, ""),
+    ("verifications of a job id with a nul", "GET", "/jobs/job_%00x/verifications", {}, 404, ""),
+    ("job id with upper-case hex", "GET", "/jobs/job_" + "A" * 32, {}, 404, ""),
+    ("job id of the right shape, unknown", "GET", f"/jobs/{A_JOB_ID}", {}, 404, ""),
     ("idempotency key too long", "POST", "/jobs",
      {"json": spec(), "headers": {"Idempotency-Key": "k" * 500}}, 422, "idempotency-key"),
     ("upload without file", "POST", "/datasets", {"data": {"x": "y"}}, 422, "file"),
@@ -165,6 +221,9 @@ RAW = [
      422, "file"),
     ("upload traversal name", "POST", "/datasets",
      {"files": {"file": ("../../x.sh", b"echo")}}, 422, "file"),
+    ("upload name with a nul", "POST", "/datasets", raw_upload(b"a\x00.txt"), 422, "file"),
+    ("upload name with a control character", "POST", "/datasets", raw_upload(b"a\x1bb.txt"),
+     422, "file"),
     ("upload empty", "POST", "/datasets", {"files": {"file": ("a.txt", b"")}}, 422, "empty"),
     ("upload not utf-8", "POST", "/datasets", {"files": {"file": ("a.txt", b"\xff\xfe\x00")}},
      422, "UTF-8"),
@@ -190,6 +249,39 @@ def test_a_bad_last_event_id_is_a_422(alice: httpx.Client, done_job: str) -> Non
         r = alice.get(f"/jobs/{done_job}/events", headers={"Last-Event-ID": value})
         assert r.status_code == 422, (value, r.text)
         assert "last-event-id" in r.text.lower()
+
+
+def test_a_verification_refuses_control_characters_but_keeps_newlines(
+        alice: httpx.Client, done_job: str) -> None:
+    r = alice.post(f"/jobs/{done_job}/verifications", json={"prompts": ["a\x00b"]})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "prompts"]
+    text = "Line one\n\tline two\r\n"  # tab and newlines belong in a prompt
+    r = alice.post(f"/jobs/{done_job}/verifications", json={"prompts": [text]})
+    assert r.status_code == 202, r.text
+    assert r.json()["spec"]["prompts"] == [text]
+    assert alice.get(f"/jobs/{done_job}/verifications/{r.json()['id']}").status_code == 200
+    for vid in ("ver_%00x", "ver_" + "0" * 32, "x" * 5000):
+        assert alice.get(f"/jobs/{done_job}/verifications/{vid}").status_code == 404, vid
+
+
+@pytest.mark.parametrize("stamp", ["0001-01-01T00:00:00+00:00", "0001-01-01T13:00:00+13:00",
+                                   "9999-12-31T23:59:59.999999+00:00",
+                                   "9999-12-31T10:00:00-13:59"])
+def test_a_cursor_at_the_edge_of_the_range_is_answered(alice: httpx.Client, done_job: str,
+                                                       stamp: str) -> None:
+    r = alice.get("/jobs", params={"cursor": cursor(stamp, "job_" + "f" * 32)})
+    assert r.status_code == 200, r.text
+    ids = [j["id"] for j in r.json()["items"]]
+    assert (done_job in ids) == stamp.startswith("9999"), ids  # only jobs older than the cursor
+
+
+def test_a_forged_cursor_keeps_the_connection(alice: httpx.Client) -> None:
+    # a 500 made the server drop the keep-alive connection; a 422 must not
+    r = alice.get("/jobs", params={"cursor": cursor("2999-01-01T00:00:00", "zzz")})
+    assert r.status_code == 422, r.text
+    assert r.headers.get("connection", "").lower() != "close"
+    assert r.json()["detail"][0]["loc"] == ["query", "cursor"]
 
 
 TRICKS = ["../../../etc/passwd", "..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd",

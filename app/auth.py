@@ -30,18 +30,31 @@ class Principal:
         return self.admin or owner == self.name
 
 
+# around the header value only ASCII space and tab are whitespace (RFC 9110 OWS); str.strip()
+# would also take Unicode spaces (U+00A0, U+0085) off a secret that does not end in them
+_OWS = " \t"
+
+
+def bearer_secret(header: str) -> bytes | None:
+    """The secret of `Authorization: Bearer <secret>` as the client sent its bytes, or None.
+    Starlette decodes header bytes as latin-1, so encoding back gives them unchanged."""
+    scheme, _, secret = header.strip(_OWS).partition(" ")
+    secret = secret.strip(_OWS)
+    if scheme.lower() != "bearer" or not secret:
+        return None
+    return secret.encode("latin-1")
+
+
 def authenticate(request: Request, keys: list[ApiKey]) -> Principal:
     if not keys:
         return Principal(ANONYMOUS, admin=True)
-    header = request.headers.get("authorization", "")
-    scheme, _, secret = header.partition(" ")
-    if scheme.lower() != "bearer" or not secret.strip():
+    secret = bearer_secret(request.headers.get("authorization", ""))
+    if secret is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing API key: send Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    secret = secret.strip().encode()
     found = None
     for key in keys:  # no early exit, so timing does not tell which key matched
         if hmac.compare_digest(key.secret.encode(), secret):
@@ -51,3 +64,9 @@ def authenticate(request: Request, keys: list[ApiKey]) -> Principal:
             status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"}
         )
     return Principal(found.name, admin=found.admin)
+
+
+def require_admin(principal: Principal, what: str) -> None:
+    """403 for a key that is not an admin's (an open box's caller is one)."""
+    if not principal.admin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{what} needs an admin key")

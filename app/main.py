@@ -9,6 +9,7 @@ import logging
 
 from fastapi import FastAPI
 
+from app import accesslog
 from app.dispatch import Dispatcher
 from app.routes import (
     artifacts,
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.api_keys = settings.keys()  # parsed once: a malformed GPTQD_API_KEYS stops startup
+    accesslog.install(key.secret for key in app.state.api_keys)
     app.state.dispatcher = Dispatcher(make_celery(settings), settings.queue)
 
     app.include_router(health.router)

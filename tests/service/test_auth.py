@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import NO_VERIFY, Box, start_box, tiny_spec
+from tests.service.helpers import raw_status
 
 pytestmark = pytest.mark.service
 
@@ -54,3 +55,34 @@ def test_keys_isolate_jobs_and_datasets(keyed_box: Box) -> None:
     assert r.status_code == 422
     assert r.json()["detail"][0]["loc"] == ["body", "calibration", "dataset_id"]
     assert alice.post(f"/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+
+
+def test_metrics_need_an_admin_key(keyed_box: Box) -> None:
+    # the numbers are totals over every owner: an ordinary key must not read them
+    alice, ops = as_(keyed_box, "alice"), as_(keyed_box, "ops")
+    r = alice.get("/metrics")
+    assert r.status_code == 403, r.text
+    assert "admin" in r.json()["detail"] and "gptqd_jobs" not in r.text
+    assert keyed_box.http.get("/metrics").status_code == 401
+    r = ops.get("/metrics")
+    assert r.status_code == 200 and "gptqd_jobs" in r.text
+
+
+def status_with_authorization(box: Box, value: bytes) -> int:
+    return raw_status(box.url, "GET", "/jobs", [b"Authorization: " + value])
+
+
+@pytest.mark.parametrize("space", [b"\xa0", b"\x85", b"\xc2\xa0", b"\xc2\x85", b"\x0b", b"\x0c"])
+def test_a_secret_is_compared_exactly(keyed_box: Box, space: bytes) -> None:
+    """Unicode (and other non-blank) whitespace around a secret makes it another secret;
+    str.strip() used to remove it."""
+    secret = KEYS["alice"].encode()
+    for value in (b"Bearer " + secret + space, b"Bearer " + space + secret):
+        assert status_with_authorization(keyed_box, value) in (400, 401), value
+
+
+def test_ascii_blanks_around_a_secret_are_allowed(keyed_box: Box) -> None:
+    secret = KEYS["alice"].encode()
+    for value in (b"Bearer  " + secret, b"Bearer " + secret + b" \t", b"bearer " + secret,
+                  b"\tBearer " + secret):
+        assert status_with_authorization(keyed_box, value) == 200, value

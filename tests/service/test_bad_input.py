@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.service.conftest import NO_VERIFY, STORES, Box, start_box, store_env, tiny_spec
+from tests.service.helpers import raw_status
 
 pytestmark = pytest.mark.service
 
@@ -242,6 +243,15 @@ def test_a_malformed_request_is_a_clear_4xx(alice: httpx.Client, case: str, meth
     assert r.status_code == status, (case, r.status_code, r.text[:500])
     assert text.lower() in r.text.lower(), (case, r.text[:500])
     assert "Traceback" not in r.text
+
+
+@pytest.mark.parametrize("char", [b"\x01", b"\x1b", b"\x7f"])
+def test_a_control_character_in_the_idempotency_key_is_refused(box: Box, char: bytes) -> None:
+    """The key is stored with the job; the HTTP parser or the shared text check refuses it."""
+    body = json.dumps(spec(name="idem")).encode()
+    headers = [f"Authorization: Bearer {KEYS['bob']}".encode(),
+               b"Content-Type: application/json", b"Idempotency-Key: k" + char + b"k"]
+    assert raw_status(box.url, "POST", "/jobs", headers, body) in (400, 422)
 
 
 def test_a_bad_last_event_id_is_a_422(alice: httpx.Client, done_job: str) -> None:

@@ -14,6 +14,8 @@ from app.routes.jobs import field_error
 
 router = APIRouter(prefix="/jobs", tags=["events"])
 
+MAX_SEQ = 2**31 - 1  # the largest event seq the store's Integer column holds
+
 
 def resume_after(last_event_id: Annotated[str | None, Header(max_length=20)] = None) -> int:
     """The seq a reconnecting client saw last (0 for a fresh stream). Checked before the
@@ -21,8 +23,11 @@ def resume_after(last_event_id: Annotated[str | None, Header(max_length=20)] = N
     value = (last_event_id or "").strip()
     if not value:
         return 0
-    if not value.isdigit():
-        raise field_error(("header", "last-event-id"), "must be an event id (an integer)")
+    # seqs are 32-bit in the store; a larger number would overflow SQLite's integer binding
+    # inside the stream, after the 200 went out
+    if not value.isascii() or not value.isdigit() or int(value) > MAX_SEQ:
+        raise field_error(("header", "last-event-id"),
+                          f"must be an event id (an integer from 0 to {MAX_SEQ})")
     return int(value)
 
 

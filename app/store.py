@@ -5,8 +5,6 @@ ones that race (claim, cancel, finish) are single conditional UPDATEs.
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from app.cursor import decode_cursor, encode_cursor
 from app.db import WRITE, UTCDateTime, make_engine, utcnow
 from app.schemas import TERMINAL
 
@@ -124,19 +123,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raises ValueError on anything that is not a cursor this store handed out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, job_id = json.loads(raw)
-        return datetime.fromisoformat(stamp), str(job_id)
-    except Exception as exc:
-        raise ValueError("cursor is not one returned by GET /jobs") from exc
+def progress_fraction(progress: dict | None) -> float:
+    """The fraction a stored progress reached (0 for none)."""
+    return float((progress or {}).get("fraction") or 0.0)
 
 
 def _stale_or_only(table: Any, beat: Any, stale_before: datetime | None,
@@ -293,7 +282,7 @@ class Store:
             jobs = list(s.scalars(q))
         more = len(jobs) > limit
         jobs = jobs[:limit]
-        return jobs, (_encode_cursor(jobs[-1]) if more and jobs else None)
+        return jobs, (encode_cursor(jobs[-1].created_at, jobs[-1].id) if more and jobs else None)
 
     def count_active(self, owner: str) -> int:
         with self._read() as s:
@@ -308,12 +297,13 @@ class Store:
             return list(s.scalars(select(Job.id).where(Job.status == "queued")))
 
     def take_unclaimed(
-        self, sent_before: datetime, in_broker: set[str] | frozenset[str] = frozenset()
+        self, sent_before: datetime, in_broker: set[str] | frozenset[str] = frozenset(),
+        only: set[str] | None = None,
     ) -> list[str]:
         """Queued jobs last sent to the broker before sent_before (their message may be lost)
-        and not among in_broker, each marked as sent now. A job is handed to one caller only,
-        so reconcilers running at once never both re-send it; a duplicate message would be
-        harmless anyway (claim_job)."""
+        and not among in_broker (nor outside `only`, when given), each marked as sent now. A
+        job is handed to one caller only, so reconcilers running at once never both re-send
+        it; a duplicate message would be harmless anyway (claim_job)."""
         taken = []
         now = utcnow()
         with self._read() as s:
@@ -322,7 +312,7 @@ class Store:
                 .order_by(Job.created_at)
             ))
         for job_id in candidates:
-            if job_id in in_broker:
+            if job_id in in_broker or (only is not None and job_id not in only):
                 continue
             with self._write() as s:
                 n = s.execute(
@@ -342,7 +332,8 @@ class Store:
                 self._mine(job_id, attempt))) == 1
 
     def claim_job(self, job_id: str, worker: str) -> Job | None:
-        """queued → running for exactly one caller; None if the job is not queued."""
+        """queued → running for exactly one caller; None if the job is not queued. The
+        progress keeps the fraction an earlier attempt reached (it never goes backwards)."""
         now = utcnow()
         with self._write() as s:
             claimed = s.execute(
@@ -351,12 +342,14 @@ class Store:
                 .values(
                     status="running", attempts=Job.attempts + 1, worker=worker, started_at=now,
                     heartbeat_at=now, updated_at=now,
-                    progress={"stage": "starting", "fraction": 0.0, "message": "starting"},
                 )
-                .returning(Job.attempts)
-            ).scalar_one_or_none()
+                .returning(Job.attempts, Job.progress)
+            ).one_or_none()
             if claimed is None:
                 return None
+            claimed, progress = claimed
+            s.execute(update(Job).where(Job.id == job_id).values(progress={
+                "stage": "starting", "fraction": progress_fraction(progress), "message": "starting"}))
             self._append_event(
                 s, job_id, "status", {"status": "running", "attempts": claimed, "worker": worker}
             )
@@ -463,11 +456,11 @@ class Store:
         now = utcnow()
         with self._write() as s:
             rows = s.execute(
-                select(Job.id, Job.attempts, Job.cancel_requested)
+                select(Job.id, Job.attempts, Job.cancel_requested, Job.progress)
                 .where(Job.status == "running",
                        *_stale_or_only(Job, Job.heartbeat_at, stale_before, only))
             ).all()
-            for job_id, attempts, cancel in rows:
+            for job_id, attempts, cancel, progress in rows:
                 values: dict[str, Any] = {"updated_at": now, "worker": None}
                 data: dict[str, Any] = {"attempts": attempts}
                 if cancel:
@@ -482,8 +475,9 @@ class Store:
                                "error_code": "worker_lost", "error_message": message}
                     data["error"] = {"code": "worker_lost", "message": message}
                 else:
+                    # the next attempt resumes from the finished blocks: progress stays
                     values |= {"status": "queued", "progress": {
-                        "stage": "queued", "fraction": 0.0,
+                        "stage": "queued", "fraction": progress_fraction(progress),
                         "message": "requeued: its worker stopped"}}
                 n = s.execute(
                     update(Job)

@@ -37,11 +37,13 @@ class ProgressWriter:
         attempt: int,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
+        floor: float = 0.0,
     ) -> None:
+        """floor: the fraction earlier attempts reached; a resumed attempt never shows less."""
         self.store, self.job_id, self.attempt = store, job_id, attempt
         self.interval, self.clock = interval, clock
-        self.fraction = 0.0
-        self.last: dict[str, Any] = {"stage": "starting", "fraction": 0.0, "message": ""}
+        self.fraction = floor
+        self.last: dict[str, Any] = {"stage": "starting", "fraction": floor, "message": ""}
         self.lost = False  # the job is no longer this attempt's (requeued or finished elsewhere)
         self._key: tuple | None = None
         self._written_at = float("-inf")

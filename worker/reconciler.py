@@ -5,11 +5,13 @@ Every worker runs one (a thread in the worker's main process, at start and then 
 - requeues running jobs whose heartbeat is older than `stale_seconds` (their worker died:
   OOM-killed, machine lost) and re-sends them, or fails them once they used `max_attempts`;
   running verifications the same way (they beat too);
-- re-sends queued jobs whose message went out more than `resend_seconds` ago, that no worker
-  claimed and whose message the broker no longer holds (lost: Redis flushed or restarted
-  without persistence). On a broker that cannot be looked into (the embedded SQL one) a job
-  waiting that long is re-sent anyway, at most once per `resend_seconds`. Queued
-  verifications whose message is gone are re-sent too (Redis only).
+- re-sends queued jobs whose message the broker no longer holds (lost: Redis flushed or
+  restarted without persistence) as soon as two passes in a row found it missing (one pass
+  alone could catch a message between Redis's queue and its unacked set), and in any case
+  once it went out more than `resend_seconds` ago unclaimed. On a broker that cannot be looked
+  into (the embedded SQL one) a job waiting that long is re-sent anyway, at most once per
+  `resend_seconds`. Queued verifications whose message is gone are re-sent the same way
+  (Redis only).
 
 Several reconcilers at once are safe: every change is a conditional UPDATE that one caller
 wins, and a duplicate message is harmless because claiming a job is atomic.
@@ -38,6 +40,8 @@ class Pass:
     requeued: list[str] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    # queued jobs and verifications whose message the broker did not hold (Redis only)
+    missing: set[str] = field(default_factory=set)
 
 
 def job_leftovers(settings: Settings, job_id: str) -> list[Path]:
@@ -57,8 +61,10 @@ class Sender(Protocol):
     def pending_ids(self) -> set[str] | None: ...
 
 
-def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
-    """One pass; `sender` is the Dispatcher (app/dispatch.py)."""
+def reconcile(store: Store, settings: Settings, sender: Sender,
+              missing_before: set[str] | frozenset[str] = frozenset()) -> Pass:
+    """One pass; `sender` is the Dispatcher (app/dispatch.py); `missing_before` is the last
+    pass's `missing`."""
     sender.declare()
     send = sender.send_job
     now = utcnow()
@@ -78,15 +84,24 @@ def reconcile(store: Store, settings: Settings, sender: Sender) -> Pass:
     done.requeued += stale_verifications
     done.ended += failed_verifications
     pending = sender.pending_ids()
-    done.resent = store.take_unclaimed(now - timedelta(seconds=settings.resend_seconds),
-                                       pending or frozenset())
+    queued_verifications: set[str] = set()
+    if pending is not None:
+        queued_verifications = set(store.queued_verifications(now))
+        done.missing = ({*store.queued_job_ids(), *queued_verifications} - pending)
+        lost = done.missing & set(missing_before)
+        # the cutoff keeps a job that another reconciler re-sent during this pass from going
+        # out twice
+        done.resent = store.take_unclaimed(
+            now - timedelta(seconds=settings.reconcile_seconds / 2), pending, only=lost)
+    done.resent += store.take_unclaimed(now - timedelta(seconds=settings.resend_seconds),
+                                        pending or frozenset())
     for job_id in done.resent:
         send(job_id)
     if pending is not None:  # verifications keep no "sent" mark: re-sent only when seen lost
-        for vid in store.queued_verifications(now - timedelta(seconds=settings.resend_seconds)):
-            if vid not in pending:
-                sender.send_verification(vid)
-                done.resent.append(vid)
+        waited = set(store.queued_verifications(now - timedelta(seconds=settings.resend_seconds)))
+        for vid in sorted(queued_verifications & done.missing & (waited | set(missing_before))):
+            sender.send_verification(vid)
+            done.resent.append(vid)
     if done.requeued or done.ended or done.resent:
         log.warning("reconciled: requeued %s, failed %s, re-sent %s",
                     done.requeued, done.ended, done.resent)
@@ -120,10 +135,11 @@ class Reconciler(threading.Thread):
         _guard_forks()
 
     def run(self) -> None:
+        missing: set[str] = set()
         while True:
             try:
                 with _in_pass:
-                    reconcile(self.store, self.settings, self.sender)
+                    missing = reconcile(self.store, self.settings, self.sender, missing).missing
             except Exception:  # a store or broker outage: try again next time
                 log.warning("reconcile pass failed", exc_info=True)
             if self.stopping.wait(self.settings.reconcile_seconds):

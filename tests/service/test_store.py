@@ -256,3 +256,54 @@ def test_a_store_from_before_verification_heartbeats_gains_the_column(tmp_path: 
     store.create_all()
     assert store.get_verification("ver_old").heartbeat_at is None
     assert store.claim_verification("ver_old").heartbeat_at is not None
+
+
+class BrokerHolding(RecordingSender):
+    """A broker that holds the messages of the given ids and nothing else."""
+
+    def __init__(self, held: set[str]) -> None:
+        super().__init__()
+        self.held = held
+
+    def pending_ids(self) -> set[str] | None:
+        return set(self.held)
+
+
+def test_a_lost_message_is_resent_once_two_passes_missed_it(store: Store, tmp_path: Path) -> None:
+    from app.settings import Settings
+    from worker.reconciler import reconcile
+
+    # resend_seconds far away: only the two-passes rule can re-send within this test
+    settings = Settings(data_dir=tmp_path, reconcile_seconds=0.4, resend_seconds=3600)
+    lost, held = _job(store)[0].id, _job(store)[0].id
+    v = store.create_verification(held, {"max_windows": 1})
+    time.sleep(0.3)
+    sender = BrokerHolding({held})
+    first = reconcile(store, settings, sender)
+    assert first.missing == {lost, v.id} and first.resent == [] and sender.sent == []
+    second = reconcile(store, settings, sender, first.missing)
+    assert sorted(second.resent) == sorted([lost, v.id]) and sorted(sender.sent) == sorted([lost, v.id])
+    # still missing right after: the job was marked sent just now, so it is not sent again yet
+    # (another reconciler's pass in between would not send it twice); the verification has no
+    # mark and goes out on every pass that finds it missing twice
+    third = reconcile(store, settings, BrokerHolding({held}), second.missing)
+    assert lost not in third.resent
+    time.sleep(0.3)
+    fourth = reconcile(store, settings, BrokerHolding({held}), third.missing)
+    assert lost in fourth.resent  # lost again: re-sent again, half a pass period later
+    assert store.get_job(held).status == "queued"  # never re-sent: its message is there
+
+
+def test_progress_never_goes_back_across_attempts(store: Store) -> None:
+    job, _ = _job(store)
+    store.claim_job(job.id, "w1")
+    assert store.record_progress(job.id, 1, {"stage": "quantizing", "fraction": 0.37}, {})
+    requeued, _ = store.requeue_stale(None, 3, only=(job.id, 1))
+    assert requeued == [job.id]
+    assert store.get_job(job.id).progress["fraction"] == 0.37
+    again = store.claim_job(job.id, "w2")
+    assert again.attempts == 2 and again.progress == {
+        "stage": "starting", "fraction": 0.37, "message": "starting"}
+    # only the named attempt is requeued: a later one that is alive is left alone
+    assert store.requeue_stale(None, 3, only=(job.id, 1)) == ([], [])
+    assert store.get_job(job.id).status == "running"

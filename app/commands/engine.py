@@ -287,6 +287,7 @@ def _perplexity(
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts, window_perplexity
 
+    texts = load_texts(str(text), text_field)  # a bad file is refused before the model loads
     loaded, tokenizer, kind = _load_for_eval(model, trust_remote_code)
     if tokenizer is None:
         raise EngineError(f"{model} has no tokenizer files")
@@ -296,7 +297,6 @@ def _perplexity(
         raise typer.BadParameter(
             f"{length} exceeds the model's context length {limit}", param_hint="'--seq-length'"
         )
-    texts = load_texts(str(text), text_field)
     try:
         windows = eval_windows(tokenizer, texts, length, max_windows)
     except ValueError as exc:

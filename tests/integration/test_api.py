@@ -153,6 +153,21 @@ def test_out_of_memory_says_what_to_lower(model_dir, tmp_path, monkeypatch) -> N
     assert "PYTORCH_CUDA_ALLOC_CONF" not in info.value.message
 
 
+def test_bad_text_files_are_refused_before_any_weight_is_read(model_dir, tmp_path, monkeypatch
+                                                              ) -> None:
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the text files were checked")
+
+    monkeypatch.setattr(api, "load_model", never)
+    monkeypatch.setattr(api, "_open_lazy", never)
+    missing = CalibrationSpec(str(tmp_path / "nope.txt"), num_samples=16, seq_length=64)
+    with pytest.raises(CalibrationError, match=r"calibration file .*nope\.txt does not exist"):
+        quantize(str(model_dir), tmp_path / "a", CONFIG, missing)
+    bad_eval = EvalSpec(source=str(tmp_path / "wiki.test.raw"), seq_length=64)
+    with pytest.raises(CalibrationError, match=r"eval text file .*wiki\.test\.raw does not exist"):
+        quantize(str(model_dir), tmp_path / "b", CONFIG, CALIBRATION, evaluate=bad_eval)
+
+
 def test_a_full_disk_is_reported_as_such(model_dir, tmp_path, monkeypatch) -> None:
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

@@ -118,10 +118,10 @@ def test_parquet_rows_come_from_the_text_column(tmp_path: Path) -> None:
 def test_file_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(CalibrationError, match="does not exist"):
         load_rows(CalibrationSpec(source=str(tmp_path / "missing.txt")))
-    odd = tmp_path / "data.csv"
-    odd.write_text("a,b\n")
-    with pytest.raises(CalibrationError, match=r"unsupported type '\.csv'"):
-        load_rows(CalibrationSpec(source=str(odd)))
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x80\x81\xfe" * 100)
+    with pytest.raises(CalibrationError, match=r"weights\.bin is not UTF-8 text .*save it as UTF-8"):
+        load_rows(CalibrationSpec(source=str(binary)))
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n\n")
     with pytest.raises(CalibrationError, match="holds no text"):
@@ -175,3 +175,33 @@ def test_large_text_is_cut_to_a_seeded_run_of_rows(tokenizer, tmp_path: Path) ->
     assert torch.equal(ids, build_calibration(tokenizer, spec))
     numbers = [int(t) for t in tokenizer.decode(ids.flatten()).replace(":", " ").replace(".", " ").split() if t.isdigit()]
     assert max(numbers) - min(numbers) < 60  # 2*16*32 characters of budget span ~40 rows
+
+
+def test_a_text_file_is_text_whatever_its_suffix(tmp_path: Path) -> None:
+    """wiki.test.raw, notes.md, README: plain text, for calibration (paragraphs) and eval (one
+    text, layout kept)."""
+    from worker.gptq.evaluate import load_texts
+
+    for name in ("wiki.test.raw", "notes.md", "README"):
+        path = tmp_path / name
+        path.write_text("\n\n".join(PARAGRAPHS), encoding="utf-8")
+        assert load_rows(CalibrationSpec(source=str(path))) == PARAGRAPHS
+        assert load_texts(str(path)) == ["\n\n".join(PARAGRAPHS)]
+
+
+def test_a_bad_source_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+    from worker.gptq.calibration import check_source
+
+    check_source("builtin", "calibration")
+    check_source("wikitext:wikitext-2-raw-v1:train", "calibration")  # hub: checked when read
+    with pytest.raises(CalibrationError, match=r"^eval text file .*missing\.raw does not exist"):
+        check_source(str(tmp_path / "missing.raw"), "eval text")
+    with pytest.raises(CalibrationError, match="is not a file"):
+        check_source(str(tmp_path), "calibration")
+    latin1 = tmp_path / "old.txt"
+    latin1.write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    with pytest.raises(CalibrationError, match=r"old\.txt is not UTF-8 text"):
+        check_source(str(latin1), "calibration")
+    cut = tmp_path / "cut.txt"  # a multi-byte character across the sampled head is fine
+    cut.write_bytes(b"a" * ((1 << 16) - 1) + "\u00e9".encode())
+    check_source(str(cut), "calibration")

@@ -28,7 +28,7 @@ import torch
 from worker.gptq import __version__
 from worker.gptq.arch import validate_layers
 from worker.gptq.blockstore import BlockStore
-from worker.gptq.calibration import build_calibration
+from worker.gptq.calibration import build_calibration, check_source
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
 from worker.gptq.memory import return_freed_memory
@@ -120,6 +120,10 @@ def quantize(
         torch.cuda.reset_peak_memory_stats(compute)
 
     with run.stage("loading"):
+        # text files first: a wrong path must not cost the minutes a large model takes to load
+        check_source(calibration.source, "calibration")
+        if evaluate is not None:
+            check_source(evaluate.source, "eval text")
         hf_config, arch = load_config(
             model, revision=revision, token=token, trust_remote_code=trust_remote_code
         )

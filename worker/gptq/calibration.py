@@ -27,6 +27,7 @@ contiguous run of rows of that size is used.
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import inspect
 import json
@@ -40,7 +41,9 @@ import torch
 from worker.gptq.config import CalibrationSpec
 from worker.gptq.errors import CalibrationError
 
-FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+# files read as records by their suffix; a file with any other name is plain UTF-8 text
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".txt", *RECORD_SUFFIXES)  # names that are files even before they exist
 TEXT_BUDGET_CHARS_PER_TOKEN = 32  # ~8x the ~4 characters per token of English BPE
 
 # Standard-library modules whose docstrings make the built-in source, in a fixed order.
@@ -100,7 +103,7 @@ def load_rows(spec: CalibrationSpec) -> list[str]:
     source = spec.source.strip()
     if source == "builtin":
         rows = builtin_rows()
-    elif _looks_like_file(source):
+    elif looks_like_file(source):
         rows = read_file_rows(Path(source).expanduser(), spec.text_field)
     else:
         rows = hub_rows(source, spec.text_field)
@@ -110,7 +113,7 @@ def load_rows(spec: CalibrationSpec) -> list[str]:
     return rows
 
 
-def _looks_like_file(source: str) -> bool:
+def looks_like_file(source: str) -> bool:
     path = Path(source).expanduser()
     return (
         path.exists()
@@ -119,23 +122,53 @@ def _looks_like_file(source: str) -> bool:
     )
 
 
-def read_file_rows(path: Path, text_field: str) -> list[str]:
-    if not path.is_file():
-        raise CalibrationError(f"calibration file {path} does not exist")
+def read_file_rows(path: Path, text_field: str, what: str = "calibration") -> list[str]:
+    """Records of a .jsonl/.json/.parquet file; the paragraphs (blank-line separated) of any
+    other file, read as plain text whatever its suffix (.txt, .raw, .md, none...)."""
+    check_file(path, what)
     suffix = path.suffix.lower()
     try:
-        if suffix == ".txt":
-            return re.split(r"\n[ \t\r\f\v]*\n", path.read_text(encoding="utf-8"))
         if suffix in (".jsonl", ".json"):
             return _jsonl_rows(path, text_field)
         if suffix == ".parquet":
             return _parquet_rows(path, text_field)
     except UnicodeDecodeError as exc:
-        raise CalibrationError(f"calibration file {path} is not UTF-8 text: {exc}") from exc
-    raise CalibrationError(
-        f"calibration file {path} has an unsupported type {suffix!r}; "
-        f"use one of {', '.join(FILE_SUFFIXES)}"
-    )
+        raise CalibrationError(f"{what} file {path} is not UTF-8 text: {exc}") from exc
+    return re.split(r"\n[ \t\r\f\v]*\n", read_text(path, what))
+
+
+def read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(f"{what} file {path} is not UTF-8 text ({exc.reason} at byte "
+                               f"{exc.start}); save it as UTF-8") from exc
+
+
+def check_file(path: Path, what: str) -> None:
+    """Cheap checks of a local text source, made before any weight is read: it is a readable
+    file, and a plain-text one starts as UTF-8."""
+    if not path.is_file():
+        raise CalibrationError(f"{what} file {path} does not exist" if not path.exists()
+                               else f"{what} file {path} is not a file")
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(1 << 16)
+    except OSError as exc:
+        raise CalibrationError(f"{what} file {path} cannot be read: {exc.strerror}") from exc
+    if path.suffix.lower() != ".parquet":
+        try:  # a multi-byte character cut at the end of the sample is not an error
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as exc:
+            raise CalibrationError(f"{what} file {path} is not UTF-8 text ({exc.reason} at "
+                                   f"byte {exc.start}); save it as UTF-8") from exc
+
+
+def check_source(source: str, what: str) -> None:
+    """Refuses a local file source that cannot work (missing, unreadable, not UTF-8) before
+    a model is loaded; builtin and hub sources are checked when read."""
+    if source.strip() != "builtin" and looks_like_file(source.strip()):
+        check_file(Path(source.strip()).expanduser(), what)
 
 
 def _jsonl_rows(path: Path, text_field: str) -> list[str]:

@@ -5,8 +5,9 @@ the texts are joined with "\\n\\n" and tokenized once, without special tokens; t
 is cut into non-overlapping windows of seq_length tokens (a trailing partial window is dropped);
 each window is scored on its own, with no context carried over; perplexity is exp of the mean
 negative log-likelihood over every predicted token (seq_length - 1 per window).
-A .txt file counts as one text, read as it is (see load_texts): on wikitext-2's test.txt this
-reproduces the perplexity the fixture's trainer measured.
+A plain-text file (.txt, .raw, any name but .jsonl/.json/.parquet) counts as one text, read as
+it is (see load_texts): on wikitext-2's test.txt this reproduces the perplexity the fixture's
+trainer measured.
 """
 
 from __future__ import annotations
@@ -22,9 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from .arch import get_arch, get_weight, set_weight
-from .calibration import FILE_SUFFIXES, builtin_rows, hub_rows, read_file_rows, tokenize
+from .calibration import (
+    RECORD_SUFFIXES,
+    builtin_rows,
+    check_file,
+    hub_rows,
+    looks_like_file,
+    read_file_rows,
+    read_text,
+    tokenize,
+)
 from .config import QuantizeConfig
-from .errors import CalibrationError
 from .gptq import rtn_quantize
 from .pipeline import PipelineResult
 
@@ -68,13 +77,12 @@ def load_texts(source: str, text_field: str = "text") -> list[str]:
     """
     if source == "builtin":
         return builtin_rows()
-    path = Path(source).expanduser()
-    if path.suffix.lower() in FILE_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise CalibrationError(f"eval text file {path} does not exist")
-        if path.suffix.lower() == ".txt":
-            return [path.read_text(encoding="utf-8")]
-        return read_file_rows(path, text_field)
+    if looks_like_file(source):
+        path = Path(source).expanduser()
+        if path.suffix.lower() in RECORD_SUFFIXES:
+            return read_file_rows(path, text_field, "eval text")
+        check_file(path, "eval text")
+        return [read_text(path, "eval text")]
     return hub_rows(source, text_field)
 
 

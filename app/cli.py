@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from app.commands import engine, service
+from app.commands import engine, manage, service
 
 app = typer.Typer(
     name="gptqd",
@@ -25,8 +25,23 @@ def _root() -> None:
     """GPTQ quantization: quantize and evaluate models, run the gptqd service."""
 
 
+def _no_type_for_flags() -> None:
+    """Typer's rich help shows `<bool>` beside a flag (--desc-act, --wait, even --help), as if
+    it took a value; a flag takes none, so show no type (click's plain help shows none either)."""
+    from typer.core import TyperOption
+
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: object) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_no_type_for_flags()
 engine.register(app)
 service.register(app)
+manage.register(app)
 
 
 def main() -> None:

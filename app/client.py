@@ -28,6 +28,22 @@ class ApiError(Exception):
         self.status_code = response.status_code
 
 
+class Unreachable(Exception):
+    """Nothing answers at the server's address: say how to start one or point at another."""
+
+    def __init__(self, base_url: str) -> None:
+        super().__init__(
+            f"no gptqd server answers at {base_url}: start one with `gptqd up`, "
+            f"or point --url (or GPTQD_URL) at a running one"
+        )
+        self.base_url = base_url
+
+
+# a refused or timed-out connection: the server is not there (other transport errors may be
+# a server that died mid-answer, which the caller may retry)
+_NOT_THERE = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
 def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, str]]:
     """Server-sent events from a stream of lines: {"id", "event", "data"} per event."""
     event: dict[str, str] = {}
@@ -49,16 +65,28 @@ def parse_sse(lines: Iterable[str]) -> Iterator[dict[str, str]]:
         yield event
 
 
+def _items(body: Any) -> list[dict]:
+    """A listing's rows, whether the server answers a bare list or a page {"items": [...]}."""
+    return body["items"] if isinstance(body, dict) else body
+
+
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 30.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
 
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self.http.request(method, url, **kwargs)
+        except _NOT_THERE as exc:
+            raise Unreachable(self.base_url) from exc
+
     def _json(self, method: str, url: str, **kwargs: Any) -> Any:
-        r = self.http.request(method, url, **kwargs)
+        r = self._request(method, url, **kwargs)
         if r.status_code >= 400:
             raise ApiError(r)
         return r.json() if r.content else None
@@ -121,19 +149,33 @@ class Client:
         for art in self.artifacts(job_id):
             path = dest / art["name"]
             path.parent.mkdir(parents=True, exist_ok=True)
-            h = hashlib.sha256()
-            with self.http.stream("GET", f"/jobs/{job_id}/artifacts/{art['name']}") as r:
-                if r.status_code >= 400:
-                    r.read()
-                    raise ApiError(r)
-                with path.open("wb") as f:
-                    for chunk in r.iter_bytes():
-                        h.update(chunk)
-                        f.write(chunk)
-            if h.hexdigest() != art["sha256"]:
+            try:
+                digest = self._save(f"/jobs/{job_id}/artifacts/{art['name']}", path)
+            except _NOT_THERE as exc:
+                raise Unreachable(self.base_url) from exc
+            if digest != art["sha256"]:
                 raise ValueError(f"{art['name']}: sha256 does not match the listing")
             paths.append(path)
         return paths
+
+    def _save(self, url: str, path: Path) -> str:
+        """Streams url into path; returns the sha256 of what was written."""
+        h = hashlib.sha256()
+        with self.http.stream("GET", url) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise ApiError(r)
+            with path.open("wb") as f:
+                for chunk in r.iter_bytes():
+                    h.update(chunk)
+                    f.write(chunk)
+        return h.hexdigest()
+
+    def datasets(self) -> list[dict]:
+        return _items(self._json("GET", "/datasets"))
+
+    def verifications(self, job_id: str) -> list[dict]:
+        return _items(self._json("GET", f"/jobs/{job_id}/verifications"))
 
     def verify(self, job_id: str, body: dict[str, Any] | None = None) -> dict:
         return self._json("POST", f"/jobs/{job_id}/verifications", json=body or {})

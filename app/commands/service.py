@@ -14,10 +14,9 @@ from typing import Any
 
 import typer
 
-from app.client import ApiError, Client
+from app.client import Client
+from app.commands.common import KEY, URL, age, outcome, table, talking_to_server
 
-URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="GPTQD_URL", help="API address.")
-KEY = typer.Option(None, "--api-key", envvar="GPTQD_API_KEY", help="API key (Bearer).")
 HOST = typer.Option("127.0.0.1", "--host", help="Address to listen on.")
 PORT = typer.Option(8000, "--port", help="Port to listen on.")
 
@@ -74,11 +73,6 @@ def worker(
     os.execv(cmd[0], cmd)
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    typer.echo(f"error: {exc}", err=True)
-    return typer.Exit(1)
-
-
 def build_spec(base: dict[str, Any], **options: Any) -> dict[str, Any]:
     """The JSON spec with the options that were given laid over it (None = not given)."""
     spec = json.loads(json.dumps(base))
@@ -115,9 +109,7 @@ def follow(client: Client, job_id: str, progress: bool = True) -> dict:
 
 def summary(job: dict) -> str:
     """A few lines a person reads after a job ends."""
-    lines = [f"job {job['id']}: {job['status']}"]
-    if job.get("error"):
-        lines.append(f"error [{job['error']['code']}]: {job['error']['message']}")
+    lines = outcome("job", job)
     metrics = job.get("metrics") or {}
     if metrics.get("perplexity_after") is not None:
         lines.append(f"perplexity: {metrics['perplexity_before']:.3f} before, "
@@ -133,61 +125,97 @@ def summary(job: dict) -> str:
     return "\n".join(lines)
 
 
+def _default(field: str) -> str:
+    """The server's default for a job spec field (calibration.* for the calibration's)."""
+    from app.schemas import CalibrationIn, JobIn
+
+    model, _, name = field.rpartition(".")
+    schema = CalibrationIn if model == "calibration" else JobIn
+    value = schema.model_fields[name].default
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+def _opt(field: str, text: str, *names: str) -> Any:
+    """An option that is left out of the spec unless given, so the server's default applies."""
+    return typer.Option(None, *names, help=f"{text} (server default: {_default(field)})",
+                        show_default=False)
+
+
 def submit(
     model_id: str = typer.Argument(None, help="Hub id or a directory name under the models root."),
-    spec_file: Path = typer.Option(None, "--spec", help="A JSON job spec; flags override it."),
-    bits: int = typer.Option(None), group_size: int = typer.Option(None),
-    damp_percent: float = typer.Option(None), desc_act: bool = typer.Option(None),
-    sym: bool = typer.Option(None), revision: str = typer.Option(None),
-    dataset: str = typer.Option(None, help="Hub dataset name, or 'builtin'."),
-    dataset_config: str = typer.Option(None), split: str = typer.Option(None),
-    dataset_id: str = typer.Option(None, help="An uploaded dataset (POST /datasets)."),
-    num_samples: int = typer.Option(None), seq_length: int = typer.Option(None),
-    name: str = typer.Option(None),
+    spec_file: Path = typer.Option(None, "--spec", help="A JSON job spec; options override it."),
+    bits: int = _opt("bits", "Bits per weight: 2, 3, 4 or 8."),
+    group_size: int = _opt("group_size", "Columns per scale/zero group: -1 (one per row), 16..1024."),
+    damp_percent: float = _opt("damp_percent", "Hessian damping, a fraction of its mean diagonal."),
+    desc_act: bool = _opt("desc_act", "Act-order: columns by decreasing Hessian diagonal.",
+                          "--desc-act/--no-desc-act"),
+    sym: bool = _opt("sym", "Symmetric quantization (--no-sym writes gptq_v2).", "--sym/--no-sym"),
+    static_groups: bool = _opt("static_groups", "Group scales fixed before the act-order sweep.",
+                               "--static-groups/--no-static-groups"),
+    true_sequential: bool = _opt("true_sequential", "Quantize a block's layers in order.",
+                                 "--true-sequential/--no-true-sequential"),
+    revision: str = typer.Option(None, help="Hub branch, tag or commit."),
+    dataset: str = _opt("calibration.dataset", "Calibration: a hub dataset, or 'builtin' (offline)."),
+    dataset_config: str = _opt("calibration.config", "The hub dataset's config."),
+    split: str = _opt("calibration.split", "The hub dataset's split."),
+    text_field: str = _opt("calibration.text_field", "Column / JSON key holding the text."),
+    dataset_id: str = typer.Option(None, help="An uploaded dataset (`gptqd upload FILE`) instead of --dataset."),
+    num_samples: int = _opt("calibration.num_samples", "Calibration windows (1..4096)."),
+    seq_length: int = _opt("calibration.seq_length", "Tokens per window (8..32768)."),
+    seed: int = _opt("calibration.seed", "Which windows are picked."),
+    name: str = typer.Option(None, help="A label shown in `gptqd jobs` and the dashboard."),
     wait: bool = typer.Option(False, "--wait", help="Show live progress and the result."),
     url: str = URL, api_key: str = KEY,
 ) -> None:
     """Submit a quantization job (prints its id, or with --wait follows it to the end)."""
     base = json.loads(spec_file.read_text()) if spec_file else {}
     spec = build_spec(base, model_id=model_id, bits=bits, group_size=group_size,
-                      damp_percent=damp_percent, desc_act=desc_act, sym=sym, revision=revision,
-                      dataset=dataset, dataset_config=dataset_config, split=split,
-                      dataset_id=dataset_id, num_samples=num_samples, seq_length=seq_length,
-                      name=name)
+                      damp_percent=damp_percent, desc_act=desc_act, sym=sym,
+                      static_groups=static_groups, true_sequential=true_sequential,
+                      revision=revision, dataset=dataset, dataset_config=dataset_config,
+                      split=split, text_field=text_field, dataset_id=dataset_id,
+                      num_samples=num_samples, seq_length=seq_length, seed=seed, name=name)
     client = Client(url, api_key)
-    try:
+    with talking_to_server():
         job = client.submit(spec)
         if not wait:
             typer.echo(job["id"])
             return
         typer.echo(f"submitted {job['id']}", err=True)
         job = follow(client, job["id"])
-    except ApiError as exc:
-        raise _fail(exc) from exc
     typer.echo(summary(job))
     if job["status"] != "succeeded":
         raise typer.Exit(1)
 
 
 def jobs(status: str = typer.Option(None, help="Only jobs with this status."),
-         limit: int = typer.Option(20), url: str = URL, api_key: str = KEY) -> None:
-    """Recent jobs, newest first."""
-    try:
+         limit: int = typer.Option(20, help="At most this many jobs."),
+         url: str = URL, api_key: str = KEY) -> None:
+    """Recent jobs, newest first (a failed one with its error)."""
+    with talking_to_server():
         page = Client(url, api_key).jobs(status=status, limit=limit)
-    except ApiError as exc:
-        raise _fail(exc) from exc
-    for job in page["items"]:
-        p = job["progress"]
-        typer.echo(f"{job['id']}  {job['status']:<9}  {p['fraction'] * 100:5.1f}%  "
-                   f"{job['created_at'][:19]}  {job['model_id']}")
+    if not page["items"]:
+        typer.echo("no jobs" + (f" with status {status}" if status else ""))
+        return
+    typer.echo(table(["JOB", "NAME", "STATUS", "PROGRESS", "CREATED", "MODEL", "ERROR"],
+                     [job_row(job) for job in page["items"]]))
+
+
+def job_row(job: dict, width: int = 60) -> list[str]:
+    """One `gptqd jobs` row: id, name, status, progress, age, model, error (shortened)."""
+    error = job.get("error")
+    why = f"{error['code']}: {error['message']}" if error else ""
+    if len(why) > width:
+        why = why[:width - 1] + "…"
+    return [job["id"], job.get("name") or "-", job["status"],
+            f"{job['progress']['fraction'] * 100:.0f}%", age(job["created_at"]),
+            job["model_id"], why]
 
 
 def download(job_id: str, out: Path = typer.Option(None, help="Directory (default: ./<job>)."),
              url: str = URL, api_key: str = KEY) -> None:
     """A succeeded job's checkpoint, every file checked against its sha256."""
     dest = out or Path(job_id)
-    try:
+    with talking_to_server():
         paths = Client(url, api_key).download(job_id, dest)
-    except (ApiError, ValueError) as exc:
-        raise _fail(exc) from exc
     typer.echo(f"{len(paths)} files in {dest}")

@@ -1,0 +1,65 @@
+"""What the commands that talk to a gptqd server share: its address and key, and how a
+refusal or a server that is not there is told to the user (one line, exit code 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+
+import typer
+
+from app.client import ApiError, Unreachable
+
+URL = typer.Option("http://127.0.0.1:8000", "--url", envvar="GPTQD_URL",
+                   help="Address of the gptqd server (`gptqd up` starts one).")
+KEY = typer.Option(None, "--api-key", envvar="GPTQD_API_KEY", help="API key (Bearer).")
+
+
+def explain(exc: Exception) -> str:
+    """The error as one line, with the fix where the error implies one."""
+    message = f"error: {exc}"
+    if isinstance(exc, ApiError) and exc.status_code == 401:
+        message += " (pass --api-key or set GPTQD_API_KEY)"
+    return message
+
+
+@contextmanager
+def talking_to_server() -> Iterator[None]:
+    """Turns the API's refusals, an absent server and a bad download into one line, exit 1."""
+    try:
+        yield
+    except (ApiError, Unreachable, ValueError) as exc:
+        typer.echo(explain(exc), err=True)
+        raise typer.Exit(1) from None
+
+
+def age(timestamp: str, now: datetime | None = None) -> str:
+    """'just now', '3 min ago', '5 h ago', '2 days ago' for an ISO timestamp (UTC if naive)."""
+    then = datetime.fromisoformat(timestamp)
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    seconds = ((now or datetime.now(UTC)) - then).total_seconds()
+    for unit, size in (("day", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            count = int(seconds // size)
+            return f"{count} {unit}{'s' if unit == 'day' and count > 1 else ''} ago"
+    return "just now"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """Rows under a header, each column as wide as its widest cell (the last one not padded)."""
+    lines = [header, *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=True)), line[-1]]).rstrip()
+        for line in lines
+    )
+
+
+def outcome(kind: str, item: dict) -> list[str]:
+    """'job ID: status' (or 'verification ...'), then why it failed if it did."""
+    lines = [f"{kind} {item['id']}: {item['status']}"]
+    if item.get("error"):
+        lines.append(f"error [{item['error']['code']}]: {item['error']['message']}")
+    return lines

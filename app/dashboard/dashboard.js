@@ -152,18 +152,42 @@ function renderRow(job) {
     row.className = "job";
     row.dataset.jobId = job.id;
     row.addEventListener("click", () => { location.hash = `#/jobs/${job.id}`; });
-    row.append(text("td", ""), text("td", ""), text("td", ""), text("td", ""), document.createElement("td"));
+    row.append(text("td", ""), text("td", ""), text("td", ""), text("td", ""), document.createElement("td"), text("td", "", "created"));
     row.cells[4].append(progressBar());
     rows.set(job.id, row);
   }
   row.cells[0].textContent = job.name || job.id.slice(0, 12);
   row.cells[1].textContent = job.model_id;
   row.cells[2].textContent = settingsOf(job);
-  row.cells[3].textContent = job.status;
-  row.cells[3].className = `status ${job.status}`;
+  renderStatus(row.cells[3], job);
   row.dataset.status = job.status;
   setProgress(row.cells[4].firstChild, job);
+  row.cells[5].textContent = age(job.created_at);
+  row.cells[5].title = new Date(job.created_at).toLocaleString();
   return row;
+}
+
+// the status, and under a failed one why (shortened; the whole message on hover)
+function renderStatus(cell, job) {
+  cell.className = `status ${job.status}`;
+  cell.replaceChildren(text("span", job.status));
+  if (job.error) {
+    const message = job.error.message.length > 60 ? `${job.error.message.slice(0, 59)}…` : job.error.message;
+    const why = text("div", `${job.error.code}: ${message}`, "why");
+    why.title = job.error.message;
+    cell.append(why);
+  }
+}
+
+// "just now", "3 min ago", "5 h ago", "2 days ago"
+function age(timestamp) {
+  const iso = /[zZ]|[+-]\d\d:?\d\d$/.test(timestamp) ? timestamp : `${timestamp}Z`; // naive = UTC
+  const seconds = (Date.now() - Date.parse(iso)) / 1000;
+  if (!isFinite(seconds)) return "";
+  if (seconds >= 86400) { const d = Math.floor(seconds / 86400); return `${d} day${d > 1 ? "s" : ""} ago`; }
+  if (seconds >= 3600) return `${Math.floor(seconds / 3600)} h ago`;
+  if (seconds >= 60) return `${Math.floor(seconds / 60)} min ago`;
+  return "just now";
 }
 
 async function loadJobs() {
@@ -184,6 +208,23 @@ async function loadDatasets() {
     select.replaceChildren(new Option("(none)", ""), ...(items.items || items).map((d) => new Option(`${d.filename} (${d.id.slice(0, 10)})`, d.id)));
   } catch (e) { /* datasets are optional for the form */ }
 }
+
+// an uploaded file becomes the form's calibration dataset
+$("#dataset-file").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("file", file);
+  $("#submit-error").textContent = "";
+  try {
+    const ds = await api("/datasets", { method: "POST", body: form });
+    await loadDatasets();
+    $("#submit-form [name=dataset_id]").value = ds.id;
+  } catch (e) {
+    $("#submit-error").textContent = `upload: ${e.message}`;
+  }
+  event.target.value = "";
+});
 
 $("#status-filter").addEventListener("change", () => { stopFollowing(); rows.clear(); loadJobs(); });
 
@@ -249,6 +290,15 @@ async function reportLosses(job) {
     .map((m) => ({ name: m.module || m.name, block: blockOf(m.module || m.name), loss: Number(m.loss) }));
 }
 
+// the whole decades around the logs: the axis runs from 10^lo (at or below the smallest loss)
+// to 10^hi (at or above the largest), one decade at least. Compared as numbers, not by
+// truthiness: Math.ceil of a log in (-1, 0) is -0, which is a real top of 1e0
+function decades(logs) {
+  const lo = Math.floor(Math.min(...logs));
+  const hi = Math.max(Math.ceil(Math.max(...logs)), lo + 1);
+  return { lo, hi };
+}
+
 function drawLossChart(svg, mods) {
   const NS = "http://www.w3.org/2000/svg";
   svg.replaceChildren();
@@ -260,13 +310,14 @@ function drawLossChart(svg, mods) {
     return;
   }
   const logs = mods.map((m) => Math.log10(Math.max(m.loss, 1e-12)));
-  const lo = Math.floor(Math.min(...logs)), hi = Math.ceil(Math.max(...logs)) || lo + 1;
-  const span = Math.max(hi - lo, 1);
+  const { lo, hi } = decades(logs);
+  const span = hi - lo;
   const bw = (W - left - 10) / mods.length;
   mods.forEach((m, i) => {
     const h = ((logs[i] - lo) / span) * (H - bottom - top) + 2;
     const r = document.createElementNS(NS, "rect");
     r.setAttribute("class", "bar");
+    r.dataset.loss = m.loss;
     r.setAttribute("x", left + i * bw + 1);
     r.setAttribute("width", Math.max(bw - 2, 1));
     r.setAttribute("y", H - bottom - h);
@@ -279,6 +330,7 @@ function drawLossChart(svg, mods) {
   for (let v = lo; v <= hi; v++) {
     const y = H - bottom - ((v - lo) / span) * (H - bottom - top);
     const t = document.createElementNS(NS, "text");
+    t.setAttribute("class", "tick");
     t.setAttribute("x", 4); t.setAttribute("y", y + 3); t.textContent = `1e${v}`;
     svg.append(t);
   }
@@ -315,7 +367,8 @@ function renderJob(job) {
   $("#job-title").textContent = `${job.name || job.id} — ${job.model_id}`;
   setProgress($("#job-view .progress"), job);
   $("#job-view .progress").dataset.status = job.status;
-  $("#job-message").textContent = job.progress?.message || "";
+  // a failed job's last progress message is its error: say it once, as the error
+  $("#job-message").textContent = job.error ? "" : (job.progress?.message || "");
   $("#job-error").textContent = job.error ? `${job.error.code}: ${job.error.message}` : "";
   $("#job-metrics tbody").replaceChildren(...metricRows(job));
   if (job.status === "succeeded") {
@@ -340,10 +393,55 @@ function renderJob(job) {
     li.append(link);
     list.append(li);
   }
+  $("#downloads").hidden = list.children.length === 0;
   const samples = job.metrics?.evaluation?.samples_after || [];
   $("#samples").replaceChildren(...samples.map((s) => text("pre", s)));
+  $("#samples-panel").hidden = samples.length === 0;
+  $("#verify").hidden = job.status !== "succeeded";
+  if (job.status === "succeeded") {
+    $("#verify-button").onclick = () => verify(job.id);
+    showVerifications(job.id).catch(() => { /* the panel stays empty */ });
+  }
   $("#cancel-button").hidden = !(job.status === "queued" || job.status === "running");
   $("#cancel-button").onclick = async () => { try { renderJob(await api(`/jobs/${job.id}/cancel`, { method: "POST" })); } catch (e) { $("#job-error").textContent = e.message; } };
+}
+
+// --- verifications of a succeeded job ---------------------------------------------------------
+function verificationRow(v) {
+  const result = v.result || {};
+  const tr = document.createElement("tr");
+  tr.className = "verification";
+  tr.dataset.status = v.status;
+  const what = v.error ? `${v.error.code}: ${v.error.message}`
+    : result.perplexity != null ? `perplexity ${result.perplexity.toFixed(3)} on ${result.eval_source}` : "";
+  const td = text("td", what);
+  for (const s of result.samples || []) td.append(text("pre", s.text));
+  tr.append(text("td", `${v.status} (${age(v.created_at)})`, `status ${v.status}`), td);
+  return tr;
+}
+
+async function showVerifications(jobId) {
+  const body = await api(`/jobs/${jobId}/verifications`);
+  const items = Array.isArray(body) ? body : body.items; // a bare list or a page
+  $("#verifications tbody").replaceChildren(...items.map(verificationRow));
+  return items;
+}
+
+async function verify(jobId) {
+  $("#verify-button").disabled = true;
+  try {
+    await api(`/jobs/${jobId}/verifications`, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
+    // poll until every verification of the job has ended (the page may have moved on)
+    while (location.hash === `#/jobs/${jobId}`) {
+      const items = await showVerifications(jobId);
+      if (items.every((v) => ["succeeded", "failed", "cancelled"].includes(v.status))) break;
+      await new Promise((r) => setTimeout(r, 1000));
+    }
+  } catch (e) {
+    $("#job-error").textContent = e.message;
+  } finally {
+    $("#verify-button").disabled = false;
+  }
 }
 
 async function download(event, url, name) {

@@ -1,15 +1,17 @@
 """The dashboard in a real headless browser (Debian's chromium driven by Playwright): submit a
-job from the form, watch its progress bar reach succeeded, open its page, see the loss chart."""
+job from the form, watch its progress bar reach succeeded, open its page, see the loss chart
+drawn to the scale of its data; a failed job says why, once, in the list and on its page."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import Box
+from tests.service.conftest import NO_VERIFY, TERMINAL, Box, tiny_spec, wait_status
 
 pytestmark = pytest.mark.service
 
@@ -68,6 +70,7 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     # 2 blocks x 7 Llama linears: one bar per module, read from the checkpoint's report
     page.wait_for_function("() => document.querySelectorAll('#loss-chart rect.bar').length === 14",
                            timeout=30_000)
+    check_chart_scale(page)
     metrics = page.locator("#job-metrics").inner_text()
     assert "perplexity before" in metrics and "perplexity after" in metrics
     links = page.locator("#artifacts a")
@@ -75,9 +78,93 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     assert "model.safetensors" in names and "quantize_config.json" in names
 
     assert page.locator("#job-view .progress .bar").evaluate("b => parseFloat(b.style.width)") == 100
+    assert page.locator("#samples-panel").is_visible()
+
+    # verify the stored checkpoint from the page: a worker measures it, the row shows the result
+    page.locator("#verify-button").click()
+    done = page.locator("#verifications tr.verification[data-status=succeeded]")
+    done.wait_for(timeout=240_000)
+    assert re.search(r"perplexity [\d.]+ on ", done.inner_text()), done.inner_text()
     page.wait_for_timeout(500)  # let the bar's CSS transition finish before the screenshot
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / "dashboard-job.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     assert errors == [], errors
+
+
+# the bars and the y-axis as drawn: [{loss, height}], and the decades the ticks name
+READ_CHART = """(svg) => ({
+  bars: [...svg.querySelectorAll('rect.bar')].map(
+    (r) => ({loss: Number(r.dataset.loss), height: Number(r.getAttribute('height'))})),
+  ticks: [...svg.querySelectorAll('text.tick')].map((t) => Number(t.textContent.slice(2))),
+})"""
+
+
+def check_chart_scale(page, svg: str = "#loss-chart") -> None:
+    """The axis spans the data (bottom tick <= smallest loss, top tick >= largest) and a bigger
+    loss never has a shorter bar, nor do two different losses get the same one at the top."""
+    chart = page.locator(svg).evaluate(READ_CHART)
+    losses = [b["loss"] for b in chart["bars"]]
+    assert chart["ticks"], chart
+    assert 10.0 ** min(chart["ticks"]) <= min(losses), chart
+    assert 10.0 ** max(chart["ticks"]) >= max(losses), chart
+    ordered = sorted(chart["bars"], key=lambda b: b["loss"])
+    heights = [b["height"] for b in ordered]
+    assert heights == sorted(heights), ordered
+    tallest = [b for b in chart["bars"] if b["height"] == max(heights)]
+    assert len({b["loss"] for b in tallest}) == 1, tallest
+
+
+# the losses of issue 14: 11 of these 12 bars were pinned to the top of a 1e-4..1e-3 axis
+ISSUE_LOSSES = [1.4e-4, 3.1e-4, 2.2e-3, 5.5e-3, 1.2e-2, 3.3e-2, 0.071, 0.12, 0.25, 0.38, 0.55, 0.79]
+
+
+def test_the_loss_chart_scale_fits_losses_below_one(team_box: Box, browser) -> None:
+    page = browser.new_page()
+    page.goto(f"{team_box.url}/")
+    page.wait_for_selector("#submit-form")
+    page.evaluate("""(losses) => {
+      const svg = document.getElementById('loss-chart');
+      drawLossChart(svg, losses.map((loss, i) => ({name: `model.layers.${i}.mlp`, block: i, loss})));
+    }""", ISSUE_LOSSES)
+    check_chart_scale(page)
+    ticks = page.locator("#loss-chart").evaluate(READ_CHART)["ticks"]
+    assert (min(ticks), max(ticks)) == (-4, 0)
+
+
+def test_a_failed_job_says_why_once(team_box: Box, browser) -> None:
+    http = team_box.http
+    job = http.post("/jobs", json=tiny_spec(model_id="no-such-model", name="doomed",
+                                            verify=NO_VERIFY)).json()
+    job = wait_status(http, job["id"], TERMINAL)
+    assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{team_box.url}/")
+    row = page.locator("#jobs tbody tr", has_text="doomed")
+    row.wait_for(timeout=30_000)
+    assert "model_not_found" in row.locator(".status .why").inner_text()
+    assert row.locator("td.created").inner_text() in ("just now", "1 min ago", "2 min ago", "3 min ago")
+
+    row.click()
+    page.wait_for_selector("#job-view:not([hidden])")
+    page.wait_for_function("() => document.querySelector('#job-error').textContent !== ''")
+    shown = page.locator("#job-view").inner_text()
+    assert shown.count(job["error"]["message"]) == 1, shown
+    assert page.locator("#downloads").is_hidden()
+    assert page.locator("#samples-panel").is_hidden()
+
+
+def test_upload_a_calibration_file_from_the_form(team_box: Box, browser, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("Text to calibrate a model with.\n" * 20)
+    page = browser.new_page()
+    page.goto(f"{team_box.url}/")
+    page.wait_for_selector("#submit-form")
+    page.locator("#dataset-file").set_input_files(str(corpus))
+    select = page.locator("#submit-form [name=dataset_id]")
+    page.wait_for_function("() => document.querySelector('[name=dataset_id]').value.startsWith('ds_')")
+    chosen = select.evaluate("s => s.selectedOptions[0].textContent")
+    assert chosen.startswith("corpus.txt"), chosen
+    listed = {d["id"] for d in team_box.http.get("/datasets").json()["items"]}
+    assert select.input_value() in listed

@@ -52,12 +52,27 @@ def make_celery(settings: Settings) -> Celery:
         # and the pool process that lives on starts the next one while a job runs
         worker_concurrency=1,
         worker_hijack_root_logger=False,
+        # a pool process reports for duty once its first job process has imported the engine
+        worker_proc_alive_timeout=JOB_PROCESS_READY_SECONDS + 30,
         worker_send_task_events=False,
     )
     return celery
 
 
 _solo = False  # tasks run in the worker's main process (--pool=solo)
+# how long a worker waits, at start, for its first job process to import the engine: until then
+# it does not say "ready", so a job it takes starts at once
+JOB_PROCESS_READY_SECONDS = 300.0
+
+
+def _first_job_process() -> None:
+    from worker.tasks import launcher
+
+    launcher.prepare()
+    if not launcher.wait_ready(JOB_PROCESS_READY_SECONDS):
+        logging.getLogger("gptqd.worker").warning(
+            "the first job process did not report ready in %.0f s (it died, or its imports are "
+            "slow): the first job may start late", JOB_PROCESS_READY_SECONDS)
 
 
 @worker_init.connect
@@ -74,6 +89,8 @@ def _check_worker(sender: object = None, **_: object) -> None:
         logging.getLogger("gptqd.worker").critical("%s", problem)
         print(f"gptqd worker: {problem}", file=sys.stderr, flush=True)
         os._exit(78)  # EX_CONFIG: a restart policy should not retry a broken configuration
+    if _solo:  # jobs are handed out from this very process
+        _first_job_process()
 
 
 _reconciler = None  # the worker main process's reconciler thread (see worker/reconciler.py)
@@ -83,10 +100,6 @@ _reconciler = None  # the worker main process's reconciler thread (see worker/re
 def _start_reconciler(**_: object) -> None:
     """At worker start and then periodically, the store and the broker are made to agree."""
     global _reconciler
-    if _solo:  # jobs are handed out from this process: start the first job process now
-        from worker.tasks import launcher
-
-        launcher.prepare()
     from app.dispatch import Dispatcher
     from app.store import Store
     from worker.reconciler import Reconciler
@@ -112,9 +125,7 @@ def _init_pool_process(**_: object) -> None:
     (worker/jobprocess.py), so it has imported the engine by the time the job arrives."""
     if _reconciler is not None:
         _reconciler.store.engine.dispose(close=False)
-    from worker.tasks import launcher
-
-    launcher.prepare()
+    _first_job_process()
 
 
 app = make_celery(get_settings())

@@ -22,6 +22,7 @@ import importlib
 import logging
 import os
 import resource
+import select
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ PRELOAD = (
     "worker.gptq.evaluate", "worker.jobrunner", "worker.verifier",
 )
 PARENT_ENV = "GPTQD_JOB_PARENT"  # the pid the job process must die with
+READY_ENV = "GPTQD_JOB_READY_FD"  # where it writes one byte once it has imported the engine
 PR_SET_PDEATHSIG = 1
 
 
@@ -50,20 +52,46 @@ class Launcher:
 
     def __init__(self) -> None:
         self.waiting: subprocess.Popen | None = None
+        self._ready: int | None = None  # read end of the waiting process's "imported" pipe
 
     def prepare(self) -> None:
         """Starts the next job process now, unless one is already waiting."""
-        if self.waiting is None or self.waiting.poll() is not None:
+        if self.waiting is not None and self.waiting.poll() is None:
+            return
+        self._close_ready()
+        read, write = os.pipe()
+        try:
             self.waiting = subprocess.Popen(
                 [sys.executable, "-m", "worker.jobprocess"], stdin=subprocess.PIPE,
-                env={**os.environ, PARENT_ENV: str(os.getpid())}, close_fds=True,
+                env={**os.environ, PARENT_ENV: str(os.getpid()), READY_ENV: str(write)},
+                close_fds=True, pass_fds=(write,),
             )
+        finally:
+            os.close(write)
+        self._ready = read
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Waits until the waiting job process has imported the engine; False if it died
+        first or took longer than timeout."""
+        if self._ready is None:
+            return False
+        readable, _, _ = select.select([self._ready], [], [], timeout)
+        done = bool(readable) and os.read(self._ready, 1) == b"1"
+        if readable:
+            self._close_ready()
+        return done
+
+    def _close_ready(self) -> None:
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
 
     def run(self, kind: Kind, item_id: str) -> tuple[int, int]:
         """Hands one item to the waiting job process (started now if none waits) and waits
         for it to end: (its pid, its exit code; negative: the signal that killed it)."""
         self.prepare()
         proc, self.waiting = self.waiting, None
+        self._close_ready()
         assert proc is not None and proc.stdin is not None
         self.prepare()  # the next job's process imports while this one runs
         try:
@@ -72,13 +100,6 @@ class Launcher:
         except BrokenPipeError:  # it died while waiting; wait() below says how
             pass
         return proc.pid, proc.wait()
-
-    def close(self) -> None:
-        """Lets a waiting job process exit (it reads end-of-file instead of a job)."""
-        if self.waiting is not None and self.waiting.stdin is not None:
-            self.waiting.stdin.close()
-            self.waiting.wait()
-        self.waiting = None
 
 
 def _die_with_parent() -> None:
@@ -104,6 +125,15 @@ def _limit_memory() -> None:
         size = limit * 1024 * 1024
         resource.setrlimit(resource.RLIMIT_AS, (size, size))
         log.info("job memory limited to %d MiB", limit)
+
+
+def _say_ready() -> None:
+    fd = os.environ.pop(READY_ENV, None)
+    if fd is not None:
+        with contextlib.suppress(OSError):  # the worker stopped waiting: nothing to tell
+            os.write(int(fd), b"1")
+        with contextlib.suppress(OSError):
+            os.close(int(fd))
 
 
 def run_item(kind: Kind, item_id: str) -> str | None:
@@ -132,6 +162,7 @@ def main() -> None:
     _limit_memory()
     for name in PRELOAD:
         importlib.import_module(name)
+    _say_ready()
     line = sys.stdin.readline().split()
     if not line:  # the worker stopped before giving this process a job
         return

@@ -110,12 +110,15 @@ class Client:
         with Path(path).open("rb") as f:
             return self._json("POST", "/datasets", files={"file": (Path(path).name, f)})
 
-    def events(self, job_id: str, last_event_id: int | None = None) -> Iterator[dict]:
+    def events(self, job_id: str, last_event_id: int | None = None,
+               give_up_after: float = 60.0) -> Iterator[dict]:
         """The job's events as dicts (with "seq"), reconnecting with Last-Event-ID when the
-        connection drops, until the terminal event."""
+        connection drops, until the terminal event; Unreachable once the server has refused
+        every connection for give_up_after seconds (a restart takes less)."""
         import json
 
         last = last_event_id
+        refused_since: float | None = None
         while True:
             headers = {"Last-Event-ID": str(last)} if last is not None else {}
             try:
@@ -124,12 +127,19 @@ class Client:
                     if r.status_code >= 400:
                         r.read()
                         raise ApiError(r)
+                    refused_since = None
                     for ev in parse_sse(r.iter_lines()):
                         data = json.loads(ev["data"])
                         last = int(ev["id"])
                         yield data
                 return  # the server ends the stream after the terminal event
+            except _NOT_THERE as exc:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > give_up_after:
+                    raise Unreachable(self.base_url) from exc
+                time.sleep(1.0)
             except (httpx.TransportError, httpx.StreamError):
+                refused_since = None
                 time.sleep(1.0)
 
     def wait(self, job_id: str, on_event: Callable[[dict], None] | None = None) -> dict:

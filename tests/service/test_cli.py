@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from app.box import free_port
+from app.client import Client, Unreachable
 from tests.conftest import ROOT
 from tests.service.conftest import NO_VERIFY, TERMINAL, Box, tiny_spec, wait_status
 
@@ -77,6 +78,13 @@ def test_every_client_command_without_a_server_says_how_to_start_one(tmp_path: P
         assert run.stderr.strip().splitlines() == [
             f"error: no gptqd server answers at {url}: start one with `gptqd up`, "
             "or point --url (or GPTQD_URL) at a running one"], (args, run.stderr)
+
+
+def test_following_a_job_gives_up_once_the_server_has_gone() -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    events = Client(url).events("job_x", give_up_after=1.0)
+    with pytest.raises(Unreachable, match=f"no gptqd server answers at {url}"):
+        next(events)
 
 
 def test_help_shows_flags_as_flags_and_the_server_defaults() -> None:

@@ -82,7 +82,7 @@ def describe_verification(v: dict) -> str:
 
 def verifications(job_id: str = typer.Argument(..., help="A job id."),
                   url: str = URL, api_key: str = KEY) -> None:
-    """A job's verifications, oldest first, with their perplexity."""
+    """A job's verifications, with their perplexity (or why one failed)."""
     with talking_to_server():
         items = Client(url, api_key).verifications(job_id)
     if not items:

@@ -110,6 +110,23 @@ def test_stories260k_is_refused_before_any_work_naming_its_layers() -> None:
     assert "in_features 172 is not divisible by group_size 32" in message
     assert "15 of 35 layers" in message
     assert "self_attn" not in message  # the 64x64 attention layers fit
+    # what would work instead: 172 = 4 x 43 packs only at 8 bits, in one group per row
+    assert "no group size fits every layer at 4 bits" in message
+    assert "bits that do, with group_size -1: 8" in message
+
+
+def test_a_group_size_that_does_not_divide_names_those_that_would() -> None:
+    config = CONFIGS["gpt_neox"]()
+    model = skeleton(config)
+    model.gpt_neox.layers[1].mlp.dense_4h_to_h = nn.Linear(96, 64, device="meta")
+    with pytest.raises(LayerShapeError) as info:
+        validate_layers(model, get_arch(config), QuantizeConfig(bits=4, group_size=64))
+    widths = {i for o, i in [(m.out_features, m.in_features) for m in model.modules()
+                             if isinstance(m, nn.Linear)]}
+    fits = [g for g in (16, 32, 64, 128) if all(w % g == 0 for w in widths)]
+    assert f"group sizes that fit every layer at 4 bits: {', '.join(map(str, fits))}" in str(
+        info.value)
+    assert "-1 (one group per row)" in str(info.value)
 
 
 @pytest.mark.parametrize(

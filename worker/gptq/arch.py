@@ -11,13 +11,13 @@ the helpers here hide that and always speak [out, in] like nn.Linear.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from worker.gptq.config import QuantizeConfig
+from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizeConfig
 from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
 from worker.gptq.packing import word_multiple
 
@@ -217,11 +217,13 @@ def validate_layers(model: nn.Module, arch: ArchSpec, config: QuantizeConfig) ->
     """
     names: list[str] = []
     refused: list[str] = []
+    shapes: set[tuple[int, int]] = set()
     for index, block in enumerate(arch.blocks(model)):
         for rel, module in arch.block_linears(block, index).items():
             full = f"{arch.block_prefix(index)}.{rel}"
             names.append(full)
             out_features, in_features = linear_shape(module)
+            shapes.add((out_features, in_features))
             problems = shape_problems(out_features, in_features, config)
             if problems:
                 refused.append(f"{full} [out {out_features}, in {in_features}]: " + "; ".join(problems))
@@ -233,8 +235,24 @@ def validate_layers(model: nn.Module, arch: ArchSpec, config: QuantizeConfig) ->
             f"group_size={config.group_size} (refused before any work):\n  "
             + "\n  ".join(shown)
             + more
+            + "\n" + _what_fits(shapes, config)
         )
     return names
+
+
+def _what_fits(shapes: set[tuple[int, int]], config: QuantizeConfig) -> str:
+    """The group sizes (and, failing those, bit widths) with which every layer of the model
+    could be quantized: the fix a person can make."""
+    groups = [g for g in sorted(SUPPORTED_GROUP_SIZES, key=lambda g: g == -1)  # -1 last
+              if not any(shape_problems(o, i, replace(config, group_size=g)) for o, i in shapes)]
+    if groups:
+        return (f"group sizes that fit every layer at {config.bits} bits: "
+                + ", ".join("-1 (one group per row)" if g == -1 else str(g) for g in groups))
+    bits = [b for b in SUPPORTED_BITS if b != config.bits and not any(
+        shape_problems(o, i, replace(config, bits=b, group_size=-1)) for o, i in shapes)]
+    return (f"no group size fits every layer at {config.bits} bits (the int32 packing); "
+            + (f"bits that do, with group_size -1: {', '.join(map(str, bits))}" if bits
+               else "this model's layer widths cannot be packed at any supported width"))
 
 
 def _get_attr(root: Any, path: str) -> Any:

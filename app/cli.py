@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from app.commands import engine, manage, service
+from app.quiet import quiet_third_party
 
 app = typer.Typer(
     name="gptqd",
@@ -23,6 +24,7 @@ app = typer.Typer(
 @app.callback()
 def _root() -> None:
     """GPTQ quantization: quantize and evaluate models, run the gptqd service."""
+    quiet_third_party()
 
 
 def _no_type_for_flags() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import httpx
 from app.box import api_command, free_port, spawn, stop, wait_ready, worker_command
 from app.client import Client
 from app.commands.service import follow, summary
+from app.quiet import quiet_third_party
 from app.settings import Settings
 from app.tinymodel import TinySpec, build_tiny_llama
 
@@ -60,7 +62,31 @@ def choose_model(settings: Settings) -> tuple[str, dict[str, str], dict[str, Any
     return TINY_NAME, {}, builtin
 
 
+def next_steps(checkpoint: Path, job_id: str) -> list[str]:
+    """What a user can do with the checkpoint once the demo's box has stopped."""
+    return [
+        f"score it on a text: gptqd eval --model {checkpoint} --text FILE.txt",
+        "load it with transformers, GPTQModel or vLLM as any GPTQ model (docs/interop.md)",
+        f"the box stops now; `gptqd up` (with GPTQD_DATA_DIR={checkpoint.parent.parent}) "
+        f"serves it again: gptqd download {job_id}",
+    ]
+
+
+def quiet_libraries() -> None:
+    """Only errors from third-party libraries in the demo's own output: a demo user can act on
+    none of torchao's and torch's import noise, transformers' advice, or the progress bar of
+    saving the small model. Only this process is quieted: the box's processes log in full to
+    their files."""
+    quiet_third_party()
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def run() -> int:
+    quiet_libraries()
     settings = Settings()
     settings.ensure_dirs()
     model_id, env, calibration = choose_model(settings)
@@ -100,8 +126,8 @@ def run() -> int:
             say(f"generated: {sample['text']!r}")
         checkpoint = settings.artifacts_dir / job["id"]
         say(f"checkpoint: {checkpoint}")
-        say(f"download it: {url}{job['links']['archive']} (the box stops now; "
-            f"`gptqd up` serves it again)")
+        for line in next_steps(checkpoint, job["id"]):
+            say(line)
         return 0
     finally:
         stop(worker, timeout=30)

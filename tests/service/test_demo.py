@@ -31,3 +31,12 @@ def test_demo_runs_a_job_to_a_verified_checkpoint(tmp_path: Path) -> None:
     assert checkpoint.parent == tmp_path / "var" / "artifacts"
     assert {"config.json", "model.safetensors", "quantize_config.json"} <= {
         p.name for p in checkpoint.iterdir()}
+    # what to do with the checkpoint once the box has stopped, not a URL that no longer answers
+    assert f"[demo] score it on a text: gptqd eval --model {checkpoint} --text" in out
+    assert "http://" not in out.split("[demo] checkpoint:")[1]
+    # nothing but the demo's own lines (third-party banners, warnings and progress bars from
+    # importing and saving models stay out; the box's processes log in full to their files)
+    ours = ("[demo] ", "job ", "perplexity: ", "size: ", "sample: ", "artifacts: ")
+    assert [line for line in out.splitlines() if not line.startswith(ours)] == [], out
+    progress = re.compile(r"^\w+ +\d+%  ")  # the job's progress, one line per event
+    assert [line for line in proc.stderr.splitlines() if not progress.match(line)] == [], proc.stderr

@@ -1,4 +1,5 @@
-"""Page cursors of GET /jobs: the last job's (created_at, id), as url-safe base64 JSON.
+"""Page cursors of every list (jobs, datasets, verifications): the last item's (created_at, id),
+as url-safe base64 JSON.
 
 A cursor comes back from the client, so decoding checks it in full: nothing forged (a naive
 or out-of-range time, an id with a NUL) may reach the database and fail there as a 500.
@@ -8,24 +9,27 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import UTC, datetime
 
 from app.schemas import JOB_ID
 
 
-def encode_cursor(created_at: datetime, job_id: str) -> str:
-    raw = json.dumps([created_at.isoformat(), job_id]).encode()
+def encode_cursor(created_at: datetime, item_id: str) -> str:
+    raw = json.dumps([created_at.isoformat(), item_id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """(created_at in UTC, job id); ValueError on anything that is not a cursor we handed out."""
+def decode_cursor(cursor: str, shape: re.Pattern[str] = JOB_ID) -> tuple[datetime, str]:
+    """(created_at in UTC, id of the given shape); ValueError on anything that is not a
+    cursor this list handed out."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, job_id = json.loads(raw)
-        return _cursor_time(stamp), _cursor_id(job_id)
+        stamp, item_id = json.loads(raw)
+        return _cursor_time(stamp), _cursor_id(item_id, shape)
     except Exception as exc:
-        raise ValueError("cursor is not one returned by GET /jobs") from exc
+        raise ValueError("cursor is not one returned by this list (use next_cursor as given)"
+                         ) from exc
 
 
 def _cursor_time(stamp: object) -> datetime:
@@ -39,7 +43,7 @@ def _cursor_time(stamp: object) -> datetime:
     return when.astimezone(UTC)  # OverflowError when out of range
 
 
-def _cursor_id(job_id: object) -> str:
-    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
-        raise ValueError("not a job id")
-    return job_id
+def _cursor_id(item_id: object, shape: re.Pattern[str]) -> str:
+    if not isinstance(item_id, str) or not shape.match(item_id):
+        raise ValueError("not an id of this list")
+    return item_id

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
+T = TypeVar("T")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
@@ -73,9 +74,10 @@ DatasetId = Annotated[str, AfterValidator(_check_dataset_id)]
 
 
 class Strict(BaseModel):
-    """Base of every request body: unknown fields and control characters are refused."""
+    """Base of every request body: unknown fields and control characters are refused, and JSON
+    types are taken as they are (no "4" for 4, no "true" for true)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     # every field of every body, so a new field cannot forget it; nested bodies check their own
     @field_validator("*")
@@ -217,9 +219,15 @@ class JobOut(BaseModel):
     links: dict[str, str]
 
 
-class JobPage(BaseModel):
-    items: list[JobOut]
-    next_cursor: str | None
+class Page(BaseModel, Generic[T]):
+    """Every collection: a page of items, newest first, and the cursor of the next page (None
+    on the last page)."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+JobPage = Page[JobOut]
 
 
 class EventOut(BaseModel):

@@ -5,6 +5,7 @@ ones that race (claim, cancel, finish) are single conditional UPDATEs.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from app.cursor import decode_cursor, encode_cursor
 from app.db import WRITE, UTCDateTime, make_engine, utcnow
-from app.schemas import TERMINAL
+from app.schemas import DATASET_ID, JOB_ID, TERMINAL, VERIFICATION_ID
 
 
 class Base(DeclarativeBase):
@@ -272,17 +273,22 @@ class Store:
             q = q.where(Job.owner == owner)
         if status is not None:
             q = q.where(Job.status == status)
+        return self._page(q, Job, JOB_ID, limit, cursor)
+
+    def _page(self, q: Any, table: Any, shape: re.Pattern[str], limit: int,
+              cursor: str | None) -> tuple[list, str | None]:
+        """One page of q, newest first, after `cursor`; and the cursor of the next page (None
+        on the last). Every list pages this way."""
         if cursor is not None:
-            stamp, last_id = decode_cursor(cursor)
-            q = q.where(
-                or_(Job.created_at < stamp, (Job.created_at == stamp) & (Job.id < last_id))
-            )
-        q = q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+            stamp, last_id = decode_cursor(cursor, shape)
+            q = q.where(or_(table.created_at < stamp,
+                            (table.created_at == stamp) & (table.id < last_id)))
+        q = q.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
         with self._read() as s:
-            jobs = list(s.scalars(q))
-        more = len(jobs) > limit
-        jobs = jobs[:limit]
-        return jobs, (encode_cursor(jobs[-1].created_at, jobs[-1].id) if more and jobs else None)
+            rows = list(s.scalars(q))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (encode_cursor(rows[-1].created_at, rows[-1].id) if more and rows else None)
 
     def count_active(self, owner: str) -> int:
         with self._read() as s:
@@ -511,12 +517,13 @@ class Store:
         with self._read() as s:
             return s.get(Dataset, dataset_id)
 
-    def list_datasets(self, owner: str | None) -> list[Dataset]:
-        q = select(Dataset).order_by(Dataset.created_at.desc())
+    def list_datasets(self, owner: str | None, limit: int = 50, cursor: str | None = None
+                      ) -> tuple[list[Dataset], str | None]:
+        """Newest first, a page at a time (see list_jobs); `owner=None` lists everyone's."""
+        q = select(Dataset)
         if owner is not None:
             q = q.where(Dataset.owner == owner)
-        with self._read() as s:
-            return list(s.scalars(q))
+        return self._page(q, Dataset, DATASET_ID, limit, cursor)
 
     # -- verifications -----------------------------------------------------------------------
 
@@ -538,15 +545,11 @@ class Store:
         with self._read() as s:
             return s.get(Verification, verification_id)
 
-    def list_verifications(self, job_id: str) -> list[Verification]:
-        with self._read() as s:
-            return list(
-                s.scalars(
-                    select(Verification)
-                    .where(Verification.job_id == job_id)
-                    .order_by(Verification.created_at)
-                )
-            )
+    def list_verifications(self, job_id: str, limit: int = 50, cursor: str | None = None
+                           ) -> tuple[list[Verification], str | None]:
+        """A job's verifications, newest first, a page at a time (see list_jobs)."""
+        q = select(Verification).where(Verification.job_id == job_id)
+        return self._page(q, Verification, VERIFICATION_ID, limit, cursor)
 
     def claim_verification(self, verification_id: str) -> Verification | None:
         now = utcnow()

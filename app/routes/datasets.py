@@ -8,8 +8,8 @@ from fastapi.concurrency import run_in_threadpool
 from app import datasets
 from app.db import utcnow
 from app.deps import PrincipalDep, SettingsDep, StoreDep
-from app.routes.jobs import field_error
-from app.schemas import DatasetOut
+from app.routes.paging import PageDep, field_error, paged
+from app.schemas import DatasetOut, Page
 from app.store import Dataset, new_id
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -49,6 +49,7 @@ async def upload_dataset(
     return dataset_view(ds)
 
 
-@router.get("")
-def list_datasets(principal: PrincipalDep, store: StoreDep) -> dict[str, list[DatasetOut]]:
-    return {"items": [dataset_view(d) for d in store.list_datasets(principal.owner_filter())]}
+@router.get("", response_model=Page[DatasetOut])
+def list_datasets(principal: PrincipalDep, store: StoreDep, page: PageDep) -> Page[DatasetOut]:
+    return paged(lambda limit, cursor: store.list_datasets(principal.owner_filter(), limit,
+                                                           cursor), dataset_view, page)

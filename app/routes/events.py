@@ -10,7 +10,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import JobDep, StoreDep
 from app.events import event_stream
-from app.routes.jobs import field_error
+from app.routes.paging import field_error
 
 router = APIRouter(prefix="/jobs", tags=["events"])
 

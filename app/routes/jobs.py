@@ -5,26 +5,23 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response
+from fastapi import APIRouter, Header, HTTPException, Response
 from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 
 from app.deps import DispatcherDep, JobDep, PrincipalDep, SettingsDep, StoreDep
 from app.paths import OutsideRoot, resolve_model
+from app.routes.paging import PageDep, field_error, paged
 from app.schemas import TERMINAL, CleanStr, ErrorOut, JobIn, JobOut, JobPage, Progress
 from app.store import IdempotencyConflict, Job
+from worker.gptq.config import context_limit
 from worker.reconciler import remove_leftovers
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobStatusQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
-def field_error(loc: tuple[str | int, ...], msg: str) -> RequestValidationError:
-    """A 422 in FastAPI's own shape, naming the field, for checks that need the server's state."""
-    return RequestValidationError([{"loc": loc, "msg": msg, "type": "value_error"}])
 
 
 def job_view(job: Job) -> JobOut:
@@ -71,7 +68,26 @@ def check_against_server(body: JobIn, principal: PrincipalDep, settings: Setting
         ds = store.get_dataset(dataset_id)
         if ds is None or not principal.may_see(ds.owner):
             raise field_error(loc, f"dataset {dataset_id} not found (upload it to /datasets)")
-    return "hub" if source == body.model_id else "local"
+    if source != body.model_id:
+        check_context(body, Path(source))
+        return "local"
+    return "hub"
+
+
+def check_context(body: JobIn, model_dir: Path) -> None:
+    """A window longer than a local model's context is refused now, not a second after the
+    job starts (a hub model's config is read by the worker)."""
+    try:
+        limit = context_limit(json.loads((model_dir / "config.json").read_text()))
+    except (OSError, ValueError):
+        return  # no readable config: the worker says what is wrong with the model
+    if limit is None:
+        return
+    for loc, length in ((("body", "calibration", "seq_length"), body.calibration.seq_length),
+                        (("body", "verify", "seq_length"), body.verify.seq_length)):
+        if length is not None and length > limit:
+            raise field_error(loc, f"{length} exceeds the context length of {body.model_id} "
+                                   f"({limit} tokens): use at most {limit}")
 
 
 @router.post("", status_code=202, response_model=JobOut)
@@ -112,20 +128,13 @@ def submit_job(
 
 
 @router.get("", response_model=JobPage)
-def list_jobs(
-    principal: PrincipalDep,
-    store: StoreDep,
-    status: JobStatusQuery | None = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    cursor: Annotated[CleanStr | None, Query(max_length=500)] = None,
-) -> JobPage:
-    try:
-        jobs, next_cursor = store.list_jobs(
-            owner=principal.owner_filter(), status=status, limit=limit, cursor=cursor
-        )
-    except ValueError as exc:
-        raise field_error(("query", "cursor"), str(exc)) from exc
-    return JobPage(items=[job_view(j) for j in jobs], next_cursor=next_cursor)
+def list_jobs(principal: PrincipalDep, store: StoreDep, page: PageDep,
+              status: JobStatusQuery | None = None) -> JobPage:
+    def fetch(limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+        return store.list_jobs(owner=principal.owner_filter(), status=status, limit=limit,
+                               cursor=cursor)
+
+    return paged(fetch, job_view, page)
 
 
 @router.get("/{job_id}", response_model=JobOut)

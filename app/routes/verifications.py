@@ -7,8 +7,8 @@ from fastapi import APIRouter, HTTPException, Response
 from fastapi.encoders import jsonable_encoder
 
 from app.deps import DispatcherDep, JobDep, PrincipalDep, StoreDep, has_shape
-from app.routes.jobs import field_error
-from app.schemas import VERIFICATION_ID, ErrorOut, VerificationIn, VerificationOut
+from app.routes.paging import PageDep, field_error, paged
+from app.schemas import VERIFICATION_ID, ErrorOut, Page, VerificationIn, VerificationOut
 from app.store import Verification
 
 router = APIRouter(prefix="/jobs", tags=["verifications"])
@@ -38,9 +38,10 @@ def create_verification(
     return verification_view(v)
 
 
-@router.get("/{job_id}/verifications", response_model=list[VerificationOut])
-def list_verifications(job: JobDep, store: StoreDep) -> list[VerificationOut]:
-    return [verification_view(v) for v in store.list_verifications(job.id)]
+@router.get("/{job_id}/verifications", response_model=Page[VerificationOut])
+def list_verifications(job: JobDep, store: StoreDep, page: PageDep) -> Page[VerificationOut]:
+    return paged(lambda limit, cursor: store.list_verifications(job.id, limit, cursor),
+                 verification_view, page)
 
 
 @router.get("/{job_id}/verifications/{verification_id}", response_model=VerificationOut)

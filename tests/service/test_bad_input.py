@@ -30,6 +30,9 @@ def box(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     (outside / "secret.txt").write_text("not yours")
     models = tmp_path_factory.mktemp("bad-models")
     (models / "escape").symlink_to(outside)  # a model "directory" that points out of the root
+    (models / "short").mkdir()  # a local model whose context is 256 tokens (its config is enough)
+    (models / "short" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "max_position_embeddings": 256}))
     keys = ",".join(f"{n}:{s}" for n, s in KEYS.items())
     with store_env(request.param) as store:
         b = start_box(tmp_path_factory.mktemp("bad-input"), models,
@@ -109,6 +112,11 @@ BODY = [
     ("num_samples float", calib(num_samples=2.5), "num_samples"),
     ("seq_length 1", calib(seq_length=1), "seq_length"),
     ("seq_length huge", calib(seq_length=10**7), "seq_length"),
+    # a local model's context (256 tokens) is known at submit: refused now, not once the job runs
+    ("seq_length over the model's context",
+     {**calib(seq_length=512), "model_id": "short"}, '"calibration", "seq_length"'),
+    ("verify seq_length over the model's context",
+     spec(model_id="short", verify={"seq_length": 257}), '"verify", "seq_length"'),
     ("seed negative", calib(seed=-1), "seed"),
     ("calibration not object", spec(calibration="wikitext"), "calibration"),
     ("calibration unknown field", calib(shuffle=True), "shuffle"),
@@ -141,6 +149,14 @@ BODY = [
     ("verify prompt bell", spec(verify={"prompts": ["ok", "ring\x07"]}), "prompts"),
     ("unknown field named with a nul", spec(**{"a\x00b": 1}), "a\\u0000b"),
     ("body is a list", [spec()], "body"),
+    # JSON types as they are: no coercion from strings (a typo'd client must hear of it)
+    ("bits as a string", spec(bits="4"), "bits"),
+    ("group_size as a string", spec(group_size="128"), "group_size"),
+    ("damp as a numeric string", spec(damp_percent="0.01"), "damp_percent"),
+    ("sym as a string", spec(sym="true"), "sym"),
+    ("desc_act as a number", spec(desc_act=1), "desc_act"),
+    ("num_samples as a string", calib(num_samples="8"), "num_samples"),
+    ("verify perplexity as a string", spec(verify={"perplexity": "false"}), "perplexity"),
 ]
 
 

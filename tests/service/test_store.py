@@ -307,3 +307,32 @@ def test_progress_never_goes_back_across_attempts(store: Store) -> None:
     # only the named attempt is requeued: a later one that is alive is left alone
     assert store.requeue_stale(None, 3, only=(job.id, 1)) == ([], [])
     assert store.get_job(job.id).status == "running"
+
+
+def test_every_list_pages_the_same_way(store: Store) -> None:
+    """Jobs, datasets and verifications: newest first, `limit` per page, a cursor to the next
+    page (None on the last), and a cursor of another list is refused."""
+    from datetime import timedelta
+
+    from app.db import utcnow
+    from app.store import Dataset, new_id
+
+    job, _ = _job(store)
+    now = utcnow()
+    datasets = [store.add_dataset(Dataset(
+        id=new_id("ds"), owner="alice", filename=f"d{i}.txt", format="txt", size=1,
+        sha256="0" * 64, created_at=now + timedelta(seconds=i))) for i in range(3)]
+    verifications = []
+    for _ in range(3):
+        verifications.append(store.create_verification(job.id, {}))
+        time.sleep(0.01)
+    for fetch, made in (
+            (lambda limit, cursor: store.list_datasets("alice", limit, cursor), datasets),
+            (lambda limit, cursor: store.list_verifications(job.id, limit, cursor), verifications)):
+        first, cursor = fetch(2, None)
+        assert [x.id for x in first] == [made[2].id, made[1].id] and cursor
+        rest, end = fetch(2, cursor)
+        assert [x.id for x in rest] == [made[0].id] and end is None
+    other = store.list_datasets("alice", 1)[1]
+    with pytest.raises(ValueError, match="not one returned by this list"):
+        store.list_verifications(job.id, 2, other)  # a datasets cursor

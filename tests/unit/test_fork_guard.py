@@ -1,4 +1,4 @@
-"""A job process is never forked while the worker's reconciler thread is inside a pass (it may
+"""A pool process is never forked while the worker's reconciler thread is inside a pass (it may
 hold SQLite's or a socket library's locks, which the child would inherit held)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from worker import reconciler
 def test_a_fork_waits_for_the_pass_to_end(monkeypatch) -> None:
     inside, leave = threading.Event(), threading.Event()
 
-    def slow_pass(store, settings, sender):  # stands for a pass blocked in a query
+    def slow_pass(store, settings, sender, missing_before=frozenset()):  # a pass blocked in a query
         inside.set()
         leave.wait(5)
         return reconciler.Pass()

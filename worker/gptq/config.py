@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
+
+
+def context_limit(model_config: Any) -> int | None:
+    """The longest input a model's position embeddings admit, when its config says: from a
+    transformers config or from the dict of a config.json (the API reads it without torch)."""
+    for key in CONTEXT_KEYS:
+        value = (model_config.get(key) if isinstance(model_config, dict)
+                 else getattr(model_config, key, None))
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .calibration import (
     read_text,
     tokenize,
 )
-from .config import QuantizeConfig
+from .config import QuantizeConfig, context_limit
 from .gptq import rtn_quantize
 from .pipeline import PipelineResult
 
@@ -88,12 +88,7 @@ def load_texts(source: str, text_field: str = "text") -> list[str]:
 
 def context_length(model: torch.nn.Module) -> int | None:
     """The longest input the model's position embeddings admit, when its config says."""
-    config = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return context_limit(getattr(model, "config", None))
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:

@@ -95,9 +95,11 @@ def _no_dotdot(value: str, what: str) -> str:
 class CalibrationIn(Strict):
     """Calibration text: a hub dataset (dataset/config/split), "builtin", or an uploaded dataset."""
 
-    dataset: Annotated[str, Field(min_length=1, max_length=200)] = "wikitext"
+    # the stored spec keeps only what applies: no config/split for builtin or uploaded text, no
+    # dataset for an uploaded one, and the wikitext config only for wikitext
+    dataset: Annotated[str, Field(min_length=1, max_length=200)] | None = "wikitext"
     config: Annotated[str, Field(min_length=1, max_length=200)] | None = "wikitext-2-raw-v1"
-    split: Annotated[str, Field(min_length=1, max_length=100)] = "train"
+    split: Annotated[str, Field(min_length=1, max_length=100)] | None = "train"
     text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
     dataset_id: DatasetId | None = None
     num_samples: int = Field(128, ge=1, le=4096)
@@ -122,6 +124,12 @@ class CalibrationIn(Strict):
     def _one_source(self) -> CalibrationIn:
         if self.dataset_id is not None and "dataset" in self.model_fields_set:
             raise ValueError("give either calibration.dataset or calibration.dataset_id, not both")
+        if self.dataset_id is not None:
+            self.dataset = None
+        if self.dataset_id is not None or self.dataset == "builtin":
+            self.config = self.split = None  # a hub dataset's coordinates: nothing to echo
+        elif "config" not in self.model_fields_set and self.dataset != "wikitext":
+            self.config = None  # the default config belongs to the default dataset
         return self
 
 

@@ -1,0 +1,32 @@
+"""What a job spec keeps of its calibration source: only what applies to it."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from app.schemas import CalibrationIn, JobIn
+
+DS = "ds_" + "0" * 32
+
+
+@pytest.mark.parametrize(("given", "kept"), [
+    ({}, {"dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "train"}),
+    ({"dataset": "builtin"}, {"dataset": "builtin", "config": None, "split": None}),
+    ({"dataset_id": DS}, {"dataset": None, "config": None, "split": None, "dataset_id": DS}),
+    # another hub dataset does not inherit wikitext's config; one it is given is kept
+    ({"dataset": "allenai/c4"}, {"dataset": "allenai/c4", "config": None, "split": "train"}),
+    ({"dataset": "allenai/c4", "config": "en", "split": "validation"},
+     {"dataset": "allenai/c4", "config": "en", "split": "validation"}),
+])
+def test_the_spec_echoes_only_what_applies(given: dict, kept: dict) -> None:
+    spec = CalibrationIn.model_validate(given).model_dump()
+    assert {k: spec[k] for k in kept} == kept
+
+
+def test_json_types_are_taken_as_they_are() -> None:
+    with pytest.raises(ValidationError, match="bits"):
+        JobIn.model_validate_json('{"model_id": "m", "bits": "4"}')
+    with pytest.raises(ValidationError, match="num_samples"):
+        JobIn.model_validate_json('{"model_id": "m", "calibration": {"num_samples": "8"}}')
+    assert JobIn.model_validate_json('{"model_id": "m", "damp_percent": 1e-2}').damp_percent == 0.01

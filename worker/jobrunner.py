@@ -204,6 +204,8 @@ def _attempt(job: Job, attempt: int, writer: ProgressWriter, store: Store,
     except Exception as exc:
         shutil.rmtree(partial, ignore_errors=True)
         code, message = error_of(exc)
+        if code == "model_not_found" and job.spec.get("model_source") != "local":
+            message += jobspec.local_models_hint(job.spec["model_id"], settings)
         if code == "internal_error":
             log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,20 @@ def eval_source(
 
 def eval_seq_length(spec: dict[str, Any], requested: int | None) -> int:
     return requested or spec["calibration"]["seq_length"]
+
+
+def local_models_hint(model_id: str, settings: Settings) -> str:
+    """For a model id that was looked up on the hub and not found: the local directories the
+    server has, the closest first (a mistyped local name is the likelier mistake)."""
+    root = settings.models_root
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    where = "the server's models directory (GPTQD_MODELS_DIR)"
+    if not names:
+        return f"; {where} holds no model either"
+    close = difflib.get_close_matches(model_id, names, n=3, cutoff=0.5)
+    shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+    guess = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+    return f"; {guess}{where} holds: {shown}"
 
 
 def model_source(spec: dict[str, Any], settings: Settings) -> str:

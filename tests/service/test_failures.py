@@ -119,7 +119,8 @@ CASES = {
 }
 # the words each message must contain so that a person knows what to do
 ADVICE = {
-    "model_not_found": ["no-such-model"],
+    # and, since a mistyped local name is likelier than a missing hub model, what is local
+    "model_not_found": ["no-such-model", "GPTQD_MODELS_DIR", "tiny-deep"],
     "unsupported_architecture": ["bert", "supported"],
     "layer_shape": ["group_size 128"],
     "calibration_too_short": ["too short"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from app import accesslog
 from app.dispatch import Dispatcher
@@ -32,7 +33,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.ensure_dirs()
     logging.basicConfig(level=logging.INFO)
-    app = FastAPI(
+    # the API docs' assets come from the package, not a CDN: a team box behind a firewall
+    # shows /docs and /redoc too
+    app = FastAPIOffline(
         title="gptqd",
         version="0.1.0",
         description="GPTQ quantization jobs: submit, watch, download, verify.",

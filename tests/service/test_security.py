@@ -5,6 +5,7 @@ trust_remote_code needs the server's permission and a pinned revision."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,8 +40,17 @@ def client(box: Box, who: str) -> httpx.Client:
 
 def test_only_health_and_the_api_description_are_open(secret_box: Box) -> None:
     anon = secret_box.http
-    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"):
         assert anon.get(path).status_code == 200, path
+    # the docs pages work without internet: every script and style is served by the box
+    for page in ("/docs", "/redoc"):
+        html = anon.get(page).text
+        assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+        assert assets, html
+        for asset in assets:
+            assert asset.startswith("/"), f"{page} loads {asset} from elsewhere"
+            r = anon.get(asset)
+            assert r.status_code == 200 and len(r.content) > 10_000, asset
     for method, path in (("GET", "/jobs"), ("POST", "/jobs"), ("GET", "/jobs/job_x"),
                          ("GET", "/jobs/job_x/events"), ("GET", "/jobs/job_x/artifacts"),
                          ("GET", "/datasets"), ("POST", "/datasets"), ("GET", "/metrics")):

@@ -26,6 +26,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 from typing import Literal
 
 log = logging.getLogger("gptqd.worker")
@@ -44,6 +45,7 @@ PRELOAD = (
 )
 PARENT_ENV = "GPTQD_JOB_PARENT"  # the pid the job process must die with
 READY_ENV = "GPTQD_JOB_READY_FD"  # where it writes one byte once it has imported the engine
+READY_LINE = "job process ready"  # logged then, for people and tests reading a worker's log
 PR_SET_PDEATHSIG = 1
 
 
@@ -160,9 +162,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="[%(asctime)s: %(levelname)s/JobProcess-%(process)d] %(message)s")
     _limit_memory()
+    started = time.monotonic()
     for name in PRELOAD:
         importlib.import_module(name)
     _say_ready()
+    log.info("%s: engine imported in %.1f s", READY_LINE, time.monotonic() - started)
     line = sys.stdin.readline().split()
     if not line:  # the worker stopped before giving this process a job
         return

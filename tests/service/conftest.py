@@ -56,12 +56,16 @@ class Box:
         return httpx.Client(base_url=self.url, timeout=30)
 
     def add_worker(self, name: str, timeout: float = 120) -> subprocess.Popen:
-        """Starts a worker and waits until it consumes from the queue."""
+        """Starts a worker and waits until it consumes from the queue and its first job
+        process has imported the engine (a job it takes then starts at once)."""
+        from worker.jobprocess import READY_LINE
+
         log = self.data_dir / f"{name}.log"
         proc = spawn(worker_command(name, self.queue), self.env, log)
         self.workers.append(proc)
         deadline = time.monotonic() + timeout
-        while "ready." not in (log.read_text(errors="replace") if log.exists() else ""):
+        while not all(line in (log.read_text(errors="replace") if log.exists() else "")
+                      for line in ("ready.", READY_LINE)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker {name} did not start:\n{log.read_text()[-3000:]}")
             time.sleep(0.2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import pytest
@@ -135,13 +136,14 @@ def test_the_loss_chart_scale_fits_losses_below_one(team_box: Box, browser) -> N
 
 def test_a_failed_job_says_why_once(team_box: Box, browser) -> None:
     http = team_box.http
-    job = http.post("/jobs", json=tiny_spec(model_id="no-such-model", name="doomed",
+    name = f"doomed-{uuid.uuid4().hex[:6]}"  # the box is shared: the CLI test has its own
+    job = http.post("/jobs", json=tiny_spec(model_id="no-such-model", name=name,
                                             verify=NO_VERIFY)).json()
     job = wait_status(http, job["id"], TERMINAL)
     assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     page.goto(f"{team_box.url}/")
-    row = page.locator("#jobs tbody tr", has_text="doomed")
+    row = page.locator("#jobs tbody tr", has_text=name)
     row.wait_for(timeout=30_000)
     assert "model_not_found" in row.locator(".status .why").inner_text()
     assert row.locator("td.created").inner_text() in ("just now", "1 min ago", "2 min ago", "3 min ago")

@@ -60,8 +60,8 @@ def make_celery(settings: Settings) -> Celery:
 
 
 _solo = False  # tasks run in the worker's main process (--pool=solo)
-# how long a worker waits, at start, for its first job process to import the engine: until then
-# it does not say "ready", so a job it takes starts at once
+# how long a pool process (or a solo worker) waits, at start, for its first job process to
+# import the engine: it takes no job before, so its first job starts at once
 JOB_PROCESS_READY_SECONDS = 300.0
 
 
@@ -120,9 +120,10 @@ def _stop_reconciler(**_: object) -> None:
 
 @worker_process_init.connect
 def _init_pool_process(**_: object) -> None:
-    """In each pool process (forked from this one, one task at a time): drop the parent's database connections
-    (never share a socket across a fork) and start the clean process its job will run in
-    (worker/jobprocess.py), so it has imported the engine by the time the job arrives."""
+    """In each pool process (forked from this one, one task at a time): drop the parent's
+    database connections (never share a socket across a fork) and start the clean process its
+    job will run in (worker/jobprocess.py), so it has imported the engine by the time the job
+    arrives."""
     if _reconciler is not None:
         _reconciler.store.engine.dispose(close=False)
     _first_job_process()

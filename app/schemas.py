@@ -113,6 +113,14 @@ class CalibrationIn(Strict):
             raise ValueError("dataset must be a hub dataset name like 'wikitext' or 'builtin'")
         return _no_dotdot(v, "dataset")
 
+    @field_validator("dataset", "split", mode="before")
+    @classmethod
+    def _given_as_text(cls, v: Any) -> Any:
+        # None is what the stored spec says where they do not apply; a client gives text
+        if v is None:
+            raise ValueError("must be a string (leave it out for the default)")
+        return v
+
     @field_validator("config", "split", "text_field")
     @classmethod
     def _plain(cls, v: str | None) -> str | None:

@@ -24,6 +24,12 @@ def test_the_spec_echoes_only_what_applies(given: dict, kept: dict) -> None:
     assert {k: spec[k] for k in kept} == kept
 
 
+@pytest.mark.parametrize("field", ["dataset", "split"])
+def test_a_client_cannot_null_what_a_hub_source_needs(field: str) -> None:
+    with pytest.raises(ValidationError, match=field):
+        CalibrationIn.model_validate({field: None})
+
+
 def test_json_types_are_taken_as_they_are() -> None:
     with pytest.raises(ValidationError, match="bits"):
         JobIn.model_validate_json('{"model_id": "m", "bits": "4"}')

@@ -536,10 +536,12 @@ class Store:
             s.add(v)
         return v
 
-    def queued_verifications(self, created_before: datetime) -> list[str]:
+    def queued_verifications(self) -> dict[str, datetime]:
+        """Queued verifications' ids with when each was created (one read per reconcile pass)."""
         with self._read() as s:
-            return list(s.scalars(select(Verification.id).where(
-                Verification.status == "queued", Verification.created_at < created_before)))
+            return {vid: created for vid, created in s.execute(
+                select(Verification.id, Verification.created_at)
+                .where(Verification.status == "queued"))}
 
     def get_verification(self, verification_id: str) -> Verification | None:
         with self._read() as s:

@@ -24,7 +24,7 @@ import os
 import shutil
 import threading
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -84,9 +84,9 @@ def reconcile(store: Store, settings: Settings, sender: Sender,
     done.requeued += stale_verifications
     done.ended += failed_verifications
     pending = sender.pending_ids()
-    queued_verifications: set[str] = set()
+    queued_verifications: dict[str, datetime] = {}
     if pending is not None:
-        queued_verifications = set(store.queued_verifications(now))
+        queued_verifications = store.queued_verifications()
         done.missing = ({*store.queued_job_ids(), *queued_verifications} - pending)
         lost = done.missing & set(missing_before)
         # the cutoff keeps a job that another reconciler re-sent during this pass from going
@@ -98,8 +98,9 @@ def reconcile(store: Store, settings: Settings, sender: Sender,
     for job_id in done.resent:
         send(job_id)
     if pending is not None:  # verifications keep no "sent" mark: re-sent only when seen lost
-        waited = set(store.queued_verifications(now - timedelta(seconds=settings.resend_seconds)))
-        for vid in sorted(queued_verifications & done.missing & (waited | set(missing_before))):
+        cutoff = now - timedelta(seconds=settings.resend_seconds)
+        waited = {vid for vid, created in queued_verifications.items() if created < cutoff}
+        for vid in sorted(done.missing & (waited | set(missing_before)) & queued_verifications.keys()):
             sender.send_verification(vid)
             done.resent.append(vid)
     if done.requeued or done.ended or done.resent:

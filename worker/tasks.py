@@ -47,20 +47,18 @@ def _requeue_dead(kind: Kind, item_id: str, pid: int) -> None:
     settings, store = get_settings(), _store()
     dispatcher = Dispatcher(app, settings.queue)
     if kind == "job":
-        job = store.get_job(item_id)
-        if job is None or job.status != "running" or job.worker != worker_name(pid):
-            return
-        requeued, _ = store.requeue_stale(None, settings.max_attempts, only=(item_id, job.attempts))
-        for job_id in requeued:
-            dispatcher.send_job(job_id)
+        item, requeue, send = store.get_job(item_id), store.requeue_stale, dispatcher.send_job
+        # a job records the worker that runs it: another worker may hold it by now
+        mine = item is not None and item.worker == worker_name(pid)
+    else:
+        item, requeue, send = (store.get_verification(item_id), store.requeue_stale_verifications,
+                               dispatcher.send_verification)
+        mine = True
+    if item is None or item.status != "running" or not mine:
         return
-    ver = store.get_verification(item_id)
-    if ver is None or ver.status != "running":
-        return
-    requeued, _ = store.requeue_stale_verifications(None, settings.max_attempts,
-                                                    only=(item_id, ver.attempts))
-    for vid in requeued:
-        dispatcher.send_verification(vid)
+    requeued, _ = requeue(None, settings.max_attempts, only=(item_id, item.attempts))
+    for requeued_id in requeued:
+        send(requeued_id)
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)

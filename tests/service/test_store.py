@@ -176,14 +176,16 @@ def test_reconcilers_in_several_workers_requeue_and_resend_each_job_once(
     from app.settings import Settings
     from worker.reconciler import reconcile
 
-    settings = Settings(data_dir=tmp_path, heartbeat_seconds=0.1, stale_seconds=0.3,
-                        resend_seconds=0.3, max_attempts=2)
+    # a pass that starts more than resend_seconds after another requeued a job would re-send
+    # it: 1 s leaves room for a loaded machine's scheduling delays (0.3 s once failed here)
+    settings = Settings(data_dir=tmp_path, heartbeat_seconds=0.1, stale_seconds=1.0,
+                        resend_seconds=1.0, max_attempts=2)
     dead = [_job(store)[0].id for _ in range(3)]
     for job_id in dead:
         store.claim_job(job_id, "killed-worker")
     (settings.work_dir / dead[0]).mkdir(parents=True)
     lost = [_job(store)[0].id for _ in range(3)]  # queued, their messages gone
-    time.sleep(0.5)
+    time.sleep(1.2)
     sender = RecordingSender()
     passes = _race(4, lambda _: reconcile(store, settings, sender))
     assert sorted(sender.sent) == sorted(dead + lost)  # each exactly once
@@ -195,7 +197,7 @@ def test_reconcilers_in_several_workers_requeue_and_resend_each_job_once(
     # the second time they die, they used max_attempts: failed, and their leftovers removed
     for job_id in dead:
         assert store.claim_job(job_id, "killed-again").attempts == 2
-    time.sleep(0.5)
+    time.sleep(1.2)
     ended = reconcile(store, settings, RecordingSender()).ended
     assert sorted(ended) == sorted(dead)
     job = store.get_job(dead[0])
@@ -274,10 +276,12 @@ def test_a_lost_message_is_resent_once_two_passes_missed_it(store: Store, tmp_pa
     from worker.reconciler import reconcile
 
     # resend_seconds far away: only the two-passes rule can re-send within this test
-    settings = Settings(data_dir=tmp_path, reconcile_seconds=0.4, resend_seconds=3600)
+    # (a pass re-sends a job marked sent more than reconcile_seconds/2 ago: 0.6 s keeps the third
+    # pass below it on a loaded machine, where 0.2 s once did not)
+    settings = Settings(data_dir=tmp_path, reconcile_seconds=1.2, resend_seconds=3600)
     lost, held = _job(store)[0].id, _job(store)[0].id
     v = store.create_verification(held, {"max_windows": 1})
-    time.sleep(0.3)
+    time.sleep(0.7)
     sender = BrokerHolding({held})
     first = reconcile(store, settings, sender)
     assert first.missing == {lost, v.id} and first.resent == [] and sender.sent == []
@@ -288,7 +292,7 @@ def test_a_lost_message_is_resent_once_two_passes_missed_it(store: Store, tmp_pa
     # mark and goes out on every pass that finds it missing twice
     third = reconcile(store, settings, BrokerHolding({held}), second.missing)
     assert lost not in third.resent
-    time.sleep(0.3)
+    time.sleep(0.7)
     fourth = reconcile(store, settings, BrokerHolding({held}), third.missing)
     assert lost in fourth.resent  # lost again: re-sent again, half a pass period later
     assert store.get_job(held).status == "queued"  # never re-sent: its message is there

@@ -29,7 +29,20 @@ def _store() -> Store:
     return store
 
 
+def _is_queued(kind: Kind, item_id: str) -> bool:
+    store = _store()
+    item = store.get_job(item_id) if kind == "job" else store.get_verification(item_id)
+    return item is not None and item.status == "queued"
+
+
 def _run(kind: Kind, item_id: str) -> None:
+    # A duplicate message (re-sent after a lost one, redelivered) or one for a cancelled job
+    # would spend the waiting job process, and the next item would wait seconds for a new one
+    # to import the engine. Claiming stays the job process's atomic step: this read only
+    # spares the process when the answer is already known.
+    if not _is_queued(kind, item_id):
+        log.info("%s %s is not queued; skipping", kind, item_id)
+        return
     pid, code = launcher.run(kind, item_id)
     if code != 0:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"

@@ -142,6 +142,28 @@ def test_a_killed_job_process_is_requeued_at_once_and_the_worker_lives_on(
     assert worker.poll() is None
 
 
+def test_a_duplicate_message_leaves_the_waiting_job_process_for_the_next_job(
+        poisoned_box: Box) -> None:
+    from app.dispatch import Dispatcher
+    from app.settings import Settings
+    from worker.celery_app import make_celery
+
+    http, worker = poisoned_box.http, poisoned_box.workers[0]
+    job = http.post("/jobs", json=SMALL_JOB).json()
+    assert wait_status(http, job["id"], TERMINAL)["status"] == "succeeded"
+    # the job's own process is gone once its end is recorded and reaped; the next one waits
+    waiting = wait_for("the next job's process alone",
+                       lambda: procs if len(procs := job_processes(worker)) == 1 else None)
+    settings = Settings(broker_url=poisoned_box.env["GPTQD_BROKER_URL"],
+                        queue=poisoned_box.queue, data_dir=poisoned_box.data_dir)
+    assert Dispatcher(make_celery(settings), poisoned_box.queue).send_job(job["id"])
+    skipped = f"job {job['id']} is not queued; skipping"
+    wait_for("the duplicate skipped", lambda: any(
+        skipped in log.read_text(errors="replace") for log in poisoned_box.data_dir.glob("*.log")))
+    # the same process still waits: the skip did not spend it
+    assert [p.pid for p in job_processes(worker)] == [p.pid for p in waiting]
+
+
 def test_stopping_a_worker_stops_its_job_processes(poisoned_box: Box) -> None:
     proc = poisoned_box.add_worker("w-stopped")
     waiting = wait_for("a waiting job process", lambda: job_processes(proc))

@@ -202,8 +202,8 @@ def _running_intervals(events: list[dict]) -> list[tuple[datetime, datetime]]:
     return out
 
 
-# each job (and each duplicate message) costs a job process whose imports take seconds: enough
-# jobs to keep both workers busy and to race their claims, not more
+# each job costs a job process whose imports take seconds (a duplicate message no longer does):
+# enough jobs to keep both workers busy and to race their claims, not more
 BURST = 24
 
 

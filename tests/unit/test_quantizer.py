@@ -51,3 +51,56 @@ def test_mse_clipping_never_increases_error() -> None:
         e1 = (dequantize(quantize(w, s1, z1, 7), s1, z1) - w).abs().pow(2.4).sum(1)
         assert torch.all(e1 <= e0 + 1e-5)
         assert e1.sum() < e0.sum()
+
+
+def _one_shrink_at_a_time(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clipping search written as its definition: each shrink tried in turn."""
+    from worker.gptq.quantizer import _range_params
+
+    maxq, zeros = 2**bits - 1, torch.zeros(w.shape[0])
+    xmin, xmax = torch.minimum(w.min(1).values, zeros), torch.maximum(w.max(1).values, zeros)
+    best = torch.full((w.shape[0],), float("inf"))
+    scale, zero = _range_params(xmin, xmax, maxq, sym)
+    for i in range(80):
+        s, z = _range_params((1 - i / 100) * xmin, (1 - i / 100) * xmax, maxq, sym)
+        err = (dequantize(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None]) - w
+               ).abs().pow(2.4).sum(1)
+        better = err < best
+        best, scale, zero = (torch.where(better, err, best), torch.where(better, s, scale),
+                             torch.where(better, z, zero))
+    return scale[:, None], zero[:, None]
+
+
+@pytest.mark.parametrize("batch_elements", [1, 7 * 64 * 32, 1 << 23])
+def test_the_batched_clipping_search_picks_what_one_shrink_at_a_time_picks(
+        batch_elements: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.gptq import quantizer
+
+    # one candidate per batch, batches of 7 (ties across batches), all 80 at once
+    monkeypatch.setattr(quantizer, "MSE_BATCH_ELEMENTS", batch_elements)
+    torch.manual_seed(1)
+    w = torch.randn(64, 32)
+    w[::3, 0] *= 20
+    w[5] = 0  # an empty row: every shrink ties
+    for bits in (2, 3, 4, 8):
+        for sym in (True, False):
+            got = find_params(w, bits, sym, mse=True)
+            want = _one_shrink_at_a_time(w, bits, sym)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (bits, sym)
+
+
+def test_the_clipping_search_is_a_few_kernels_not_a_few_per_shrink() -> None:
+    """On a GPU each op is a kernel launch: one loop step per shrink made ~1,000 per group."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            CountOps.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    w = torch.randn(256, 128)
+    with CountOps():
+        find_params(w, 4, sym=False, mse=True)
+    assert CountOps.ops < 80, CountOps.ops  # 80 shrinks are tried

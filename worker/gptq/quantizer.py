@@ -45,6 +45,11 @@ def _range_params(
     return scale, zero
 
 
+# elements of one [candidates, rows, columns] batch of the clipping search: each step of it
+# makes a few tensors that size (32 MiB each in float32)
+MSE_BATCH_ELEMENTS = 1 << 23
+
+
 def find_params(
     w: torch.Tensor,
     bits: int,
@@ -58,23 +63,37 @@ def find_params(
     """Scale and zero point for each row of w ([R, C]); both returned as [R, 1] float32.
 
     The range always contains 0 (xmin <= 0 <= xmax). With mse=True the range is shrunk by up
-    to max_shrink in 1/grid steps, per row, keeping the one with the lowest |w - w'|^norm.
+    to max_shrink in 1/grid steps, per row, keeping the one with the lowest |w - w'|^norm
+    (the first such, on a tie).
     """
     maxq = 2**bits - 1
     w = w.float()
     zeros = torch.zeros(w.shape[0], device=w.device)
     xmin = torch.minimum(w.min(dim=1).values, zeros)
     xmax = torch.maximum(w.max(dim=1).values, zeros)
-    scale, zero = _range_params(xmin, xmax, maxq, sym)
-    if mse:
-        best = torch.full_like(scale, float("inf"))
-        for i in range(int(max_shrink * grid)):
-            p = 1 - i / grid
-            s, z = _range_params(p * xmin, p * xmax, maxq, sym)
-            q = dequantize(quantize(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None])
-            err = (q - w).abs().pow(norm).sum(dim=1)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s, scale)
-            zero = torch.where(better, z, zero)
+    if not mse:
+        scale, zero = _range_params(xmin, xmax, maxq, sym)
+        return scale[:, None], zero[:, None]
+    return _clip_search(w, xmin, xmax, maxq, sym, int(max_shrink * grid), grid, norm)
+
+
+def _clip_search(w: torch.Tensor, xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool,
+                 steps: int, grid: int, norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every shrink 1 - i/grid (i < steps) tried at once, a batch of them per step: a loop over
+    the candidates would be about a thousand tiny kernels per group on a GPU."""
+    rows, cols = w.shape
+    batch = max(1, min(steps, MSE_BATCH_ELEMENTS // max(1, rows * cols)))
+    best = torch.full((rows,), float("inf"), device=w.device)
+    scale = torch.empty(rows, device=w.device)
+    zero = torch.empty(rows, device=w.device)
+    for first in range(0, steps, batch):
+        shrink = 1 - torch.arange(first, min(steps, first + batch), device=w.device) / grid
+        s, z = _range_params(shrink[:, None] * xmin, shrink[:, None] * xmax, maxq, sym)  # [b, R]
+        q = dequantize(quantize(w, s[..., None], z[..., None], maxq), s[..., None], z[..., None])
+        err, pick = (q - w).abs_().pow_(norm).sum(dim=2).min(dim=0)  # first minimum on ties
+        del q
+        better = err < best  # strictly: an earlier batch keeps a tie
+        best = torch.where(better, err, best)
+        scale = torch.where(better, s.gather(0, pick[None]).squeeze(0), scale)
+        zero = torch.where(better, z.gather(0, pick[None]).squeeze(0), zero)
     return scale[:, None], zero[:, None]

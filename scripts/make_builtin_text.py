@@ -9,8 +9,9 @@ and github.com/gutenbergbooks/1661 (already without Project Gutenberg's header, 
 licence). Kept: the novel's and the stories' own text, one paragraph per row. Stripped: the
 edition's front matter (title pages, Saintsbury's preface, the list of illustrations), the
 table of contents, every "[Illustration: ...]" caption, the printer's colophon, the
-underscores that mark italics, the "/* NIND ... */" layout marks around letters' openings, section numerals and "* * *" rows, and the hard line breaks
-and runs of spaces inside paragraphs.
+underscores that mark italics, the "/* NIND ... */" layout marks around letters' openings,
+section numerals and "* * *" rows, and the hard line breaks and runs of spaces inside
+paragraphs. worker/gptq/data/BUILTIN-TEXT.md says the same for the package.
 
 Held out for evaluation (never calibrated on): the last six chapters of the novel (LVI-LXI)
 and the last two stories (XI, XII); the rest is the calibration text.

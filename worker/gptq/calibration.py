@@ -236,8 +236,9 @@ def _hub_dataset(source: str, what: str = "calibration") -> tuple[Any, str]:
 
         return datasets.load_dataset(name, config, split=split), where
     except Exception as exc:  # datasets/hub raise many types: network, missing, auth, bad split
+        why = f"; {hubstatus.why_offline()}" if hubstatus.offline() else ""
         raise CalibrationError(
-            f"{what} {where} could not be loaded ({type(exc).__name__}: {exc}); "
+            f"{what} {where} could not be loaded ({type(exc).__name__}: {exc}){why}; "
             "offline, use a local file (.txt, .jsonl, .parquet) or 'builtin'"
         ) from exc
 

@@ -35,6 +35,13 @@ def unreachable() -> str | None:
     return None
 
 
+def offline() -> bool:
+    """Whether hub files come from the cache only (chosen, or after a failed probe)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
 def why_offline() -> str:
     """The reason hub files could not be fetched, for an error message."""
     from huggingface_hub import constants

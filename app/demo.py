@@ -29,7 +29,7 @@ from app.tinymodel import TinySpec, build_tiny_llama
 
 HUB_MODEL = "openai-community/gpt2"
 TINY_NAME = "gptqd-demo-llama"
-# ~20 s of training on two CPU cores: perplexity ~25 on the held-out text (vocabulary 512)
+# ~30 s of CPU time to build: perplexity ~25 on the held-out text (vocabulary 512)
 TINY = TinySpec(hidden=128, intermediate=256, layers=2, heads=4, vocab=512, train_steps=400,
                 train_seq=128, train_batch=8)
 
@@ -59,7 +59,7 @@ def choose_model(settings: Settings) -> tuple[str, dict[str, str], dict[str, Any
     if hub_reachable():
         say(f"the model hub answers: quantizing {HUB_MODEL} on wikitext-2")
         return HUB_MODEL, {}, {"num_samples": 32, "seq_length": 256}
-    say("no model hub here: building a small Llama (tokenizer trained in-process, ~20 s)")
+    say("no model hub here: building a small Llama (tokenizer trained in-process, ~30 s)")
     build_tiny_llama(settings.models_root / TINY_NAME, TINY)
     return TINY_NAME, {}, builtin
 

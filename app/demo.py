@@ -6,8 +6,8 @@ checkpoint on a worker (perplexity and generated text) and says where the checkp
 
 The model: GPTQD_DEMO_MODEL when set (a hub id, or a local model directory); otherwise a hub
 model when the hub answers; otherwise a small Llama that the demo builds and trains for a few
-seconds on the engine's built-in text (its tokenizer is trained here too), so the demo runs on
-a fresh machine with no network.
+seconds on the engine's builtin English text (its tokenizer is trained here too), so the demo
+runs on a fresh machine with no network.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from app.tinymodel import TinySpec, build_tiny_llama
 
 HUB_MODEL = "openai-community/gpt2"
 TINY_NAME = "gptqd-demo-llama"
-TINY = TinySpec(hidden=128, intermediate=256, layers=2, heads=4, vocab=512, train_steps=60)
+# ~30 s of CPU time to build: perplexity ~25 on the held-out text (vocabulary 512)
+TINY = TinySpec(hidden=128, intermediate=256, layers=2, heads=4, vocab=512, train_steps=400,
+                train_seq=128, train_batch=8)
 
 
 def say(text: str) -> None:
@@ -57,7 +59,7 @@ def choose_model(settings: Settings) -> tuple[str, dict[str, str], dict[str, Any
     if hub_reachable():
         say(f"the model hub answers: quantizing {HUB_MODEL} on wikitext-2")
         return HUB_MODEL, {}, {"num_samples": 32, "seq_length": 256}
-    say("no model hub here: building a small Llama (tokenizer trained in-process, ~20 s)")
+    say("no model hub here: building a small Llama (tokenizer trained in-process, ~30 s)")
     build_tiny_llama(settings.models_root / TINY_NAME, TINY)
     return TINY_NAME, {}, builtin
 
@@ -104,7 +106,7 @@ def run() -> int:
         client = Client(url, os.environ.get("GPTQD_API_KEY"))
         spec = {"model_id": model_id, "name": "demo", "calibration": calibration,
                 "verify": {"max_windows": 16, "max_new_tokens": 24,
-                           "prompts": ["Once upon a time", "Return the"]}}
+                           "prompts": ["Once upon a time", "She looked at him and"]}}
         job = client.submit(spec)
         say(f"submitted job {job['id']} ({model_id}, 4-bit, group {job['spec']['group_size']})")
         job = follow(client, job["id"])
@@ -120,7 +122,8 @@ def run() -> int:
             say(f"verification {v['status']}: {v['error']}")
             return 1
         result = v["result"]
-        say(f"verification: perplexity {result['perplexity']:.3f} on {result['eval_source']} "
+        text = result["eval_source"] + (", held out from calibration" if result["held_out"] else "")
+        say(f"verification: perplexity {result['perplexity']:.3f} on {text} "
             f"(the job reported {job['metrics']['perplexity_after']:.3f})")
         for sample in result["samples"]:
             say(f"generated: {sample['text']!r}")

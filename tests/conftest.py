@@ -25,3 +25,20 @@ def fixture_path(*parts: str) -> Path:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return fixture_path()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hub_probe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test probes the hub afresh, and the offline mode an unreachable hub turns on
+    (worker/gptq/hubstatus.py) ends with the test: no test depends on the ones before it."""
+    import huggingface_hub.constants
+
+    from worker.gptq import hubstatus
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE",
+                        huggingface_hub.constants.HF_HUB_OFFLINE)
+    if "HF_HUB_OFFLINE" in os.environ:
+        monkeypatch.setenv("HF_HUB_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hubstatus.unreachable.cache_clear()

@@ -9,7 +9,7 @@ from typing import Any
 from app.paths import inside, resolve_model
 from app.settings import Settings
 from app.store import Store
-from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.config import BUILTIN, BUILTIN_HELDOUT, CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, ModelNotFound
 
 QUANT_FIELDS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static_groups",
@@ -31,8 +31,8 @@ def calibration_source(calib: dict[str, Any], store: Store, settings: Settings) 
     """"builtin", an uploaded file's path, or a hub dataset "NAME:CONFIG:SPLIT"."""
     if calib.get("dataset_id"):
         return str(dataset_file(store, settings, calib["dataset_id"]))
-    if calib["dataset"] == "builtin":
-        return "builtin"
+    if calib["dataset"] == BUILTIN:
+        return BUILTIN
     return ":".join([calib["dataset"], calib.get("config") or "", calib["split"]])
 
 
@@ -52,15 +52,23 @@ def eval_source(
 ) -> tuple[str, str]:
     """(source, text_field) of the text perplexity is measured on.
 
-    An explicit dataset_id wins; a hub calibration set is evaluated on its "test" split;
-    builtin or uploaded calibration text is evaluated on that same text (say so in results).
+    An explicit dataset_id wins; a hub calibration set is evaluated on its "test" split and
+    builtin calibration text on the builtin part held out from calibration; an uploaded
+    calibration file, having no held-out part, on that same text (results say "held_out").
     """
     calib = spec["calibration"]
     if dataset_id:
         return str(dataset_file(store, settings, dataset_id)), "text"
-    if not calib.get("dataset_id") and calib["dataset"] != "builtin":
-        return ":".join([calib["dataset"], calib.get("config") or "", "test"]), calib["text_field"]
-    return calibration_source(calib, store, settings), calib["text_field"]
+    if calib.get("dataset_id"):
+        return calibration_source(calib, store, settings), calib["text_field"]
+    if calib["dataset"] == BUILTIN:
+        return BUILTIN_HELDOUT, calib["text_field"]
+    return ":".join([calib["dataset"], calib.get("config") or "", "test"]), calib["text_field"]
+
+
+def held_out(eval_text: str, spec: dict[str, Any], store: Store, settings: Settings) -> bool:
+    """Whether the eval text is other text than the job calibrated on."""
+    return eval_text != calibration_source(spec["calibration"], store, settings)
 
 
 def eval_seq_length(spec: dict[str, Any], requested: int | None) -> int:

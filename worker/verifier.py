@@ -33,6 +33,7 @@ def measure(
     return {
         "perplexity": ppl,
         "eval_source": request.get("dataset_id") or public_source(source),
+        "held_out": jobspec.held_out(source, spec, store, settings),
         "seq_length": seq_length,
         "max_windows": request.get("max_windows"),
         "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, samples, strict=True)],

@@ -57,6 +57,14 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     )
 
 
+def eval_text(evaluation: dict) -> str:
+    """' on SOURCE', warning when that is the text the job calibrated on."""
+    if not evaluation.get("source"):
+        return ""
+    same = " (the calibration text itself)" if evaluation.get("held_out") is False else ""
+    return f" on {evaluation['source']}{same}"
+
+
 def outcome(kind: str, item: dict) -> list[str]:
     """'job ID: status' (or 'verification ...'), then why it failed if it did."""
     lines = [f"{kind} {item['id']}: {item['status']}"]

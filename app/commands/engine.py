@@ -254,9 +254,11 @@ def _print_summary(report: Any, out: Path) -> None:
 
 def evaluate(
     model: str = typer.Option(..., "--model", help="Model directory (original or GPTQ) or hub id."),
-    text: Path = typer.Option(
-        ..., "--text", exists=True, dir_okay=False, readable=True,
-        help="Text to score: a .txt file (read as it is), or .jsonl/.parquet rows.",
+    text: str = typer.Option(
+        ..., "--text",
+        help="Text to score: a file (plain text read as it is, or .jsonl/.parquet rows), "
+             "'builtin-heldout' (English text shipped with gptqd), or a hub dataset "
+             "NAME[:CONFIG[:SPLIT]].",
     ),
     seq_length: int | None = typer.Option(
         None, "--seq-length", min=2, help="Tokens per window (default: the model's context length)."
@@ -281,13 +283,13 @@ def evaluate(
 
 
 def _perplexity(
-    model: str, text: Path, seq_length: int | None, max_windows: int | None,
+    model: str, text: str, seq_length: int | None, max_windows: int | None,
     text_field: str, trust_remote_code: bool,
 ) -> dict:
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts, window_perplexity
 
-    texts = load_texts(str(text), text_field)  # a bad file is refused before the model loads
+    texts = load_texts(text, text_field)  # a bad source is refused before the model loads
     loaded, tokenizer, kind = _load_for_eval(model, trust_remote_code)
     if tokenizer is None:
         raise EngineError(f"{model} has no tokenizer files")

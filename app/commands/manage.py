@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from app.client import Client
-from app.commands.common import KEY, URL, age, outcome, table, talking_to_server
+from app.commands.common import KEY, URL, age, eval_text, outcome, table, talking_to_server
 
 
 def register(app: typer.Typer) -> None:
@@ -73,7 +73,8 @@ def describe_verification(v: dict) -> str:
     lines = outcome("verification", v)
     result = v.get("result") or {}
     if result.get("perplexity") is not None:
-        lines.append(f"perplexity: {result['perplexity']:.3f} on {result.get('eval_source')} "
+        where = eval_text({"source": result.get("eval_source"), "held_out": result.get("held_out")})
+        lines.append(f"perplexity: {result['perplexity']:.3f}{where} "
                      f"({result.get('max_windows')} windows of {result.get('seq_length')} tokens)")
     for sample in result.get("samples") or []:
         lines.append(f"sample: {sample['text']!r}")

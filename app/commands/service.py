@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from app.client import Client
-from app.commands.common import KEY, URL, age, outcome, table, talking_to_server
+from app.commands.common import KEY, URL, age, eval_text, outcome, table, talking_to_server
 
 HOST = typer.Option("127.0.0.1", "--host", help="Address to listen on.")
 PORT = typer.Option(8000, "--port", help="Port to listen on.")
@@ -113,7 +113,8 @@ def summary(job: dict) -> str:
     metrics = job.get("metrics") or {}
     if metrics.get("perplexity_after") is not None:
         lines.append(f"perplexity: {metrics['perplexity_before']:.3f} before, "
-                     f"{metrics['perplexity_after']:.3f} after quantization")
+                     f"{metrics['perplexity_after']:.3f} after quantization"
+                     f"{eval_text(metrics.get('evaluation') or {})}")
     sizes = metrics.get("sizes") or {}
     if sizes.get("original_bytes") and sizes.get("checkpoint_bytes"):
         lines.append(f"size: {sizes['original_bytes'] / 1e6:.2f} MB of weights -> "

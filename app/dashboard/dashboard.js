@@ -341,6 +341,11 @@ function drawLossChart(svg, mods) {
   svg.append(caption);
 }
 
+// the eval text, flagged when it is the text the job calibrated on (the score then flatters)
+function evalText(source, heldOut) {
+  return heldOut === false ? `${source} (the calibration text itself)` : source;
+}
+
 function metricRows(job) {
   const m = job.metrics || {};
   const sizes = m.sizes || {};
@@ -349,6 +354,7 @@ function metricRows(job) {
     ["settings", settingsOf(job)],
     ["perplexity before", m.perplexity_before],
     ["perplexity after", m.perplexity_after],
+    ["scored on", m.evaluation ? evalText(m.evaluation.source, m.evaluation.held_out) : null],
     ["size before", formatBytes(sizes.original_bytes)],
     ["size after", formatBytes(sizes.checkpoint_bytes)],
     ["mean module loss", m.loss_summary?.mean],
@@ -413,7 +419,8 @@ function verificationRow(v) {
   tr.className = "verification";
   tr.dataset.status = v.status;
   const what = v.error ? `${v.error.code}: ${v.error.message}`
-    : result.perplexity != null ? `perplexity ${result.perplexity.toFixed(3)} on ${result.eval_source}` : "";
+    : result.perplexity != null
+      ? `perplexity ${result.perplexity.toFixed(3)} on ${evalText(result.eval_source, result.held_out)}` : "";
   const td = text("td", what);
   for (const s of result.samples || []) td.append(text("pre", s.text));
   tr.append(text("td", `${v.status} (${age(v.created_at)})`, `status ${v.status}`), td);

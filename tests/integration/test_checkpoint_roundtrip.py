@@ -90,6 +90,14 @@ def test_llama_roundtrip(tmp_path, bits, sym, desc_act):
     assert reloaded.get_submodule("model.layers.1.mlp.down_proj").checkpoint_format == qconfig["format"]
 
 
+def test_the_generation_settings_come_back(tmp_path):
+    """A verification's samples are generated as the original model's were."""
+    model = tiny_llama()
+    model.generation_config.no_repeat_ngram_size = 3
+    reloaded, _ = roundtrip(model, QuantizeConfig(bits=4, group_size=32), tmp_path)
+    assert reloaded.generation_config.no_repeat_ngram_size == 3
+
+
 @pytest.mark.parametrize(
     "config",
     [

@@ -120,14 +120,14 @@ def check_range_and_archive(http: httpx.Client, job_id: str, listing: list[dict]
             assert hashlib.sha256(data).hexdigest() == art["sha256"]
 
 
-def loader_perplexity(checkpoint: Path, seq_length: int, max_windows: int) -> float:
-    """Perplexity of a downloaded checkpoint read by the engine's loader, on the builtin text
-    with the job's evaluation settings."""
+def loader_perplexity(checkpoint: Path, source: str, seq_length: int, max_windows: int) -> float:
+    """Perplexity of a downloaded checkpoint read by the engine's loader, on the job's eval
+    text with the job's evaluation settings."""
     from worker.gptq.evaluate import load_texts, perplexity
     from worker.gptq.loader import load_quantized
 
     model, tokenizer = load_quantized(checkpoint)
-    return perplexity(model, tokenizer, load_texts("builtin"), seq_length, max_windows)
+    return perplexity(model, tokenizer, load_texts(source), seq_length, max_windows)
 
 
 def run_full_job(url: str, spec: dict, dest: Path, num_blocks: int) -> dict:
@@ -166,7 +166,10 @@ def run_full_job(url: str, spec: dict, dest: Path, num_blocks: int) -> dict:
     assert job["artifacts"] == listing
     check_range_and_archive(http, job["id"], listing, dest)
     evaluation = metrics["evaluation"]
-    ppl = loader_perplexity(dest, evaluation["seq_length"], spec["verify"]["max_windows"])
+    if spec["calibration"].get("dataset") == "builtin":  # scored on text it never calibrated on
+        assert (evaluation["source"], evaluation["held_out"]) == ("builtin-heldout", True)
+    ppl = loader_perplexity(dest, evaluation["source"], evaluation["seq_length"],
+                            spec["verify"]["max_windows"])
     assert abs(ppl - metrics["perplexity_after"]) <= 1e-3 * metrics["perplexity_after"], (
         ppl, metrics["perplexity_after"])
     return job

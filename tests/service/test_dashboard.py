@@ -74,6 +74,7 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     check_chart_scale(page)
     metrics = page.locator("#job-metrics").inner_text()
     assert "perplexity before" in metrics and "perplexity after" in metrics
+    assert re.search(r"scored on\s+builtin-heldout", metrics), metrics  # not the calibration text
     links = page.locator("#artifacts a")
     names = [links.nth(i).inner_text() for i in range(links.count())]
     assert "model.safetensors" in names and "quantize_config.json" in names
@@ -85,7 +86,7 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     page.locator("#verify-button").click()
     done = page.locator("#verifications tr.verification[data-status=succeeded]")
     done.wait_for(timeout=240_000)
-    assert re.search(r"perplexity [\d.]+ on ", done.inner_text()), done.inner_text()
+    assert re.search(r"perplexity [\d.]+ on builtin-heldout", done.inner_text()), done.inner_text()
     page.wait_for_timeout(500)  # let the bar's CSS transition finish before the screenshot
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     shot = SCREENSHOTS / "dashboard-job.png"

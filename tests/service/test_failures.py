@@ -9,7 +9,8 @@ left on disk, and the same worker goes on to run the next job.
 - calibration: an uploaded text that is too short, a JSON-lines file without the text field;
 - cholesky_failed: a model whose weights are NaN, so every Hessian is;
 - out_of_memory: the worker's job processes are limited (RLIMIT_AS, GPTQD_JOB_MEMORY_LIMIT_MB)
-  and the job asks for 256 windows of 512 tokens through a block of width 512;
+  and the job asks for 256 windows of 512 tokens (of an uploaded text just long enough)
+  through a block of width 512;
 - disk_full: the artifacts directory is a small tmpfs (needs root to mount; skipped otherwise).
 """
 
@@ -94,6 +95,22 @@ def failing_box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path
             subprocess.run(["umount", str(data / "artifacts")], check=False)
 
 
+def enough_text() -> bytes:
+    """About 400k characters of builtin text: 256 windows of 512 tokens for WIDE's tokenizer
+    with some to spare. Not all of it: the job must run out of memory in quantization, where
+    torch raises MemoryError, and not while tokenizing a larger text, where the tokenizers
+    library aborts the process on a failed allocation."""
+    from worker.gptq.calibration import builtin_rows
+
+    rows, size = [], 0
+    for row in builtin_rows():
+        rows.append(row)
+        size += len(row) + 2
+        if size > 400_000:
+            break
+    return "\n\n".join(rows).encode()
+
+
 def upload(box: Box, name: str, content: bytes) -> str:
     r = box.http.post("/datasets", files={"file": (name, content)})
     assert r.status_code == 201, r.text
@@ -113,8 +130,8 @@ CASES = {
                      "num_samples": 2, "seq_length": 16}),
     "cholesky_failed": lambda box: tiny_spec(model_id="nan"),
     "out_of_memory": lambda box: tiny_spec(
-        model_id="wide", calibration={"dataset": "builtin", "num_samples": 256,
-                                      "seq_length": 512}),
+        model_id="wide", calibration={"dataset_id": upload(box, "calib.txt", enough_text()),
+                                      "num_samples": 256, "seq_length": 512}),
     "disk_full": lambda box: tiny_spec(model_id="tiny-deep"),
 }
 # the words each message must contain so that a person knows what to do

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -41,6 +42,7 @@ def test_job_runs_to_a_verified_checkpoint(team_box: Box, tmp_path: Path) -> Non
     result = v["result"]
     reported = job["metrics"]["perplexity_after"]
     assert abs(result["perplexity"] - reported) <= 1e-3 * reported
+    assert (result["eval_source"], result["held_out"]) == ("builtin-heldout", True)
     assert result["samples"][0]["prompt"] == "Return the"
     assert result["samples"][0]["text"].startswith("Return the")
     assert len(result["samples"][0]["text"]) > len("Return the")
@@ -169,3 +171,19 @@ def test_bad_requests_name_the_field(team_box: Box) -> None:
     assert http.get("/healthz").json() == {"status": "ok"}
     ready = http.get("/readyz").json()
     assert ready["checks"] == {"store": "ok", "broker": "ok"}
+
+
+def test_a_mistyped_local_model_fails_in_seconds_naming_the_local_models(team_box: Box) -> None:
+    """This box's worker is not told HF_HUB_OFFLINE: it finds the unreachable hub with one
+    short probe (about 25 s of huggingface_hub's retries before) and says what is local."""
+    http = team_box.http
+    job = http.post("/jobs", json=tiny_spec(model_id="tinyy", verify=NO_VERIFY)).json()
+    job = wait_status(http, job["id"], TERMINAL)
+    assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
+    message = job["error"]["message"]
+    hub_said = ("could not be reached", "not found on the hub")  # no network, or a hub's 404
+    assert any(words in message for words in hub_said), message
+    for words in ("'tinyy'", "did you mean 'tiny'", "GPTQD_MODELS_DIR"):
+        assert words in message, message
+    ran = datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"])
+    assert ran.total_seconds() < 15, ran

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
+import tomllib
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -140,6 +143,32 @@ def test_builtin_source_covers_128_windows_of_512(tokenizer) -> None:
     assert sum(ch.isalpha() for ch in text) > len(text) / 2  # prose, not noise
 
 
+def test_builtin_text_is_english_prose_with_a_separate_held_out_part() -> None:
+    calibration, held_out = builtin_rows("builtin"), builtin_rows("builtin-heldout")
+    assert len(held_out) > 500 and all(r.strip() == r and r for r in held_out)
+    # narrative prose: the commonest words of a novel, none of the marks of code or docs
+    words = Counter(re.findall(r"[a-z]+", " ".join(calibration).lower()))
+    top = {w for w, _ in words.most_common(60)}
+    assert {"the", "and", "she", "her", "was", "had", "said"} <= top, sorted(top)
+    assert not any(mark in row for row in calibration + held_out
+                   for mark in (">>>", "def ", "()", "[Illustration", "Gutenberg", "/*"))
+    # the held-out paragraphs are other text than the calibration paragraphs
+    long_rows = {row for row in calibration if len(row) > 60}
+    assert not long_rows & {row for row in held_out if len(row) > 60}
+    assert "CHAPTER LVI." in held_out and "CHAPTER LVI." not in calibration
+
+
+def test_builtin_text_and_its_licence_are_package_data() -> None:
+    """The wheel, the sdist and the Docker image (COPY worker) get what pyproject declares."""
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["worker"]
+    shipped = {p.name for pattern in patterns for p in (root / "worker").glob(pattern)}
+    assert {"builtin-calibration.txt.gz", "builtin-heldout.txt.gz", "BUILTIN-TEXT.md"} <= shipped
+    notes = (root / "worker" / "gptq" / "data" / "BUILTIN-TEXT.md").read_text()
+    assert "public domain" in notes and "stripped" in notes
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [
@@ -189,11 +218,15 @@ def test_a_text_file_is_text_whatever_its_suffix(tmp_path: Path) -> None:
         assert load_texts(str(path)) == ["\n\n".join(PARAGRAPHS)]
 
 
-def test_a_bad_source_is_refused_before_anything_is_read(tmp_path: Path) -> None:
+def test_a_bad_source_is_refused_before_anything_is_read(tmp_path: Path, monkeypatch) -> None:
+    from worker.gptq import hubstatus
     from worker.gptq.calibration import check_source
 
     check_source("builtin", "calibration")
-    check_source("wikitext:wikitext-2-raw-v1:train", "calibration")  # hub: checked when read
+    check_source("builtin-heldout", "eval text")
+    with monkeypatch.context() as m:  # a hub that answers: its dataset is checked when read
+        m.setattr(hubstatus, "unreachable", lambda: None)
+        check_source("wikitext:wikitext-2-raw-v1:train", "calibration")
     with pytest.raises(CalibrationError, match=r"^eval text file .*missing\.raw does not exist"):
         check_source(str(tmp_path / "missing.raw"), "eval text")
     with pytest.raises(CalibrationError, match="is not a file"):

@@ -216,7 +216,9 @@ def _quantize_loaded(
     if evaluation is not None:
         with run.stage("evaluating", "evaluating_after", message="quantized model"):
             evaluation.measure(loaded.model, "after", compute)
-        report.evaluation = evaluation.summary
+        # whether the score is on text the Hessians never saw (say so when it is not)
+        report.evaluation = {**evaluation.summary,
+                             "held_out": evaluate.source != calibration.source}
         report.perplexity_before = evaluation.summary.get("perplexity_before")
         report.perplexity_after = evaluation.summary.get("perplexity_after")
 

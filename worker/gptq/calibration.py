@@ -11,10 +11,11 @@ is refused with a CalibrationError saying how many tokens there are, rather than
 Hessians on repeated text without telling anyone.
 
 Sources (CalibrationSpec.source):
-- "builtin": English text generated at run time from the docstrings of a fixed list of Python
-  standard-library modules (no network, no shipped file). About 550k characters, ~157k tokens
-  with the GPT-2 tokenizer: enough for 128 x 512 with room to spare (2.4 x). Reproducible on
-  the same Python version; another Python version gives slightly different text.
+- "builtin": public-domain English prose shipped with the package (Pride and Prejudice and The
+  Adventures of Sherlock Holmes, from Project Gutenberg; data/BUILTIN-TEXT.md), one paragraph
+  per row: about 1.07M characters, ~265k tokens with the GPT-2 tokenizer (4 x 128 x 512);
+  "builtin-heldout" is the part kept apart for evaluation (the last chapters and stories;
+  ~43k GPT-2 tokens); calibrating on "builtin" never sees it.
 - a local file: .txt (paragraphs separated by blank lines are the rows), .jsonl/.json (one JSON
   object per line, text in `text_field`), .parquet (column `text_field`).
 - a hub dataset "NAME[:CONFIG[:SPLIT]]" loaded with `datasets.load_dataset` (split defaults to
@@ -28,17 +29,16 @@ contiguous run of rows of that size is used.
 from __future__ import annotations
 
 import codecs
-import importlib
-import inspect
+import gzip
 import json
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from worker.gptq.config import CalibrationSpec
+from worker.gptq import hubstatus
+from worker.gptq.config import BUILTIN, BUILTIN_HELDOUT, CalibrationSpec
 from worker.gptq.errors import CalibrationError
 
 # files read as records by their suffix; a file with any other name is plain UTF-8 text
@@ -46,21 +46,10 @@ RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 FILE_SUFFIXES = (".txt", *RECORD_SUFFIXES)  # names that are files even before they exist
 TEXT_BUDGET_CHARS_PER_TOKEN = 32  # ~8x the ~4 characters per token of English BPE
 
-# Standard-library modules whose docstrings make the built-in source, in a fixed order.
-BUILTIN_MODULES = (
-    "collections", "json", "argparse", "logging", "email.message", "http.client", "urllib.request",
-    "unittest", "asyncio", "typing", "pathlib", "datetime", "decimal", "fractions", "statistics",
-    "random", "string", "textwrap", "difflib", "csv", "sqlite3", "threading", "subprocess",
-    "multiprocessing", "functools", "itertools", "heapq", "bisect", "shutil", "tempfile",
-    "zipfile", "tarfile", "xml.etree.ElementTree", "html.parser", "calendar", "locale", "gettext",
-    "pickle", "copy", "pprint", "inspect", "ast", "dis", "tokenize", "traceback", "warnings",
-    "contextlib", "abc", "enum", "dataclasses", "uuid", "hashlib", "hmac", "secrets", "socket",
-    "selectors", "ssl", "smtplib", "imaplib", "ftplib", "mailbox", "configparser", "optparse",
-    "getopt", "shlex", "cmd", "pdb", "profile", "timeit", "trace", "doctest", "codecs", "re",
-    "struct", "weakref", "types", "operator", "numbers", "queue", "sched", "signal", "io", "os",
-    "glob", "fnmatch", "filecmp", "gzip", "bz2", "lzma", "base64", "mimetypes", "colorsys",
-    "pydoc",
-)
+# "builtin": public-domain English novels and stories shipped with the package (see
+# data/BUILTIN-TEXT.md), one paragraph per row; the held-out part is never calibrated on.
+BUILTIN_FILES = {BUILTIN: "builtin-calibration.txt.gz", BUILTIN_HELDOUT: "builtin-heldout.txt.gz"}
+DATA_DIR = Path(__file__).with_name("data")
 
 
 def build_calibration(tokenizer: Any, spec: CalibrationSpec) -> torch.Tensor:
@@ -101,8 +90,8 @@ def choose_windows(
 def load_rows(spec: CalibrationSpec) -> list[str]:
     """The source's text rows, blank ones dropped; raises CalibrationError when there are none."""
     source = spec.source.strip()
-    if source == "builtin":
-        rows = builtin_rows()
+    if source in BUILTIN_FILES:
+        rows = builtin_rows(source)
     elif looks_like_file(source):
         rows = read_file_rows(Path(source).expanduser(), spec.text_field)
     else:
@@ -165,10 +154,16 @@ def check_file(path: Path, what: str) -> None:
 
 
 def check_source(source: str, what: str) -> None:
-    """Refuses a local file source that cannot work (missing, unreadable, not UTF-8) before
-    a model is loaded; builtin and hub sources are checked when read."""
-    if source.strip() != "builtin" and looks_like_file(source.strip()):
-        check_file(Path(source.strip()).expanduser(), what)
+    """Refuses a source that cannot work before a model is loaded: a local file that is
+    missing, unreadable or not UTF-8; a hub dataset that is not in the cache when the hub
+    does not answer. Builtin text always works; a reachable hub's dataset is checked when read."""
+    source = source.strip()
+    if source in BUILTIN_FILES:
+        return
+    if looks_like_file(source):
+        check_file(Path(source).expanduser(), what)
+    elif hubstatus.unreachable():
+        _hub_dataset(source, what)  # from the cache, quickly, or a CalibrationError now
 
 
 def _jsonl_rows(path: Path, text_field: str) -> list[str]:
@@ -222,17 +217,7 @@ def parse_hub_source(source: str) -> tuple[str, str | None, str]:
 
 
 def hub_rows(source: str, text_field: str) -> list[str]:
-    name, config, split = parse_hub_source(source)
-    where = f"dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
-    try:
-        import datasets
-
-        dataset = datasets.load_dataset(name, config, split=split)
-    except Exception as exc:  # datasets/hub raise many types: network, missing, auth, bad split
-        raise CalibrationError(
-            f"calibration {where} could not be loaded ({type(exc).__name__}: {exc}); "
-            "offline, use a local file (.txt, .jsonl, .parquet) or 'builtin'"
-        ) from exc
+    dataset, where = _hub_dataset(source)
     if text_field not in dataset.column_names:
         raise CalibrationError(
             f"calibration {where} has no text_field {text_field!r} "
@@ -241,36 +226,28 @@ def hub_rows(source: str, text_field: str) -> list[str]:
     return [_as_text(value, f"{where} field {text_field}") for value in dataset[text_field]]
 
 
-def builtin_rows() -> list[str]:
-    """Docstrings of BUILTIN_MODULES and their public classes, functions and methods."""
-    rows: list[str] = []
-    seen: set[str] = set()
+def _hub_dataset(source: str, what: str = "calibration") -> tuple[Any, str]:
+    """(the hub dataset, how to name it in a message); raises CalibrationError."""
+    name, config, split = parse_hub_source(source)
+    where = f"dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
+    hubstatus.unreachable()  # a 3 s probe first, not ~30 s of silent retries
+    try:
+        import datasets
 
-    def add(obj: Any) -> None:
-        with warnings.catch_warnings():  # deprecated aliases (typing.io) warn when read
-            warnings.simplefilter("ignore", DeprecationWarning)
-            doc = inspect.getdoc(obj)
-        if doc and doc not in seen:
-            seen.add(doc)
-            rows.append(doc)
+        return datasets.load_dataset(name, config, split=split), where
+    except Exception as exc:  # datasets/hub raise many types: network, missing, auth, bad split
+        why = f"; {hubstatus.why_offline()}" if hubstatus.offline() else ""
+        raise CalibrationError(
+            f"{what} {where} could not be loaded ({type(exc).__name__}: {exc}){why}; "
+            "offline, use a local file (.txt, .jsonl, .parquet) or 'builtin'"
+        ) from exc
 
-    for module_name in BUILTIN_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:  # a Python built without e.g. sqlite3 or ssl
-            continue
-        add(module)
-        for name, obj in sorted(vars(module).items()):
-            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
-                continue
-            if inspect.isfunction(obj):
-                add(obj)
-            elif inspect.isclass(obj):
-                add(obj)
-                for attr, member in sorted(vars(obj).items()):
-                    if not attr.startswith("_") and inspect.isfunction(member):
-                        add(member)
-    return rows
+
+def builtin_rows(part: str = BUILTIN) -> list[str]:
+    """The paragraphs of the shipped English text: its calibration part ("builtin") or the
+    part held out for evaluation ("builtin-heldout")."""
+    with gzip.open(DATA_DIR / BUILTIN_FILES[part], "rt", encoding="utf-8") as handle:
+        return handle.read().strip().split("\n\n")
 
 
 def _limit_rows(rows: list[str], budget_chars: int, generator: torch.Generator) -> list[str]:

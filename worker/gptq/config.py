@@ -63,6 +63,12 @@ class QuantizeConfig:
         return asdict(self)
 
 
+# the text shipped with the package (calibration.builtin_rows): its calibration part, and the
+# part held out for evaluation
+BUILTIN = "builtin"
+BUILTIN_HELDOUT = "builtin-heldout"
+
+
 @dataclass(frozen=True)
 class CalibrationSpec:
     """Where calibration text comes from and how it is cut into windows.
@@ -70,7 +76,7 @@ class CalibrationSpec:
     source: "builtin", a local file (.txt, .jsonl, .parquet), or a hub dataset "NAME[:CONFIG[:SPLIT]]".
     """
 
-    source: str = "builtin"
+    source: str = BUILTIN
     text_field: str = "text"
     num_samples: int = 128
     seq_length: int = 512

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .arch import get_arch, get_weight, set_weight
 from .calibration import (
+    BUILTIN_FILES,
     RECORD_SUFFIXES,
     builtin_rows,
     check_file,
@@ -44,7 +45,7 @@ DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is")
 class EvalSpec:
     """What to measure after quantizing.
 
-    source: held-out text, in the same forms as CalibrationSpec.source ("builtin", a local
+    source: held-out text, in the same forms as CalibrationSpec.source ("builtin-heldout", a local
     .txt/.jsonl/.parquet file, or a hub dataset "NAME[:CONFIG[:SPLIT]]"). Keep it apart from
     the calibration text, or the perplexity flatters the quantized model.
     """
@@ -72,11 +73,11 @@ def load_texts(source: str, text_field: str = "text") -> list[str]:
     """The texts of an eval source, kept as they are (no stripping, blank rows kept).
 
     A .txt file is one text, its layout untouched; the rows of a .jsonl/.parquet file, of a hub
-    dataset or of "builtin" are separate texts, which the protocol joins with "\n\n" (how the
-    GPTQ paper joins wikitext's rows).
+    dataset or of the builtin text are separate texts, which the protocol joins with "\n\n" (how
+    the GPTQ paper joins wikitext's rows).
     """
-    if source == "builtin":
-        return builtin_rows()
+    if source in BUILTIN_FILES:
+        return builtin_rows(source)
     if looks_like_file(source):
         path = Path(source).expanduser()
         if path.suffix.lower() in RECORD_SUFFIXES:

@@ -264,8 +264,18 @@ def load_quantized(
     tied_targets = {k.removesuffix(".weight") for k in getattr(model, "all_tied_weights_keys", None) or {}}
     if not tied_targets & set(quantized):  # a quantized lm_head (lm_head: true) is not re-tied
         model.tie_weights()
+    _load_generation_config(model, path)
     model.eval().to(device)
     return model, _load_tokenizer(path, trust_remote_code)
+
+
+def _load_generation_config(model: nn.Module, path: Path) -> None:
+    """The checkpoint's generation settings, as from_pretrained reads them: generate() on the
+    loaded model then continues a prompt as the original model did."""
+    from transformers import GenerationConfig
+
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
 
 
 def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:

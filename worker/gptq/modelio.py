@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from worker.gptq import hubstatus
 from worker.gptq.arch import ArchSpec, get_arch
 from worker.gptq.errors import EngineError, ModelAccessDenied, ModelNotFound
 
@@ -47,6 +48,8 @@ def load_config(
 
     _check_local_path(model_id)
     _check_local_model_type(model_id)
+    if not Path(model_id).expanduser().is_dir():
+        hubstatus.unreachable()  # a hub id: a 3 s probe first, not ~30 s of silent retries
     config = _mapped(
         model_id,
         revision,
@@ -164,8 +167,9 @@ def map_load_error(model_id: str, revision: str | None, exc: BaseException) -> E
             return ModelNotFound(f"revision {revision!r} of model {model_id!r} does not exist")
         if isinstance(cause, hub.LocalEntryNotFoundError):
             return ModelNotFound(
-                f"model {at} could not be fetched: the hub is unreachable (offline?) and it is "
-                "not in the local cache; download it first or give a local directory"
+                f"model {at} is not a local directory and could not be fetched: "
+                f"{hubstatus.why_offline()}, and the hub cache does not hold it; give a local "
+                "model directory, or fetch the model where the hub answers"
             )
         if isinstance(cause, hub.HFValidationError):
             return ModelNotFound(

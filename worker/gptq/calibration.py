@@ -33,6 +33,7 @@ import inspect
 import json
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,56 @@ BUILTIN_MODULES = (
 )
 
 
-def build_calibration(tokenizer: Any, spec: CalibrationSpec) -> torch.Tensor:
+@dataclass(frozen=True)
+class Preparation:
+    """How a source becomes the token stream windows are cut from, and where they are cut.
+
+    layout "as-written": a text file's whole content as it is (line breaks, blank lines,
+    leading spaces), records kept as they are and joined by blank lines; "paragraphs": rows
+    stripped, blank ones dropped, joined by blank lines (the previous default). placement
+    "random": each window starts at a random token, as in the GPTQ paper's code; "grid":
+    distinct windows of a non-overlapping grid. docs/engine.md has the measurements that made
+    DEFAULT_PREPARATION the default (bench/quality.py --calibration-study)."""
+
+    layout: str = "as-written"
+    placement: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.layout not in LAYOUTS or self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown preparation {self}: layouts {LAYOUTS}, placements {PLACEMENTS}")
+
+
+LAYOUTS = ("as-written", "paragraphs")
+PLACEMENTS = ("random", "grid")
+DEFAULT_PREPARATION = Preparation()
+
+
+def build_calibration(
+    tokenizer: Any, spec: CalibrationSpec, preparation: Preparation = DEFAULT_PREPARATION
+) -> torch.Tensor:
     """LongTensor [num_samples, seq_length] of token ids; raises CalibrationError."""
-    rows = load_rows(spec)
+    pieces, separator = source_pieces(spec, preparation.layout)
     needed = spec.num_samples * spec.seq_length
     generator = torch.Generator().manual_seed(spec.seed)
-    rows = _limit_rows(rows, needed * TEXT_BUDGET_CHARS_PER_TOKEN, generator)
-    ids = tokenize(tokenizer, "\n\n".join(rows))
-    return choose_windows(ids, spec.num_samples, spec.seq_length, generator)
+    pieces = _limit_rows(pieces, len(separator), needed * TEXT_BUDGET_CHARS_PER_TOKEN, generator)
+    ids = tokenize(tokenizer, separator.join(pieces))
+    return choose_windows(ids, spec.num_samples, spec.seq_length, generator, preparation.placement)
+
+
+def source_pieces(spec: CalibrationSpec, layout: str) -> tuple[list[str], str]:
+    """(pieces, separator): the source's text is separator.join(pieces). A plain text file as
+    written is its lines with their line breaks (joined by ""): any cut for size falls
+    between lines."""
+    source = spec.source.strip()
+    if layout == "as-written" and source != "builtin" and looks_like_file(source):
+        path = Path(source).expanduser()
+        if path.suffix.lower() not in RECORD_SUFFIXES:
+            check_file(path, "calibration")
+            lines = read_text(path, "calibration").splitlines(keepends=True)
+            if not any(line.strip() for line in lines):
+                raise CalibrationError(f"calibration source {spec.source!r} holds no text")
+            return lines, ""
+    return load_rows(spec, strip=layout == "paragraphs"), "\n\n"
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -80,9 +123,12 @@ def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def choose_windows(
-    ids: torch.Tensor, num_samples: int, seq_length: int, generator: torch.Generator
+    ids: torch.Tensor, num_samples: int, seq_length: int, generator: torch.Generator,
+    placement: str = DEFAULT_PREPARATION.placement,
 ) -> torch.Tensor:
-    """num_samples distinct non-overlapping windows of seq_length, chosen with the generator."""
+    """num_samples windows of seq_length, chosen with the generator: at random starts, or
+    distinct windows of the non-overlapping grid. Either way the text must hold num_samples
+    whole windows, so the Hessians never silently learn from text repeated to fill the set."""
     available = ids.numel() // seq_length
     if available < num_samples:
         raise CalibrationError(
@@ -90,6 +136,9 @@ def choose_windows(
             f"{seq_length}, need {num_samples}; give more text, or lower num_samples or "
             "seq_length"
         )
+    if placement == "random":
+        starts = torch.randint(0, ids.numel() - seq_length + 1, (num_samples,), generator=generator)
+        return torch.stack([ids[s : s + seq_length] for s in starts.tolist()])
     windows = ids[: available * seq_length].view(available, seq_length)
     picked = torch.randperm(available, generator=generator)[:num_samples]
     return windows[picked].clone()
@@ -98,8 +147,9 @@ def choose_windows(
 # --- sources ------------------------------------------------------------------------------
 
 
-def load_rows(spec: CalibrationSpec) -> list[str]:
-    """The source's text rows, blank ones dropped; raises CalibrationError when there are none."""
+def load_rows(spec: CalibrationSpec, strip: bool = True) -> list[str]:
+    """The source's text rows, blank ones dropped (the others stripped unless strip=False);
+    raises CalibrationError when there are none."""
     source = spec.source.strip()
     if source == "builtin":
         rows = builtin_rows()
@@ -107,7 +157,7 @@ def load_rows(spec: CalibrationSpec) -> list[str]:
         rows = read_file_rows(Path(source).expanduser(), spec.text_field)
     else:
         rows = hub_rows(source, spec.text_field)
-    rows = [row.strip() for row in rows if row and row.strip()]
+    rows = [row.strip() if strip else row for row in rows if row and row.strip()]
     if not rows:
         raise CalibrationError(f"calibration source {spec.source!r} holds no text")
     return rows
@@ -273,9 +323,11 @@ def builtin_rows() -> list[str]:
     return rows
 
 
-def _limit_rows(rows: list[str], budget_chars: int, generator: torch.Generator) -> list[str]:
+def _limit_rows(
+    rows: list[str], separator_chars: int, budget_chars: int, generator: torch.Generator
+) -> list[str]:
     """A seeded random contiguous run of rows of about budget_chars, if the text is larger."""
-    lengths = [len(row) + 2 for row in rows]
+    lengths = [len(row) + separator_chars for row in rows]
     if sum(lengths) <= budget_chars:
         return rows
     # last start index from which the remaining rows still hold the budget

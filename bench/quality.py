@@ -283,8 +283,11 @@ def main() -> int:
     parser.add_argument("--calibration-study", action="store_true")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--render", type=Path, nargs="*", help="only print tables from --json-out files")
+    parser.add_argument("--threads", type=int, help="torch threads (1 runs two benches side by side best)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.render:
         results = merged([r for path in args.render for r in json.loads(path.read_text())])
     else:

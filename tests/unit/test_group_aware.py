@@ -45,7 +45,10 @@ def test_desc_act_overrides_it_and_off_means_natural_order() -> None:
     assert torch.equal(solve_order(diag, QuantizeConfig(group_size=16, desc_act=True)),
                        torch.argsort(diag, descending=True))
     assert solve_order(diag, QuantizeConfig(group_size=16, act_group_aware=False)) is None
-    assert not QuantizeConfig(desc_act=True).group_aware
+    # the config says what is used: never with act-order, nor per channel (one group)
+    assert not QuantizeConfig(desc_act=True).act_group_aware
+    assert not QuantizeConfig(group_size=-1).act_group_aware
+    assert QuantizeConfig(group_size=-1).to_dict()["act_group_aware"] is False
 
 
 @pytest.mark.parametrize("bits,sym,static", [(4, True, False), (3, False, False), (4, True, True)])

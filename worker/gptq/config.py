@@ -39,7 +39,8 @@ class QuantizeConfig:
     # it loses 10-17% less (KL to fp) on the fixtures (docs/engine.md, bench/quality.py)
     mse: bool = True
     # group-aware reordering (gptq.solve_order): solve whole groups by importance, g_idx stays
-    # trivial; only without desc_act, whose full reordering it replaces
+    # trivial. Only with groups and without desc_act (whose full reordering replaces it): set
+    # False otherwise, so the config, the report and the checkpoint's meta say what was used
     act_group_aware: bool = True
     block_size: int = 128  # columns per lazy batch update
 
@@ -54,11 +55,8 @@ class QuantizeConfig:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-
-    @property
-    def group_aware(self) -> bool:
-        """Whether the solve uses group-aware reordering (desc_act overrides it)."""
-        return self.act_group_aware and not self.desc_act
+        if self.desc_act or self.group_size == -1:
+            object.__setattr__(self, "act_group_aware", False)  # frozen: set once, here
 
     @property
     def maxq(self) -> int:

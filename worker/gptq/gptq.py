@@ -134,17 +134,17 @@ def solve_order(diag: torch.Tensor, config: QuantizeConfig) -> torch.Tensor | No
 
     desc_act: all columns by decreasing Hessian diagonal (groups form in that order, so
     g_idx is not trivial). act_group_aware (group-aware reordering, GAR: Gafni et al., CVPRW
-    2025), used when desc_act is off: whole groups, by their largest diagonal entry, and within
-    each group its columns by decreasing diagonal. Every group stays one contiguous run of the
-    loop, so its scale and zero still come from its own columns and g_idx stays i // group:
-    kernels that need static groups load the result, while the important columns are still
-    quantized early, while the most columns remain to absorb their error."""
+    2025; the config keeps it only with groups and without desc_act): whole groups, by their
+    largest diagonal entry, and within each group its columns by decreasing diagonal. Every
+    group stays one contiguous run of the loop, so its scale and zero still come from its own
+    columns and g_idx stays i // group: kernels that need static groups load the result, while
+    the important columns are still quantized early, when most columns remain to absorb their
+    error."""
     if config.desc_act:
         return torch.argsort(diag, descending=True)
-    if not config.group_aware:
+    if not config.act_group_aware:
         return None
-    K = diag.numel()
-    g = config.group_size if config.group_size != -1 else K
+    K, g = diag.numel(), config.group_size
     full = K // g  # a last, shorter group (g not dividing K) stays last: its run must end at K
     grouped = diag[: full * g].view(full, g)
     within = torch.argsort(grouped, dim=1, descending=True, stable=True)
@@ -288,7 +288,7 @@ class _Groups:
         self.static = config.static_groups and config.group_size != -1
         # group-aware order: each group one run of the loop, its parameters put back on the
         # original grid at the end
-        self.intact = config.group_aware
+        self.intact = config.act_group_aware
         self.perm = perm
         self.scales: list[torch.Tensor] = []
         self.zeros: list[torch.Tensor] = []

@@ -10,11 +10,11 @@ without replacement, from a torch generator seeded with `seed`. Every sample is 
 window of real text, none empty, padded or repeated.
 
 Why (bench/quality.py --calibration-study, figures in docs/engine.md): keeping the text as
-written loses 5-7% less (KL to the original) than the previous layout, "paragraphs" (rows
-stripped, blank ones dropped) on wikitext-2, and the same on TinyStories, whose text has no
-blank lines to drop. Windows at random starts (the GPTQ paper's code; "random") lose 2-4%
-more than the grid on TinyStories, where the text is only 4x the windows asked for and random
-windows overlap, and 1.3% less on wikitext-2 (2 seeds): the grid is the default.
+written loses 6% less (KL to the original, four seeds) than the previous layout, "paragraphs"
+(rows stripped, blank ones dropped), on wikitext-2, and the same on TinyStories, whose text has
+no blank lines or leading spaces to drop. Windows at random starts (the GPTQ paper's code;
+"random") lose 2-4% more than the grid on TinyStories, where the text is only 4x the windows
+asked for and random windows overlap, and tie with it on wikitext-2: the grid is the default.
 
 When the text holds fewer windows than asked for, the run is refused with a CalibrationError
 saying how many tokens there are, rather than training the Hessians on repeated text without

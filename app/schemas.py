@@ -167,6 +167,8 @@ class JobIn(Strict):
     sym: bool = True
     static_groups: bool = False
     true_sequential: bool = True
+    act_group_aware: bool = True
+    mse: bool = True
     trust_remote_code: bool = False
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     verify: VerifyIn = Field(default_factory=VerifyIn)

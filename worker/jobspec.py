@@ -13,11 +13,12 @@ from worker.gptq.config import BUILTIN, BUILTIN_HELDOUT, CalibrationSpec, Quanti
 from worker.gptq.errors import CalibrationError, ModelNotFound
 
 QUANT_FIELDS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static_groups",
-                "true_sequential")
+                "true_sequential", "act_group_aware", "mse")
 
 
 def quantize_config(spec: dict[str, Any]) -> QuantizeConfig:
-    return QuantizeConfig(**{k: spec[k] for k in QUANT_FIELDS})
+    # a spec stored before a field existed runs with the engine's default for it
+    return QuantizeConfig(**{k: spec[k] for k in QUANT_FIELDS if k in spec})
 
 
 def dataset_file(store: Store, settings: Settings, dataset_id: str) -> Path:

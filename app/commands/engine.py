@@ -147,7 +147,11 @@ def quantize(
     desc_act: bool = typer.Option(False, "--desc-act", help="Act-order: quantize columns by descending Hessian diagonal."),
     asym: bool = typer.Option(False, "--asym", help="Asymmetric quantization (written as format gptq_v2)."),
     static_groups: bool = typer.Option(False, "--static-groups", help="Fix group parameters before act-order."),
-    mse: bool = typer.Option(False, "--mse", help="Search a clipping range per group minimising the MSE."),
+    mse: bool = typer.Option(True, "--mse/--no-mse", help="Search a clipping range per group minimising the MSE."),
+    act_group_aware: bool = typer.Option(
+        True, "--act-group-aware/--no-act-group-aware",
+        help="Group-aware reordering: solve whole groups by Hessian importance (g_idx stays static; not with --desc-act).",
+    ),
     true_sequential: bool = typer.Option(
         True, "--true-sequential/--no-true-sequential", help="Solve a block's layers in order."
     ),
@@ -175,7 +179,7 @@ def quantize(
     config = _build(lambda: QuantizeConfig(
         bits=bits, group_size=group_size, sym=not asym, desc_act=desc_act,
         static_groups=static_groups, damp_percent=damp_percent, true_sequential=true_sequential,
-        mse=mse,
+        mse=mse, act_group_aware=act_group_aware,
     ))
     calib = _build(lambda: CalibrationSpec(
         source=calibration, text_field=text_field, num_samples=num_samples,

@@ -36,7 +36,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -44,6 +44,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
 from tests.conftest import fixture_path
@@ -340,6 +341,35 @@ def test_gptqmodel_loads_our_checkpoint(bench: Workbench, model: str, setting) -
     checkpoint = bench.ours(model, setting)
     check_peer(gptqmodel_loader, checkpoint, bench.reference(checkpoint, model),
                f"GPTQModel on gptqd {case_id((model, setting))}", dtypes=(torch.float16, torch.bfloat16))
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_group_aware_checkpoint_keeps_static_groups(bench: Workbench, model: str, tmp_path: Path) -> None:
+    """The default (act_group_aware, desc_act off) reorders the solve, not the file: g_idx is
+    i // group in every layer, meta says what was used, and GPTQModel reads it as we do (the
+    matrix above loads these same checkpoints in both dtypes)."""
+    setting = (4, True, False)
+    checkpoint = bench.ours(model, setting)
+    written = json.loads((checkpoint / "quantize_config.json").read_text())
+    assert written["desc_act"] is False and written["meta"]["act_group_aware"] is True
+    tensors = {k: v for path in checkpoint.glob("*.safetensors") for k, v in load_file(path).items()}
+    g_idx = {k: v for k, v in tensors.items() if k.endswith(".g_idx")}
+    assert g_idx
+    group = MODELS[model].group_size
+    for name, value in g_idx.items():
+        assert torch.equal(value, torch.arange(value.numel(), dtype=torch.int32) // group), name
+    # it did reorder: the natural order's checkpoint holds other codes
+    natural = tmp_path / "natural"
+    quantize(str(bench.source(model)), natural,
+             replace(quantize_config(model, setting), act_group_aware=False),
+             bench.calibration(model), device="cpu")
+    assert json.loads((natural / "quantize_config.json").read_text())["meta"]["act_group_aware"] is False
+    theirs = {k: v for path in natural.glob("*.safetensors") for k, v in load_file(path).items()}
+    assert any(not torch.equal(v, theirs[k]) for k, v in tensors.items() if k.endswith(".qweight"))
+    check_peer(gptqmodel_loader, checkpoint, bench.reference(checkpoint, model),
+               f"GPTQModel on gptqd group-aware {model}", dtypes=(torch.float16,))
 
 
 @pytest.mark.slow

@@ -183,8 +183,9 @@ def test_half_precision_model_is_solved_in_fp32_and_kept_in_its_dtype(calib, hel
 @pytest.mark.fixtures
 def test_gptq_beats_rtn_on_a_trained_llama() -> None:
     """Regression check on real weights: babyllama-tok105, 4-bit g32, TinyStories text
-    (calibration and evaluation from different files). Measured: original 2.397, RTN 2.534,
-    GPTQ 2.448."""
+    (calibration and evaluation from different files). Measured (before group-aware
+    reordering): original 2.397, RTN 2.534, GPTQ 2.448. Without the clipping search (on by default), which improves RTN as much as
+    GPTQ (RTN with it: 2.468), so the check stays on GPTQ's own error feedback."""
     from worker.gptq.evaluate import eval_windows, load_texts, rtn_quantize_model, window_perplexity
     from worker.gptq.modelio import load_model
 
@@ -195,7 +196,7 @@ def test_gptq_beats_rtn_on_a_trained_llama() -> None:
     calib_ids = build_calibration(loaded.tokenizer, calibration)
     held = load_texts(str(fixture_path("tinystories", "tinystories_valid_excerpt.txt")))
     windows = eval_windows(loaded.tokenizer, held, 128, 16)
-    config = QuantizeConfig(bits=4, group_size=32)
+    config = QuantizeConfig(bits=4, group_size=32, mse=False)
     original = window_perplexity(loaded.model, windows)
     rtn = copy.deepcopy(loaded.model)
     rtn_quantize_model(rtn, config)

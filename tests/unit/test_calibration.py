@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from tests.conftest import fixture_path
 from worker.gptq.calibration import (
+    Preparation,
     build_calibration,
     builtin_rows,
     load_rows,
@@ -46,36 +47,63 @@ def text_file(tmp_path: Path) -> Path:
     return path
 
 
-def _is_slice_of(window: torch.Tensor, stream: torch.Tensor) -> bool:
+def _is_slice_of(window: torch.Tensor, stream: torch.Tensor, step: int = 1) -> bool:
     length = window.numel()
-    starts = range(0, stream.numel() - length + 1, length)  # window grid: multiples of length
+    starts = range(0, stream.numel() - length + 1, step)
     return any(torch.equal(stream[s : s + length], window) for s in starts)
 
 
-def test_windows_are_reproducible_distinct_slices_of_the_packed_text(tokenizer, text_file) -> None:
+def test_windows_are_reproducible_slices_of_the_text_as_written(tokenizer, text_file) -> None:
     spec = CalibrationSpec(source=str(text_file), num_samples=6, seq_length=32, seed=7)
     first = build_calibration(tokenizer, spec)
     assert first.dtype == torch.long and first.shape == (6, 32)
     assert torch.equal(first, build_calibration(tokenizer, spec))
     other = build_calibration(tokenizer, CalibrationSpec(source=str(text_file), num_samples=6, seq_length=32, seed=8))
     assert not torch.equal(first, other)
-    stream = tokenize(tokenizer, "\n\n".join(PARAGRAPHS))
+    stream = tokenize(tokenizer, text_file.read_text())  # the file as it is, blank lines kept
     for window in first:
-        assert _is_slice_of(window, stream)
+        assert _is_slice_of(window, stream, step=32)  # windows of the non-overlapping grid
     assert len({tuple(w.tolist()) for w in first}) == 6  # no window twice
+
+
+def test_random_starts_are_available(tokenizer, text_file) -> None:
+    """The GPTQ paper's placement, kept for bench/quality.py's calibration study."""
+    spec = CalibrationSpec(source=str(text_file), num_samples=12, seq_length=32, seed=7)
+    ids = build_calibration(tokenizer, spec, Preparation("as-written", "random"))
+    stream = tokenize(tokenizer, text_file.read_text())
+    assert all(_is_slice_of(window, stream) for window in ids)
+    assert not all(_is_slice_of(window, stream, step=32) for window in ids)  # not only the grid
+
+
+def test_the_paragraph_grid_preparation_is_still_available(tokenizer, text_file) -> None:
+    """The previous default, kept for bench/quality.py's calibration study."""
+    spec = CalibrationSpec(source=str(text_file), num_samples=6, seq_length=32, seed=7)
+    ids = build_calibration(tokenizer, spec, Preparation("paragraphs", "grid"))
+    stream = tokenize(tokenizer, "\n\n".join(PARAGRAPHS))
+    assert all(_is_slice_of(window, stream, step=32) for window in ids)
+    assert len({tuple(w.tolist()) for w in ids}) == 6  # distinct grid windows
+    with pytest.raises(ValueError, match="unknown preparation"):
+        Preparation("lines", "grid")
+
+
+def test_records_keep_their_text_and_are_joined_by_blank_lines(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "calib.jsonl"
+    rows = [f" {p}\n  indented line {i}" for i, p in enumerate(PARAGRAPHS)]
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in [*rows[:3], "  ", *rows[3:]]))
+    ids = build_calibration(tokenizer, CalibrationSpec(source=str(path), num_samples=4, seq_length=24))
+    stream = tokenize(tokenizer, "\n\n".join(rows))  # unstripped, the blank record dropped
+    assert all(_is_slice_of(window, stream) for window in ids)
 
 
 def test_no_sample_is_empty_or_padded(tokenizer, text_file) -> None:
     ids = build_calibration(tokenizer, CalibrationSpec(source=str(text_file), num_samples=8, seq_length=16))
     for window in ids:
-        text = tokenizer.decode(window)
-        assert len(text.strip()) > 20
-        assert "\n\n\n" not in text  # blank rows were dropped, rows joined by one blank line
+        assert len(tokenizer.decode(window).strip()) > 20
     assert (ids != tokenizer.eos_token_id).all()
 
 
 def test_too_little_text_is_a_clear_error(tokenizer, text_file) -> None:
-    total = tokenize(tokenizer, "\n\n".join(PARAGRAPHS)).numel()
+    total = tokenize(tokenizer, text_file.read_text()).numel()
     windows = total // 64
     spec = CalibrationSpec(source=str(text_file), num_samples=windows + 1, seq_length=64)
     with pytest.raises(CalibrationError) as info:
@@ -86,6 +114,13 @@ def test_too_little_text_is_a_clear_error(tokenizer, text_file) -> None:
     # exactly as many windows as there are is fine: all of them, each once
     every = build_calibration(tokenizer, CalibrationSpec(source=str(text_file), num_samples=windows, seq_length=64))
     assert len({tuple(w.tolist()) for w in every}) == windows
+
+
+def test_a_text_file_of_blank_lines_holds_no_text(tokenizer, tmp_path: Path) -> None:
+    path = tmp_path / "blank.txt"
+    path.write_text("\n \n\t\n")
+    with pytest.raises(CalibrationError, match="holds no text"):
+        build_calibration(tokenizer, CalibrationSpec(source=str(path), num_samples=1, seq_length=8))
 
 
 def test_txt_rows_are_paragraphs_without_blank_ones(text_file) -> None:
@@ -202,7 +237,9 @@ def test_large_text_is_cut_to_a_seeded_run_of_rows(tokenizer, tmp_path: Path) ->
     spec = CalibrationSpec(source=str(path), num_samples=2, seq_length=16, seed=1)
     ids = build_calibration(tokenizer, spec)
     assert torch.equal(ids, build_calibration(tokenizer, spec))
-    numbers = [int(t) for t in tokenizer.decode(ids.flatten()).replace(":", " ").replace(".", " ").split() if t.isdigit()]
+    # whole numbers only: a window may begin in the middle of one
+    numbers = [int(n) for window in ids for n in re.findall(r"number (\d+)", tokenizer.decode(window))]
+    assert numbers
     assert max(numbers) - min(numbers) < 60  # 2*16*32 characters of budget span ~40 rows
 
 

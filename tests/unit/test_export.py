@@ -33,6 +33,7 @@ EXPECTED_KEYS = {
 }
 EXPECTED_META_KEYS = {
     "quantizer", "uri", "damp_percent", "damp_auto_increment", "static_groups", "true_sequential", "mse",
+    "act_group_aware",
 }
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 

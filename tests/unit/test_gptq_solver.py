@@ -46,12 +46,15 @@ def test_act_order_helps_on_uneven_hessian(bits: int) -> None:
     torch.manual_seed(2)
     w = torch.randn(128, 256)
     x = correlated_inputs(4096, 256)
-    plain = output_error(w, solve(w, x, bits=bits).weight, x)
+    plain = output_error(w, solve(w, x, bits=bits, act_group_aware=False).weight, x)
+    group_aware = solve(w, x, bits=bits)  # the default: reordered within the static groups
     ordered = solve(w, x, bits=bits, desc_act=True)
     static = solve(w, x, bits=bits, desc_act=True, static_groups=True)
     # measured: act-order cuts the error by more than 10x here
     assert output_error(w, ordered.weight, x) < 0.5 * plain
     assert output_error(w, static.weight, x) < 0.5 * plain
+    assert output_error(w, group_aware.weight, x) < plain
+    assert torch.equal(group_aware.g_idx, torch.arange(256, dtype=torch.int32) // 128)
     assert not torch.equal(ordered.g_idx, torch.arange(256, dtype=torch.int32) // 128)
     assert torch.equal(static.g_idx, torch.arange(256, dtype=torch.int32) // 128)
 

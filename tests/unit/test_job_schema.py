@@ -36,3 +36,21 @@ def test_json_types_are_taken_as_they_are() -> None:
     with pytest.raises(ValidationError, match="num_samples"):
         JobIn.model_validate_json('{"model_id": "m", "calibration": {"num_samples": "8"}}')
     assert JobIn.model_validate_json('{"model_id": "m", "damp_percent": 1e-2}').damp_percent == 0.01
+
+
+def test_group_aware_reordering_and_clipping_search_reach_the_engine() -> None:
+    from worker.jobspec import quantize_config
+
+    default = quantize_config(JobIn.model_validate({"model_id": "m"}).model_dump())
+    assert default.act_group_aware is True and default.mse is True
+    off = quantize_config(JobIn.model_validate(
+        {"model_id": "m", "act_group_aware": False, "mse": False}).model_dump())
+    assert off.act_group_aware is False and off.mse is False
+    # with act-order the config records that it was not used
+    assert quantize_config(JobIn.model_validate({"model_id": "m", "desc_act": True}).model_dump()).act_group_aware is False
+    with pytest.raises(ValidationError, match="act_group_aware"):
+        JobIn.model_validate_json('{"model_id": "m", "act_group_aware": "yes"}')
+    # a spec stored before these fields existed runs with the engine's defaults
+    stored = JobIn.model_validate({"model_id": "m"}).model_dump()
+    del stored["act_group_aware"], stored["mse"]
+    assert quantize_config(stored).act_group_aware is True

@@ -66,6 +66,7 @@ def quantization_config_dict(config: QuantizeConfig) -> dict[str, Any]:
             "static_groups": config.static_groups,
             "true_sequential": config.true_sequential,
             "mse": config.mse,
+            "act_group_aware": config.act_group_aware,
         },
     }
 

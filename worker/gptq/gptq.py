@@ -117,9 +117,8 @@ def _factorise(
     # inputs that never fire carry no information: pin them (their weights are zeroed)
     dead = torch.diag(H) == 0
     H.diagonal().masked_fill_(dead, 1)  # a mask, not dead-indexing: that would sync on CUDA
-    perm = None
-    if config.desc_act:
-        perm = torch.argsort(torch.diag(H), descending=True)
+    perm = solve_order(torch.diag(H), config)
+    if perm is not None:
         H = H[perm]  # two steps: the unpermuted H is freed before the second copy
         H = H[:, perm]
     box = [H]
@@ -128,6 +127,31 @@ def _factorise(
         box, config.damp_percent, config.damp_auto_increment, config.max_damp_percent
     )
     return dead, perm, Hinv, damp
+
+
+def solve_order(diag: torch.Tensor, config: QuantizeConfig) -> torch.Tensor | None:
+    """The order the column loop visits the inputs in, or None for their own order.
+
+    desc_act: all columns by decreasing Hessian diagonal (groups form in that order, so
+    g_idx is not trivial). act_group_aware (group-aware reordering, GAR: Gafni et al., CVPRW
+    2025; the config keeps it only with groups and without desc_act): whole groups, by their
+    largest diagonal entry, and within each group its columns by decreasing diagonal. Every
+    group stays one contiguous run of the loop, so its scale and zero still come from its own
+    columns and g_idx stays i // group: kernels that need static groups load the result, while
+    the important columns are still quantized early, when most columns remain to absorb their
+    error."""
+    if config.desc_act:
+        return torch.argsort(diag, descending=True)
+    if not config.act_group_aware:
+        return None
+    K, g = diag.numel(), config.group_size
+    full = K // g  # a last, shorter group (g not dividing K) stays last: its run must end at K
+    grouped = diag[: full * g].view(full, g)
+    within = torch.argsort(grouped, dim=1, descending=True, stable=True)
+    among = torch.argsort(grouped.amax(dim=1), descending=True, stable=True)
+    order = (within + torch.arange(0, full * g, g, device=diag.device)[:, None])[among].reshape(-1)
+    tail = torch.arange(full * g, K, device=diag.device)
+    return torch.cat([order, tail])
 
 
 def _stacked_transposed(solvers: Sequence[GPTQ], device: torch.device, consume: bool) -> torch.Tensor:
@@ -262,6 +286,10 @@ class _Groups:
         self.config = config
         self.g = config.group_size if config.group_size != -1 else K
         self.static = config.static_groups and config.group_size != -1
+        # group-aware order: each group one run of the loop, its parameters put back on the
+        # original grid at the end
+        self.intact = config.act_group_aware
+        self.perm = perm
         self.scales: list[torch.Tensor] = []
         self.zeros: list[torch.Tensor] = []
         if self.static:
@@ -300,13 +328,18 @@ class _Groups:
         return min(i2, (col // self.g + 1) * self.g), scale, zero
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.stack(self.scales), torch.stack(self.zeros)
+        scales, zeros = torch.stack(self.scales), torch.stack(self.zeros)
+        if self.intact and not self.static:
+            # the loop's i-th group is the original group its first column belongs to
+            original = self.perm[:: self.g] // self.g
+            scales, zeros = scales[torch.argsort(original)], zeros[torch.argsort(original)]
+        return scales, zeros
 
     def g_idx(self, perm: torch.Tensor | None) -> torch.Tensor:
         """Group of each input column, in original order."""
         loop_order = torch.arange(self.K, device=self.scales[0].device) // self.g
-        if perm is None or self.static:
-            return loop_order  # static groups sit on the original grid
+        if perm is None or self.static or self.intact:
+            return loop_order  # static groups and group-aware runs sit on the original grid
         return loop_order[torch.argsort(perm)]
 
 

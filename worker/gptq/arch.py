@@ -76,7 +76,32 @@ _LLAMA_SEQUENTIAL = (
 )
 
 ARCHS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_SEQUENTIAL),
+    # the Llama layout under other norms, rotary variants, soft-capping, parallel blocks...
+    ArchSpec(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "stablelm", "granite",
+         "olmo2", "cohere"),
+        "model.layers",
+        _LLAMA_SEQUENTIAL,
+    ),
+    # fused [q|k|v] and [gate|up] linears: one layer each, as the checkpoint stores them
+    ArchSpec(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    ),
+    ArchSpec(
+        "phi",
+        ("phi",),
+        "model.layers",
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.dense",),
+            ("mlp.fc1",),
+            ("mlp.fc2",),
+        ),
+    ),
     ArchSpec(
         "gpt2",
         ("gpt2",),

@@ -44,7 +44,20 @@ CONFIGS = {
     "cohere": lambda: tf.CohereConfig(**LLAMA_LIKE, **IDS),  # parallel attention + MLP
 }
 
+# mixtures of experts: experts 64 wide, 2 routed per token; built fused (transformers 5)
+MOE_CONFIGS = {
+    "mixtral": lambda: tf.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": lambda: tf.Qwen2MoeConfig(
+        **LLAMA_LIKE, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+        shared_expert_intermediate_size=128, **IDS,
+    ),
+    "qwen3_moe": lambda: tf.Qwen3MoeConfig(
+        **LLAMA_LIKE, head_dim=16, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, **IDS,
+    ),
+}
+
 
 def tiny_model(model_type: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
-    return tf.AutoModelForCausalLM.from_config(CONFIGS[model_type](), dtype=dtype).eval()
+    config = {**CONFIGS, **MOE_CONFIGS}[model_type]()
+    return tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()

@@ -22,7 +22,6 @@ from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
 from worker.gptq.experts import unfuse_experts
 from worker.gptq.packing import word_multiple
 
-
 # What one chunk of experts may hold while it is calibrated and solved: their Hessians (and
 # the gate/up solvers' own XᵀX until the first batch shows they share one) and about three
 # copies of the weights the stacked solve works on. 1 GiB: 15 experts' gate/up and 48 experts'
@@ -98,7 +97,7 @@ class ArchSpec:
         if true_sequential:
             return self.sequential
         dense = tuple(n for n in self.module_names if not self.is_expert(n))
-        return (dense,) + tuple(g for g in self.sequential if self.is_expert(g[0]))
+        return (dense, *(g for g in self.sequential if self.is_expert(g[0])))
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         if self.moe is not None:
@@ -178,8 +177,8 @@ ARCHS: tuple[ArchSpec, ...] = (
         "qwen2_moe",
         ("qwen2_moe",),
         "model.layers",
-        _LLAMA_SEQUENTIAL[:2] + (
-            ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",)),
+        (*_LLAMA_SEQUENTIAL[:2],
+         ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",)),
         moe=MoeLayout("mlp.experts", ("num_experts",), ("moe_intermediate_size",)),
     ),
     ArchSpec(

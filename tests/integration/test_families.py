@@ -18,6 +18,7 @@ from worker.gptq.arch import get_arch
 from worker.gptq.calibration import build_calibration
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.export import save_checkpoint
+from worker.gptq.loader import DequantLinear, load_quantized
 from worker.gptq.pipeline import quantize_model
 
 DENSE = ["gemma2", "gemma3_text", "phi", "stablelm", "granite", "olmo2", "cohere"]
@@ -86,3 +87,27 @@ def test_phi3_through_gptqmodel_still_fails(windows, tokenizer, tmp_path) -> Non
     checkpoint = quantized_checkpoint("phi3", windows[:16], tokenizer, tmp_path / "phi3")
     with pytest.raises(ValueError, match=r"mlp\.gate_proj\.qweight"):
         gptqmodel_loader(checkpoint, torch.float16)
+
+
+def test_moe_through_the_worker_entry_point(tokenizer, tmp_path) -> None:
+    """A mixture of experts saved by transformers (one linear per expert on disk) goes through
+    api.quantize, the call the worker makes: read whole (not streamed), every routed expert
+    in the job report with the tokens routed to it."""
+    from worker.gptq.api import quantize
+
+    source = tmp_path / "source"
+    tiny_model("qwen2_moe").save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    report = quantize(str(source), tmp_path / "out", QuantizeConfig(bits=4, group_size=32),
+                      CalibrationSpec("builtin", num_samples=8, seq_length=64), device="cpu")
+    assert report.lazy is False
+    experts = [m for m in report.modules if m["routed_tokens"] is not None]
+    assert {m["module"] for m in experts} == {
+        f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "up_proj", "down_proj")}
+    for block in (1, 2):
+        gates = [m["routed_tokens"] for m in experts if m["block"] == block and m["module"].endswith("gate_proj")]
+        assert sum(gates) == 8 * 64 * 2  # tokens x experts per token
+    shared = [m for m in report.modules if "shared_expert." in m["module"]]
+    assert len(shared) == 6 and all(m["routed_tokens"] is None for m in shared)
+    model, _ = load_quantized(tmp_path / "out")
+    assert isinstance(model.get_submodule("model.layers.1.mlp.experts.3.down_proj"), DequantLinear)

@@ -29,7 +29,7 @@ from torch import nn
 
 from worker.gptq.arch import ArchSpec, get_arch, linear_shape, set_weight, weight_view
 from worker.gptq.config import QuantizeConfig
-from worker.gptq.experts import calibrating, reset_counts, routed_tokens
+from worker.gptq.experts import ExpertLinears, calibrating, reset_counts, routed_tokens
 from worker.gptq.gptq import GPTQ, LayerQuantResult, solve_together
 from worker.gptq.memory import trim
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
@@ -321,7 +321,7 @@ class _Run:
 
     def _quantize_groups(
         self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall],
-        experts: dict,
+        experts: dict[str, ExpertLinears],
     ) -> None:
         linears = self.arch.block_linears(block, index)
         done = 0

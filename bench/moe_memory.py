@@ -2,18 +2,20 @@
 (hidden 2048, 128 experts 768 wide, 8 routed per token, GQA 32/4, head_dim 128).
 
 One such block is built on the CPU (fp32, random weights: memory does not depend on the values)
-inside a one-layer Qwen3-MoE with a small vocabulary, and quantized by the pipeline; a thread
-samples the process's RSS every 10 ms. Printed: the block's weights, the RSS before, the peak
+inside a one-layer Qwen3-MoE with a small vocabulary, and quantized by the pipeline with a
+BlockStore in a temporary work dir, as the worker runs it (each layer packed when solved, the
+block written when done); a thread samples the process's RSS every 10 ms. Printed: the block's weights, the RSS before, the peak
 during quantization, the peak minus the before (what quantizing the block costs on top of the
 model), and the expert chunks the 1 GiB budget (arch.EXPERT_CHUNK_BYTES) makes.
 
-    nice -n 10 .venv/bin/python bench/moe_memory.py [--tokens 256] [--chunk-bytes N]
+    nice -n 10 .venv/bin/python bench/moe_memory.py [--tokens 128] [--chunk-bytes N]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.gptq.arch import EXPERT_CHUNK_BYTES, get_arch
+from worker.gptq.blockstore import BlockStore
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.pipeline import quantize_model
 
@@ -45,12 +48,12 @@ class PeakSampler(threading.Thread):
             time.sleep(0.01)
 
 
-def qwen3_30b_block_model() -> torch.nn.Module:
+def qwen3_30b_block_model(experts: int = 128) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
     config = Qwen3MoeConfig(
         vocab_size=1024, hidden_size=2048, num_hidden_layers=1, num_attention_heads=32,
-        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        num_key_value_heads=4, head_dim=128, num_experts=experts, num_experts_per_tok=8,
         moe_intermediate_size=768, intermediate_size=6144, max_position_embeddings=4096,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
@@ -60,11 +63,12 @@ def qwen3_30b_block_model() -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=256, help="calibration tokens (windows of 128)")
+    parser.add_argument("--tokens", type=int, default=128, help="calibration tokens (windows of 128)")
     parser.add_argument("--chunk-bytes", type=int, default=EXPERT_CHUNK_BYTES)
+    parser.add_argument("--experts", type=int, default=128, help="fewer for a quick dry run")
     args = parser.parse_args()
 
-    model = qwen3_30b_block_model()
+    model = qwen3_30b_block_model(args.experts)
     arch = get_arch(model.config).for_config(model.config, chunk_bytes=args.chunk_bytes)
     block = arch.blocks(model)[0]
     block_bytes = sum(p.numel() * p.element_size() for p in block.parameters())
@@ -76,7 +80,10 @@ def main() -> None:
     sampler = PeakSampler()
     sampler.start()
     began = time.perf_counter()
-    result = quantize_model(model, ids, QuantizeConfig(bits=4, group_size=128), device="cpu", arch=arch)
+    config = QuantizeConfig(bits=4, group_size=128)
+    with tempfile.TemporaryDirectory() as work:
+        store = BlockStore(Path(work), {"bench": "moe_memory"}, model, arch, config)
+        result = quantize_model(model, ids, config, device="cpu", arch=arch, hooks=store)
     seconds = time.perf_counter() - began
     sampler.running = False
     sampler.join()

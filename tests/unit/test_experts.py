@@ -66,6 +66,7 @@ def test_experts_are_solved_in_chunks_that_cover_each_once() -> None:
     arch = get_arch("qwen3_moe")
     whole = arch.for_config(config)
     chunked = arch.for_config(config, chunk_bytes=200_000)  # ~3 experts' gate/up per chunk
+    assert whole.for_config(config, chunk_bytes=200_000) == chunked  # re-chunks, never appends
     assert whole.module_names and sorted(whole.module_names) == sorted(chunked.module_names)
     expert_groups = [g for g in chunked.sequential if chunked.is_expert(g[0])]
     assert len(expert_groups) > 2

@@ -81,7 +81,8 @@ class ArchSpec:
                 f"{self.family}: blocks without experts (decoder_sparse_step={sparse_step}, "
                 f"mlp_only_layers={dense_layers}) are not supported; every block must be sparse"
             )
-        return replace(self, sequential=self.sequential + self.moe.groups(config, chunk_bytes))
+        dense = tuple(g for g in self.sequential if not self.is_expert(g[0]))  # (re)chunked anew
+        return replace(self, sequential=dense + self.moe.groups(config, chunk_bytes))
 
     def is_expert(self, name: str) -> bool:
         return self.moe is not None and name.startswith(self.moe.experts + ".")

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tests.peer_patches import transformers_restored
 from tests.trained_moe import HELD_OUT_TEXT, TRAIN_TEXT, MoeSpec, tokenizer, trained_moe, windows
 from worker.gptq.arch import get_arch
 from worker.gptq.config import QuantizeConfig
@@ -54,9 +55,10 @@ def gptqmodel(source: Path, calib: torch.Tensor, config: QuantizeConfig, out: Pa
     samples = [{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib]
     qconfig = gm.QuantizeConfig(bits=config.bits, group_size=config.group_size, sym=config.sym,
                                 desc_act=config.desc_act, pack_impl="original")
-    quantizer = gm.GPTQModel.load(str(source), qconfig, device="cpu")
-    quantizer.quantize(samples, batch_size=4, backend=gm.BACKEND.TORCH)
-    quantizer.save(str(out))
+    with transformers_restored():  # its MoE class patches stay out of our later runs
+        quantizer = gm.GPTQModel.load(str(source), qconfig, device="cpu")
+        quantizer.quantize(samples, batch_size=4, backend=gm.BACKEND.TORCH)
+        quantizer.save(str(out))
     return out
 
 

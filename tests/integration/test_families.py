@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from tests.conftest import fixture_path
 from tests.integration.test_interop import check_peer, gptqmodel_loader, our_reading, require
+from tests.peer_patches import transformers_restored
 from tests.tiny_models import VOCAB, tiny_model
 from worker.gptq.arch import get_arch
 from worker.gptq.calibration import build_calibration
@@ -44,6 +45,12 @@ def windows(tokenizer) -> torch.Tensor:
     return ids
 
 
+def gptqmodel_restoring(checkpoint: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """GPTQModel's loader, with transformers' MoE classes restored after it (peer_patches)."""
+    with transformers_restored():
+        return gptqmodel_loader(checkpoint, dtype)
+
+
 def quantized_checkpoint(model_type: str, calib: torch.Tensor, tokenizer: Any, out: Path) -> Path:
     model = tiny_model(model_type)
     config = QuantizeConfig(bits=4, group_size=32)
@@ -61,7 +68,7 @@ def test_family_roundtrips_through_our_loader_and_gptqmodel(model_type: str, win
     reference = our_reading(checkpoint, windows[16:])
     # every block linear of the family (every expert's) came back as a quantized layer
     assert len(reference.weights) == 2 * len(get_arch(tiny_model(model_type)).module_names)
-    check_peer(gptqmodel_loader, checkpoint, reference, f"GPTQModel on tiny {model_type}",
+    check_peer(gptqmodel_restoring, checkpoint, reference, f"GPTQModel on tiny {model_type}",
                dtypes=(torch.float16,))
 
 
@@ -86,7 +93,7 @@ def test_phi3_through_gptqmodel_still_fails(windows, tokenizer, tmp_path) -> Non
     require("gptqmodel")
     checkpoint = quantized_checkpoint("phi3", windows[:16], tokenizer, tmp_path / "phi3")
     with pytest.raises(ValueError, match=r"mlp\.gate_proj\.qweight"):
-        gptqmodel_loader(checkpoint, torch.float16)
+        gptqmodel_restoring(checkpoint, torch.float16)
 
 
 def test_moe_through_the_worker_entry_point(tokenizer, tmp_path) -> None:

@@ -84,3 +84,13 @@ def test_blocks_without_experts_are_refused_before_any_work() -> None:
     config = tf.Qwen3MoeConfig(num_experts=4, mlp_only_layers=[0], num_hidden_layers=2)
     with pytest.raises(UnsupportedArchitecture, match="mlp_only_layers"):
         get_arch(config)
+
+
+def test_experts_not_split_by_gptqd_are_refused() -> None:
+    """Per-expert modules with another forward (e.g. a library's patch of transformers'
+    classes) would get routed-only Hessians silently: refused, naming the module."""
+    model = tiny_model("mixtral")
+    layer = model.model.layers[1].mlp
+    layer.experts = torch.nn.ModuleList([torch.nn.Linear(4, 4)])
+    with pytest.raises(UnsupportedArchitecture, match=r"model\.layers\.1\.mlp\.experts is a ModuleList"):
+        get_arch(model).blocks(model)

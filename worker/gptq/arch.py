@@ -19,7 +19,7 @@ from torch import nn
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizeConfig
 from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
-from worker.gptq.experts import unfuse_experts
+from worker.gptq.experts import ExpertLinears, unfuse_experts
 from worker.gptq.packing import word_multiple
 
 # What one chunk of experts may hold while it is calibrated and solved: their Hessians (and
@@ -101,15 +101,29 @@ class ArchSpec:
         return (dense, *(g for g in self.sequential if self.is_expert(g[0])))
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        if self.moe is not None:
-            unfuse_experts(model)  # fused 3-D experts -> one linear per expert (once)
         blocks = _get_attr(model, self.blocks_path)
         if not isinstance(blocks, nn.ModuleList):
             raise UnsupportedArchitecture(
                 f"{self.family}: expected the decoder blocks at {self.blocks_path}, "
                 f"found {type(blocks).__name__}"
             )
+        if self.moe is not None:
+            unfuse_experts(model)  # fused 3-D experts -> one linear per expert (once)
+            self._check_experts(blocks)
         return blocks
+
+    def _check_experts(self, blocks: nn.ModuleList) -> None:
+        """Every block's experts are ours: else their Hessians would silently be of routed
+        tokens only (e.g. another library replaced transformers' MoE classes in this process)."""
+        assert self.moe is not None
+        for index, block in enumerate(blocks):
+            experts = _get_attr(block, self.moe.experts)
+            if not isinstance(experts, ExpertLinears):
+                raise UnsupportedArchitecture(
+                    f"{self.family}: {self.block_prefix(index)}.{self.moe.experts} is a "
+                    f"{type(experts).__name__}, not transformers' fused experts gptqd splits "
+                    "(was transformers patched by another library in this process?)"
+                )
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"

@@ -78,7 +78,7 @@ def test_true_sequential_order_puts_in_projections_first() -> None:
     assert arch.groups(true_sequential=False) == (arch.module_names,)
 
 
-@pytest.mark.parametrize("model_type", ["bert", "t5", "mixtral", None])
+@pytest.mark.parametrize("model_type", ["bert", "t5", "deepseek_v3", None])
 def test_unsupported_type_is_refused_naming_it_and_the_supported_ones(model_type) -> None:
     with pytest.raises(UnsupportedArchitecture) as info:
         get_arch({"model_type": model_type})

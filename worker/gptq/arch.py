@@ -19,7 +19,44 @@ from torch import nn
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizeConfig
 from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
+from worker.gptq.experts import ExpertLinears, unfuse_experts
 from worker.gptq.packing import word_multiple
+
+# What one chunk of experts may hold while it is calibrated and solved: their Hessians (and
+# the gate/up solvers' own XᵀX until the first batch shows they share one) and about three
+# copies of the weights the stacked solve works on. 1 GiB: 15 experts' gate/up and 48 experts'
+# down_proj per pass for Qwen3-30B-A3B (hidden 2048, experts 768 wide).
+EXPERT_CHUNK_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """Where a mixture-of-experts block keeps its routed experts (split per expert by
+    experts.unfuse_experts) and how its config counts them."""
+
+    experts: str  # the experts module inside a block, e.g. "mlp.experts"
+    count_keys: tuple[str, ...]  # config attributes giving the number of routed experts
+    intermediate_keys: tuple[str, ...]  # ... and each expert's intermediate width
+
+    def sizes(self, config: Any) -> tuple[int, int, int]:
+        """(experts, hidden, intermediate) from a model config."""
+        count = _first_attr(config, self.count_keys)
+        inner = _first_attr(config, self.intermediate_keys)
+        return int(count), int(_first_attr(config, ("hidden_size",))), int(inner)
+
+    def groups(self, config: Any, chunk_bytes: int) -> tuple[tuple[str, ...], ...]:
+        """The experts' solve groups: gate/up of a chunk of experts (one shared input), then
+        down_proj of a chunk, chunks sized to fit chunk_bytes."""
+        count, hidden, inner = self.sizes(config)
+        gate_up = 2 * hidden * hidden * 4 + 3 * 2 * inner * hidden * 4
+        down = inner * inner * 4 + 3 * hidden * inner * 4
+        groups = []
+        for per_chunk, projections in ((gate_up, ("gate_proj", "up_proj")), (down, ("down_proj",))):
+            size = max(1, chunk_bytes // per_chunk)
+            for first in range(0, count, size):
+                groups.append(tuple(f"{self.experts}.{e}.{p}"
+                                    for e in range(first, min(count, first + size)) for p in projections))
+        return tuple(groups)
 
 
 @dataclass(frozen=True)
@@ -29,6 +66,26 @@ class ArchSpec:
     blocks_path: str  # attribute path of the ModuleList of decoder blocks, e.g. "model.layers"
     sequential: tuple[tuple[str, ...], ...]  # module names relative to a block, in solve order
     conv1d: bool = False  # weights stored [in, out] (GPT-2's Conv1D)
+    # mixture of experts: the routed experts' groups follow `sequential` once for_config has
+    # counted them (a spec from a bare model type lists only the dense part)
+    moe: MoeLayout | None = None
+
+    def for_config(self, config: Any, chunk_bytes: int = EXPERT_CHUNK_BYTES) -> ArchSpec:
+        """The spec of one model: a mixture of experts gets its experts' solve groups."""
+        if self.moe is None:
+            return self
+        sparse_step = getattr(config, "decoder_sparse_step", 1)
+        dense_layers = list(getattr(config, "mlp_only_layers", None) or [])
+        if sparse_step != 1 or dense_layers:
+            raise UnsupportedArchitecture(
+                f"{self.family}: blocks without experts (decoder_sparse_step={sparse_step}, "
+                f"mlp_only_layers={dense_layers}) are not supported; every block must be sparse"
+            )
+        dense = tuple(g for g in self.sequential if not self.is_expert(g[0]))  # (re)chunked anew
+        return replace(self, sequential=dense + self.moe.groups(config, chunk_bytes))
+
+    def is_expert(self, name: str) -> bool:
+        return self.moe is not None and name.startswith(self.moe.experts + ".")
 
     @property
     def module_names(self) -> tuple[str, ...]:
@@ -36,8 +93,12 @@ class ArchSpec:
         return tuple(name for group in self.sequential for name in group)
 
     def groups(self, true_sequential: bool) -> tuple[tuple[str, ...], ...]:
-        """The solve groups: the sequential ones, or all modules at once (true_sequential off)."""
-        return self.sequential if true_sequential else (self.module_names,)
+        """The solve groups: the sequential ones, or all modules at once (true_sequential off;
+        routed experts still come in their chunks, which bound the memory)."""
+        if true_sequential:
+            return self.sequential
+        dense = tuple(n for n in self.module_names if not self.is_expert(n))
+        return (dense, *(g for g in self.sequential if self.is_expert(g[0])))
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = _get_attr(model, self.blocks_path)
@@ -46,7 +107,23 @@ class ArchSpec:
                 f"{self.family}: expected the decoder blocks at {self.blocks_path}, "
                 f"found {type(blocks).__name__}"
             )
+        if self.moe is not None:
+            unfuse_experts(model)  # fused 3-D experts -> one linear per expert (once)
+            self._check_experts(blocks)
         return blocks
+
+    def _check_experts(self, blocks: nn.ModuleList) -> None:
+        """Every block's experts are ours: else their Hessians would silently be of routed
+        tokens only (e.g. another library replaced transformers' MoE classes in this process)."""
+        assert self.moe is not None
+        for index, block in enumerate(blocks):
+            experts = _get_attr(block, self.moe.experts)
+            if not isinstance(experts, ExpertLinears):
+                raise UnsupportedArchitecture(
+                    f"{self.family}: {self.block_prefix(index)}.{self.moe.experts} is a "
+                    f"{type(experts).__name__}, not transformers' fused experts gptqd splits "
+                    "(was transformers patched by another library in this process?)"
+                )
 
     def block_prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}"
@@ -76,7 +153,49 @@ _LLAMA_SEQUENTIAL = (
 )
 
 ARCHS: tuple[ArchSpec, ...] = (
-    ArchSpec("llama", ("llama", "mistral", "qwen2", "qwen3"), "model.layers", _LLAMA_SEQUENTIAL),
+    # the Llama layout under other norms, rotary variants, soft-capping, parallel blocks...
+    ArchSpec(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "stablelm", "granite",
+         "olmo2", "cohere"),
+        "model.layers",
+        _LLAMA_SEQUENTIAL,
+    ),
+    # fused [q|k|v] and [gate|up] linears: one layer each, as the checkpoint stores them
+    ArchSpec(
+        "phi3",
+        ("phi3",),
+        "model.layers",
+        (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    ),
+    ArchSpec(
+        "phi",
+        ("phi",),
+        "model.layers",
+        (
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.dense",),
+            ("mlp.fc1",),
+            ("mlp.fc2",),
+        ),
+    ),
+    ArchSpec(
+        "mixtral",
+        ("mixtral", "qwen3_moe"),
+        "model.layers",
+        _LLAMA_SEQUENTIAL[:2],
+        moe=MoeLayout("mlp.experts", ("num_local_experts", "num_experts"),
+                      ("moe_intermediate_size", "intermediate_size")),
+    ),
+    # a shared expert (a plain MLP, gated by a 1-wide linear left unquantized) beside the routed
+    ArchSpec(
+        "qwen2_moe",
+        ("qwen2_moe",),
+        "model.layers",
+        (*_LLAMA_SEQUENTIAL[:2],
+         ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"), ("mlp.shared_expert.down_proj",)),
+        moe=MoeLayout("mlp.experts", ("num_experts",), ("moe_intermediate_size",)),
+    ),
     ArchSpec(
         "gpt2",
         ("gpt2",),
@@ -122,14 +241,25 @@ def model_type_of(config_or_model: Any) -> str | None:
 
 
 def get_arch(config_or_model: Any) -> ArchSpec:
+    """The family's spec; for a model or a config, the spec of that model (its experts)."""
     model_type = model_type_of(config_or_model)
     for arch in ARCHS:
         if model_type in arch.model_types:
-            return arch
+            if isinstance(config_or_model, str | Mapping):  # a type check: no expert count
+                return arch
+            return arch.for_config(getattr(config_or_model, "config", config_or_model))
     raise UnsupportedArchitecture(
         f"model type {model_type!r} is not supported; supported model types: "
         f"{', '.join(SUPPORTED_MODEL_TYPES)}"
     )
+
+
+def _first_attr(config: Any, keys: tuple[str, ...]) -> Any:
+    for key in keys:
+        value = getattr(config, key, None)
+        if value is not None:
+            return value
+    raise UnsupportedArchitecture(f"the model config has none of {', '.join(keys)}")
 
 
 # --- linear layers in [out, in] orientation ---------------------------------------------------

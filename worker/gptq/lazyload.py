@@ -195,6 +195,9 @@ def open_lazy(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
+    if arch.moe is not None:
+        # its fused experts are split per expert in memory (experts.py), not in the files
+        return None, "a mixture-of-experts model is read whole, not block by block"
     if not directory.is_dir():
         return None, "the model is not a local directory"
     if not WeightFiles.present(directory):

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .errors import InvalidCheckpoint
+from .experts import unfuse_experts
 from .packing import FORMATS, unpack_qweight, unpack_qzeros
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
@@ -230,7 +231,9 @@ def _build_model(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # we replace the layers ourselves
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)  # a mixture of experts: one linear per expert, as the checkpoint has
+    return model
 
 
 def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], quantized: list[str]) -> None:

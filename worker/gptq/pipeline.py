@@ -29,6 +29,7 @@ from torch import nn
 
 from worker.gptq.arch import ArchSpec, get_arch, linear_shape, set_weight, weight_view
 from worker.gptq.config import QuantizeConfig
+from worker.gptq.experts import ExpertLinears, calibrating, reset_counts, routed_tokens
 from worker.gptq.gptq import GPTQ, LayerQuantResult, solve_together
 from worker.gptq.memory import trim
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
@@ -48,8 +49,11 @@ class ModuleReport:
     in_features: int
     loss: float
     damp_percent: float
-    nsamples: int
+    nsamples: int  # calibration tokens in its Hessian (every token, for a routed expert too)
     seconds: float
+    # a routed expert's linear: the calibration tokens the router sent to its expert (in the
+    # pass that calibrated it); None for every other layer
+    routed_tokens: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -248,6 +252,7 @@ class _Run:
         self.block_seconds: list[float] = []
         self.output_seconds: list[float] = []  # each block's pass computing the next inputs
         self.finished_children: FinishedChildren | None = None  # of the block being quantized
+        self.routed: dict[str, int] = {}  # tokens routed to each expert of the current group
 
     # --- the run ---------------------------------------------------------------------------
 
@@ -320,6 +325,13 @@ class _Run:
     def _quantize_block(
         self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
     ) -> None:
+        with calibrating(block) as experts:  # routed experts see every token (experts.py)
+            self._quantize_groups(index, block, hidden, calls, experts)
+
+    def _quantize_groups(
+        self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall],
+        experts: dict[str, ExpertLinears],
+    ) -> None:
         linears = self.arch.block_linears(block, index)
         done = 0
         for groups_done, group in enumerate(self.groups):
@@ -335,11 +347,13 @@ class _Run:
                     self._hessian_hook(name, solver, group, pending, shared), prepend=True)
                 for name, solver in solvers.items()
             ]
+            reset_counts(experts)
             try:
                 self._forward(block, hidden, calls, stop=_GroupSeen)
             finally:
                 for handle in handles:
                     handle.remove()
+            self.routed = routed_tokens(experts, group)
             for names in sharing_sets(solvers):
                 self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {names[0]}")
                 done = self._solve(index, names, solvers, linears, done)
@@ -385,6 +399,7 @@ class _Run:
                 damp_percent=layer.damp_percent,
                 nsamples=layer.nsamples,
                 seconds=layer.seconds,
+                routed_tokens=self.routed.get(name),
             )
         )
 

@@ -3,8 +3,9 @@ quantization quality tests/integration/test_moe_quality.py and bench/moe_quality
 
 TinyStories (the fixtures' excerpt, ~30k characters) through babyllama's character tokenizer;
 8 experts 64 wide, 2 routed per token, trained with the router's load-balancing loss so that
-every expert is used. About 8 minutes on two busy CPU cores (bench/moe_train.py); the
-result is kept under $GPTQD_CACHE (default ~/.cache/gptqd) keyed by the spec, and reused.
+every expert is used. About 40 s on two CPU cores, the first time a test needs it (or
+bench/moe_train.py); the result is kept under $GPTQD_CACHE (default ~/.cache/gptqd) keyed by
+the spec, and reused.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.conftest import fixture_path
@@ -58,18 +58,6 @@ def cache_dir(spec: MoeSpec) -> Path:
     root = Path(os.environ.get("GPTQD_CACHE", Path.home() / ".cache" / "gptqd"))
     key = hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
     return root / f"trained-mixtral-{key}"
-
-
-def cached_moe(spec: MoeSpec = MoeSpec()) -> Path:
-    """The cached trained model for a test: skipped when absent (failed in CI, which trains it
-    first): training takes minutes, a test seconds."""
-    out = cache_dir(spec)
-    if not (out / "config.json").is_file():
-        reason = f"the trained MoE is not cached at {out}: run `python bench/moe_train.py` once"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return out
 
 
 def trained_moe(spec: MoeSpec = MoeSpec()) -> Path:

@@ -12,7 +12,13 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.conftest import fixture_path
-from tests.integration.test_interop import check_peer, gptqmodel_loader, our_reading, require
+from tests.integration.test_interop import (
+    Tolerance,
+    check_peer,
+    gptqmodel_loader,
+    our_reading,
+    require,
+)
 from tests.peer_patches import transformers_restored
 from tests.tiny_models import VOCAB, tiny_model
 from worker.gptq.arch import get_arch
@@ -22,8 +28,16 @@ from worker.gptq.export import save_checkpoint
 from worker.gptq.loader import DequantLinear, load_quantized
 from worker.gptq.pipeline import quantize_model
 
-DENSE = ["gemma2", "gemma3_text", "phi", "stablelm", "granite", "olmo2", "cohere"]
+DENSE = ["gemma2", "gemma3_text", "phi"]
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
+# In fp16 a token whose router scores nearly tie may pick another expert than in fp32: that
+# token's logits move (rel 0.02-0.05 seen), perplexity and top-1 do not. The weights are still
+# checked bit for bit.
+MOE_FP16 = Tolerance(rel_max=0.1, ppl_rel=0.001, top1=0.98)
+# GPTQModel reads these four as Llama clones (its llama module tree; they passed the GPTQModel
+# check above when added, 429b490):
+# a GPTQModel load costs 10-60 s each, so the suite reads them with our loader only
+LLAMA_CLONES = ["stablelm", "granite", "olmo2", "cohere"]
 PHI3_GPTQMODEL_FAILURE = (
     "GPTQModel 7.6.0 describes Phi-3's MLP as separate gate_proj/up_proj (its phi3 module tree) "
     "while transformers 5 and vLLM have one gate_up_proj, the checkpoint's layer: its loader asks "
@@ -52,11 +66,17 @@ def gptqmodel_restoring(checkpoint: Path, dtype: torch.dtype) -> torch.nn.Module
 
 
 def quantized_checkpoint(model_type: str, calib: torch.Tensor, tokenizer: Any, out: Path) -> Path:
+    return quantized_model_and_checkpoint(model_type, calib, tokenizer, out)[1]
+
+
+def quantized_model_and_checkpoint(model_type: str, calib: torch.Tensor, tokenizer: Any,
+                                   out: Path) -> tuple[torch.nn.Module, Path]:
+    """The tiny model quantized in place (its linears hold the dequantized weights) and saved."""
     model = tiny_model(model_type)
     config = QuantizeConfig(bits=4, group_size=32)
     result = quantize_model(model, calib, config, device="cpu")
     save_checkpoint(model, tokenizer, result, config, out, arch=get_arch(model))
-    return out
+    return model, out
 
 
 @pytest.mark.slow
@@ -69,21 +89,24 @@ def test_family_roundtrips_through_our_loader_and_gptqmodel(model_type: str, win
     # every block linear of the family (every expert's) came back as a quantized layer
     assert len(reference.weights) == 2 * len(get_arch(tiny_model(model_type)).module_names)
     check_peer(gptqmodel_restoring, checkpoint, reference, f"GPTQModel on tiny {model_type}",
-               dtypes=(torch.float16,))
+               dtypes=(torch.float16,), tolerance=MOE_FP16 if model_type in MOE else None)
 
 
 @pytest.mark.fixtures
-def test_phi3_roundtrips_through_our_loader(windows, tokenizer, tmp_path) -> None:
-    """Phi-3's fused qkv_proj and gate_up_proj are one quantized layer each, as on disk."""
-    checkpoint = quantized_checkpoint("phi3", windows[:16], tokenizer, tmp_path / "phi3")
+@pytest.mark.parametrize("model_type", ["phi3", *LLAMA_CLONES])
+def test_family_roundtrips_through_our_loader(model_type: str, windows, tokenizer, tmp_path) -> None:
+    model, checkpoint = quantized_model_and_checkpoint(model_type, windows[:16], tokenizer,
+                                                       tmp_path / model_type)
     reference = our_reading(checkpoint, windows[16:])
-    assert sorted(name.split(".", 3)[3] for name in reference.weights if ".0." in name) == [
-        "mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"]
-    original = tiny_model("phi3")
+    assert len(reference.weights) == 2 * len(get_arch(model).module_names)
+    if model_type == "phi3":  # fused qkv_proj and gate_up_proj: one quantized layer each, as on disk
+        assert sorted(name.split(".", 3)[3] for name in reference.weights if ".0." in name) == [
+            "mlp.down_proj", "mlp.gate_up_proj", "self_attn.o_proj", "self_attn.qkv_proj"]
+    # the checkpoint read back computes what the quantized model computed in memory, up to
+    # the fp16 the checkpoint keeps its other tensors in (3e-4 seen; a format slip is >= 0.1)
     with torch.inference_mode():
-        logits = original(input_ids=windows[16:]).logits
-    # 4-bit g32 of a random tiny model: the quantized logits stay near the original's
-    assert float((reference.logits - logits).abs().max() / logits.abs().max()) < 0.1
+        logits = model(input_ids=windows[16:]).logits
+    assert float((reference.logits - logits).abs().max() / logits.abs().max()) < 1e-2
 
 
 @pytest.mark.fixtures

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.trained_moe import HELD_OUT_TEXT, TRAIN_TEXT, MoeSpec, cached_moe, windows
+from tests.trained_moe import HELD_OUT_TEXT, TRAIN_TEXT, MoeSpec, trained_moe, windows
 from worker.gptq.arch import get_arch
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.evaluate import rtn_quantize_model, window_perplexity
@@ -25,7 +25,7 @@ CALIBRATION_WINDOWS = 32
 
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(cached_moe(SPEC), dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(trained_moe(SPEC), dtype=torch.float32).eval()
 
 
 @pytest.mark.slow
@@ -57,4 +57,6 @@ def test_gptq_quantizes_every_expert_and_beats_rtn(model) -> None:
     rtn_quantize_model(rtn, CONFIG)
     original = window_perplexity(model, held_out)
     ppl_gptq, ppl_rtn = window_perplexity(gptq, held_out), window_perplexity(rtn, held_out)
-    assert original < ppl_gptq < ppl_rtn, (original, ppl_gptq, ppl_rtn)
+    # GPTQ (with the clipping search) may even land a hair below the original on this model
+    assert ppl_gptq < ppl_rtn and abs(ppl_gptq - original) < (ppl_rtn - original) / 4, (
+        original, ppl_gptq, ppl_rtn)

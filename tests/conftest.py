@@ -11,6 +11,19 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("GPTQD_FIXTURES", ROOT.parent / "shared" / "fixtures")).resolve()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI timeout, `kill`) ends the run like Ctrl-C: fixtures are torn down, so the
+    servers, workers and job processes the service tests started stop with it."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def fixture_path(*parts: str) -> Path:
     """Path into ../shared/fixtures; fails in CI (CI=true) and skips elsewhere when missing."""
     path = FIXTURES.joinpath(*parts)

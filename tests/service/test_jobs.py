@@ -118,8 +118,14 @@ def test_cancel_a_running_job_stops_it_at_a_module_boundary(team_box: Box) -> No
     check_events(events, DEEP.layers, "cancelled")
     types = [e["type"] for e in events]
     assert types.index("cancel_requested") < len(types) - 1
-    modules_after = [e for e in events[types.index("cancel_requested"):] if e.get("module")]
-    assert len(modules_after) <= 1, "the job went on past the next module boundary"
+    # layers that share one input (q/k/v, gate/up) are solved as one stacked problem: the
+    # boundary a cancel waits for is the end of that set, so its other layers may still report
+    after = {(e["block"], e["module"].rsplit(".", 1)[-1])
+             for e in events[types.index("cancel_requested"):] if e.get("module")}
+    sets = [{"q_proj", "k_proj", "v_proj"}, {"o_proj"}, {"gate_proj", "up_proj"}, {"down_proj"}]
+    assert len({block for block, _ in after}) <= 1, after
+    assert any({name for _, name in after} <= s for s in sets), \
+        f"the job went on past the next module boundary: {after}"
     for suffix in ("", ".partial"):
         assert not (team_box.data_dir / "artifacts" / f"{job['id']}{suffix}").exists()
 

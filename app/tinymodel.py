@@ -63,17 +63,26 @@ def train_tokenizer(rows: list[str], vocab: int):
 
 
 def _train(model, tokenizer, rows: list[str], spec: TinySpec) -> None:
-    """AdamW steps on random windows of the corpus: enough to leave random-init noise."""
     import torch
 
     ids = torch.tensor(tokenizer("\n\n".join(rows), add_special_tokens=False)["input_ids"])
     windows = ids[: ids.numel() // spec.train_seq * spec.train_seq].view(-1, spec.train_seq)
-    gen = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.train_lr, weight_decay=0.0)
+    train_causal_lm(model, windows, steps=spec.train_steps, batch=spec.train_batch,
+                    lr=spec.train_lr, seed=spec.seed)
+
+
+def train_causal_lm(model, windows, *, steps: int, batch: int, lr: float, seed: int) -> None:
+    """AdamW steps on random rows of `windows` ([n, seq] token ids), seeded: enough to leave
+    random-init noise. Whatever the model adds to its .loss (a mixture of experts' load-balancing
+    loss, when its config asks for router logits) is trained too."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
-    for _ in range(spec.train_steps):
-        batch = windows[torch.randint(len(windows), (spec.train_batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss
+    for _ in range(steps):
+        rows = windows[torch.randint(len(windows), (batch,), generator=gen)]
+        loss = model(input_ids=rows, labels=rows).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

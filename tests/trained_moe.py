@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from app.tinymodel import train_causal_lm
 from tests.conftest import fixture_path
 
 TRAIN_TEXT = ("tinystories", "tinystories_valid_excerpt.txt")
@@ -76,17 +77,8 @@ def trained_moe(spec: MoeSpec = MoeSpec()) -> Path:
     )
     torch.manual_seed(spec.seed)
     model = MixtralForCausalLM(config)
-    data = windows(TRAIN_TEXT, spec.seq)
-    gen = torch.Generator().manual_seed(spec.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
-    model.train()
-    for _ in range(spec.steps):
-        batch = data[torch.randint(len(data), (spec.batch,), generator=gen)]
-        loss = model(input_ids=batch, labels=batch).loss  # + the load-balancing loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_causal_lm(model, windows(TRAIN_TEXT, spec.seq), steps=spec.steps, batch=spec.batch,
+                    lr=spec.lr, seed=spec.seed)  # with the load-balancing loss
     model.config.output_router_logits = False
     tmp = out.with_name(out.name + ".partial")
     model.save_pretrained(tmp)

@@ -3,7 +3,8 @@
 A task hands its item to a clean job process (worker/jobprocess.py) and waits for it. If that
 process dies (the kernel's OOM killer picks the biggest process: the job's), the attempt is
 requeued at once, or failed once it used its attempts, instead of waiting for its heartbeat to
-go stale.
+go stale. One that aborted under the job memory limit fails at once as out_of_memory: native
+code (the tokenizers library) aborts the process when an allocation fails, and would again.
 """
 
 from __future__ import annotations
@@ -47,15 +48,28 @@ def _run(kind: Kind, item_id: str) -> None:
     if code != 0:
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         log.warning("the process running %s %s died (%s)", kind, item_id, how)
-        _requeue_dead(kind, item_id, pid)
+        _requeue_dead(kind, item_id, pid, code)
 
 
-def _requeue_dead(kind: Kind, item_id: str, pid: int) -> None:
+def memory_limit_abort(code: int, limit_mb: int) -> str | None:
+    """The out_of_memory message for a job process that ended with `code` under a memory limit
+    of limit_mb (0: none), if the limit explains it: an abort (SIGABRT) is how native
+    libraries end on a failed allocation (torch raises MemoryError instead)."""
+    if not limit_mb or code != -signal.SIGABRT:
+        return None
+    return (f"the job process aborted while its memory was limited to {limit_mb} MiB "
+            "(GPTQD_JOB_MEMORY_LIMIT_MB): a native library could not allocate (the tokenizer, "
+            "on a large calibration text); lower calibration.num_samples or seq_length, use a "
+            "smaller calibration dataset, or raise the limit")
+
+
+def _requeue_dead(kind: Kind, item_id: str, pid: int, code: int) -> None:
     """The attempt of a job process that died is requeued (and re-sent) now, or ended once it
-    used max_attempts; an attempt that recorded its end, or that another worker holds, is left
-    alone."""
+    used max_attempts, or at once as out_of_memory when the memory limit explains the death;
+    an attempt that recorded its end, or that another worker holds, is left alone."""
     from app.dispatch import Dispatcher
     from worker.jobrunner import worker_name
+    from worker.reconciler import remove_leftovers
 
     settings, store = get_settings(), _store()
     dispatcher = Dispatcher(app, settings.queue)
@@ -69,9 +83,20 @@ def _requeue_dead(kind: Kind, item_id: str, pid: int) -> None:
         mine = True
     if item is None or item.status != "running" or not mine:
         return
-    requeued, _ = requeue(None, settings.max_attempts, only=(item_id, item.attempts))
+    if (message := memory_limit_abort(code, settings.job_memory_limit_mb)) is not None:
+        log.warning("%s %s ran out of memory: %s", kind, item_id, message)
+        error = ("out_of_memory", message)
+        if kind == "verification":
+            store.finish_verification(item_id, "failed", error=error, attempt=item.attempts)
+        elif store.finish_job(item_id, item.attempts, "failed", error=error):
+            remove_leftovers(settings, item_id)
+        return
+    requeued, ended = requeue(None, settings.max_attempts, only=(item_id, item.attempts))
     for requeued_id in requeued:
         send(requeued_id)
+    if kind == "job":
+        for ended_id in ended:  # no attempt will resume from its finished blocks
+            remove_leftovers(settings, ended_id)
 
 
 @app.task(name=RUN_JOB, acks_late=True, reject_on_worker_lost=True)

@@ -7,12 +7,14 @@ import hashlib
 import io
 import json
 import socket
+import subprocess
 import tarfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 
 from app.client import parse_sse
 
@@ -185,3 +187,23 @@ def raw_status(url: str, method: str, path: str, headers: list[bytes], body: byt
         conn.sendall(b"\r\n".join(head) + b"\r\n\r\n" + body)
         status_line = conn.makefile("rb").readline()
     return int(status_line.split()[1])
+
+
+def job_processes(worker: subprocess.Popen) -> list[psutil.Process]:
+    """The job processes (python -m worker.jobprocess) under a worker, waiting or running."""
+    out = []
+    for child in psutil.Process(worker.pid).children(recursive=True):
+        try:
+            if "worker.jobprocess" in child.cmdline():
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def wait_for(what: str, check: object, timeout: float = 60) -> object:
+    deadline = time.monotonic() + timeout
+    while not (got := check()):  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
+        time.sleep(0.1)
+    return got

@@ -20,7 +20,7 @@ import pytest
 
 from app.box import spawn, stop, worker_command
 from tests.service.conftest import NO_VERIFY, TERMINAL, TINY, Box, start_box, tiny_spec, wait_status
-from tests.service.helpers import run_full_job
+from tests.service.helpers import job_processes, run_full_job, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -39,26 +39,6 @@ def poisoned_box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> 
                     {"PYTHONPATH": path, "HF_HUB_OFFLINE": "1"}, workers=1)
     yield box
     box.close()
-
-
-def job_processes(worker: subprocess.Popen) -> list[psutil.Process]:
-    """The job processes (python -m worker.jobprocess) under a worker, waiting or running."""
-    out = []
-    for child in psutil.Process(worker.pid).children(recursive=True):
-        try:
-            if "worker.jobprocess" in child.cmdline():
-                out.append(child)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def wait_for(what: str, check: object, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while not (got := check()):  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
-        time.sleep(0.1)
-    return got
 
 
 def test_the_poison_breaks_a_forked_child_and_spares_an_execd_one() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ import pytest
 
 from app.tinymodel import TinySpec, build_tiny_llama
 from tests.service.conftest import NO_VERIFY, TERMINAL, Box, start_box, tiny_spec, wait_status
+from tests.service.helpers import job_processes, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -170,6 +172,26 @@ def test_a_failure_ends_the_job_with_its_code_and_advice(failing_box: tuple[Box,
     assert box.http.get(f"/jobs/{job['id']}/artifacts").status_code == 409
     leftovers = [p for p in (box.data_dir / "artifacts").iterdir() if job["id"] in p.name]
     assert leftovers == []
+    assert not (box.data_dir / "work" / job["id"]).exists()
+
+
+def test_a_job_process_that_aborts_under_the_memory_limit_fails_as_out_of_memory(
+        failing_box: tuple[Box, bool]) -> None:
+    """Native code ends the process with abort() when an allocation fails under the limit
+    (the tokenizers library does, on a text too large for it): retrying would abort again."""
+    box, _ = failing_box
+    job = box.http.post("/jobs", json=tiny_spec(
+        model_id="tiny-deep", verify=NO_VERIFY,
+        calibration={"dataset": "builtin", "num_samples": 32, "seq_length": 128})).json()
+    wait_for("block 2", lambda: (box.http.get(f"/jobs/{job['id']}").json()["progress"]["block"]
+                                 or 0) >= 2, 120)
+    running = min(job_processes(box.workers[0]), key=lambda p: p.create_time())
+    running.send_signal(signal.SIGABRT)  # what a failed allocation in Rust or C++ ends with
+    done = wait_status(box.http, job["id"], TERMINAL, timeout=60)
+    assert done["status"] == "failed" and done["attempts"] == 1, done
+    assert done["error"]["code"] == "out_of_memory", done["error"]
+    for word in ("GPTQD_JOB_MEMORY_LIMIT_MB", "num_samples", "MiB"):
+        assert word in done["error"]["message"], done["error"]["message"]
     assert not (box.data_dir / "work" / job["id"]).exists()
 
 

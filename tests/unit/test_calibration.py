@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import tomllib
@@ -275,3 +276,60 @@ def test_a_bad_source_is_refused_before_anything_is_read(tmp_path: Path, monkeyp
     cut = tmp_path / "cut.txt"  # a multi-byte character across the sampled head is fine
     cut.write_bytes(b"a" * ((1 << 16) - 1) + "\u00e9".encode())
     check_source(str(cut), "calibration")
+
+
+def test_text_pieces_cut_between_words_and_lose_nothing() -> None:
+    from worker.gptq.calibration import text_pieces
+
+    prose = "\n\n".join(PARAGRAPHS)
+    pieces = text_pieces(prose, 200)
+    assert "".join(pieces) == prose and len(pieces) > 10
+    for before, after in itertools.pairwise(pieces):
+        assert len(before) <= 200
+        assert before[-1].isalpha() and after[0] == " " and after[1].isalpha(), (before, after)
+    # no word gap: after a line break; neither: at the size
+    lines = "\n".join(["x" * 30] * 20)
+    assert all(p.endswith("\n") for p in text_pieces(lines, 100)[:-1])
+    assert [len(p) for p in text_pieces("y" * 250, 100)] == [100, 100, 50]
+    assert text_pieces("", 100) == [""]
+
+
+@pytest.mark.parametrize("source", ["builtin", "wikitext"])
+@pytest.mark.parametrize("name", [("tokenizers", "gpt2"), ("models", "tiny-gpt2-wikitext2"),
+                                  ("models", "babyllama-tok105")])
+def test_a_large_text_tokenized_in_pieces_has_the_ids_of_one_call(
+        source: str, name: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.gptq import calibration
+
+    tok = AutoTokenizer.from_pretrained(fixture_path(*name))
+    text = ("\n\n".join(builtin_rows()) if source == "builtin"
+            else fixture_path("wikitext-2", "valid.txt").read_text())[:200_000]
+    whole = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
+    monkeypatch.setattr(calibration, "TOKENIZE_PIECE_CHARS", 4000)  # ~50 cuts
+    assert torch.equal(tokenize(tok, text), whole)
+
+
+TOKENIZE_UNDER_LIMIT = """
+import resource, sys
+from transformers import AutoTokenizer
+from worker.gptq.calibration import builtin_rows, tokenize
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+text = "\\n\\n".join(builtin_rows())
+text = (text * (6_000_000 // len(text) + 1))[:6_000_000]
+size = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize")) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + (400 << 20),) * 2)
+print(tokenize(tok, text).numel())
+"""
+
+
+def test_a_6_mb_text_tokenizes_in_400_mib_more_address_space() -> None:
+    """In one call the tokenizers library aborted the process on a 5 MB text 700 MiB above
+    a job process's start (GPTQD_JOB_MEMORY_LIMIT_MB)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", TOKENIZE_UNDER_LIMIT,
+                          str(fixture_path("tokenizers", "gpt2"))],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[2], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) > 1_000_000

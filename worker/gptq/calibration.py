@@ -116,10 +116,46 @@ def source_pieces(spec: CalibrationSpec, layout: str) -> tuple[list[str], str]:
     return load_rows(spec, strip=layout == "paragraphs"), "\n\n"
 
 
+# A text is tokenized in pieces of about this many characters: in one call on a 5 MB text the
+# tokenizers library took over 700 MiB (offsets, token strings and alignments for every token)
+# and, under the job memory limit, aborted the process.
+TOKENIZE_PIECE_CHARS = 1 << 20
+
+
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
-    """The text as one 1-D LongTensor of ids (no BOS/EOS: windows are cut from the middle)."""
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """The text as one 1-D LongTensor of ids (no BOS/EOS: windows are cut from the middle),
+    tokenized a piece at a time (text_pieces)."""
+    ids = [torch.tensor(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"],
+                        dtype=torch.long)
+           for piece in text_pieces(text, TOKENIZE_PIECE_CHARS)]
+    return torch.cat(ids)
+
+
+def text_pieces(text: str, size: int) -> list[str]:
+    """text as consecutive pieces of at most about `size` characters. A cut falls, where it
+    can, just before a space between two letters ("word| word"): the place byte-level BPE
+    tokenizers (GPT-2, Llama 3, Qwen) split the text anyway, so their ids are those of the
+    whole text. A SentencePiece tokenizer that adds a prefix space sees one more space there:
+    a token per cut, one per MiB of text. Without such a space in a piece's second half, the
+    cut falls after a line break, else anywhere."""
+    pieces, start = [], 0
+    while len(text) - start > size:
+        pieces.append(text[start : (cut := _cut(text, start + size // 2, start + size))])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+_WORD_GAP = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")  # a space between two letters
+
+
+def _cut(text: str, low: int, high: int) -> int:
+    """Where to cut text within [low, high): see text_pieces."""
+    gaps = [m.start() for m in _WORD_GAP.finditer(text, low, high)]
+    if gaps:
+        return gaps[-1]
+    line = text.rfind("\n", low, high)
+    return line + 1 if line != -1 else high
 
 
 def choose_windows(

@@ -161,8 +161,10 @@ def quantize(
             run, should_stop, evaluate, store,
         )
     finally:
-        if store is not None and work_dir is None:
-            store.clear()
+        if store is not None:
+            store.settle()  # whoever acts on the work dir next finds no write under way
+            if work_dir is None:
+                store.clear()
 
 
 def _quantize_loaded(

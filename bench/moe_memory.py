@@ -84,7 +84,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         store = BlockStore(Path(work), {"bench": "moe_memory"}, model, arch, config)
         result = quantize_model(model, ids, config, device="cpu", arch=arch, hooks=store)
-        store.settle()  # the last block's files, before the directory goes
+        store.close()  # the last block's files, before the directory goes
     seconds = time.perf_counter() - began
     sampler.running = False
     sampler.join()

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from tests.trained_moe import HELD_OUT_TEXT, TRAIN_TEXT, MoeSpec, trained_moe, windows
 from worker.gptq.arch import get_arch
 from worker.gptq.config import QuantizeConfig
-from worker.gptq.evaluate import rtn_quantize_model, window_perplexity
+from worker.gptq.evaluate import agreement, rtn_quantize_model, window_perplexity
 from worker.gptq.pipeline import quantize_model
 
 SPEC = MoeSpec()
@@ -55,8 +55,11 @@ def test_gptq_quantizes_every_expert_and_beats_rtn(model) -> None:
 
     rtn = copy.deepcopy(model)
     rtn_quantize_model(rtn, CONFIG)
-    original = window_perplexity(model, held_out)
     ppl_gptq, ppl_rtn = window_perplexity(gptq, held_out), window_perplexity(rtn, held_out)
-    # GPTQ (with the clipping search) may even land a hair below the original on this model
-    assert ppl_gptq < ppl_rtn and abs(ppl_gptq - original) < (ppl_rtn - original) / 4, (
-        original, ppl_gptq, ppl_rtn)
+    assert ppl_gptq < ppl_rtn, (window_perplexity(model, held_out), ppl_gptq, ppl_rtn)
+    # the margin on KL to the original, the finer measure: the model is trained where the test
+    # runs, and its perplexities move with the CPU's float arithmetic (GPTQ's share of RTN's
+    # perplexity loss measured 0.37 on one machine, under 0.25 on another) where the KL ratio
+    # stays near 0.43
+    kl_gptq, kl_rtn = agreement(model, gptq, held_out)["kl"], agreement(model, rtn, held_out)["kl"]
+    assert kl_gptq < 0.65 * kl_rtn, (kl_gptq, kl_rtn)

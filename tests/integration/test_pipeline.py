@@ -183,10 +183,18 @@ def test_half_precision_model_is_solved_in_fp32_and_kept_in_its_dtype(calib, hel
 @pytest.mark.fixtures
 def test_gptq_beats_rtn_on_a_trained_llama() -> None:
     """Regression check on real weights: babyllama-tok105, 4-bit g32, TinyStories text
-    (calibration and evaluation from different files). Measured (before group-aware
-    reordering): original 2.397, RTN 2.534, GPTQ 2.448. Without the clipping search (on by default), which improves RTN as much as
-    GPTQ (RTN with it: 2.468), so the check stays on GPTQ's own error feedback."""
-    from worker.gptq.evaluate import eval_windows, load_texts, rtn_quantize_model, window_perplexity
+    (calibration and evaluation from different files), without the clipping search (on by
+    default), which improves RTN as much as GPTQ, so the check stays on GPTQ's own error
+    feedback. Margin on KL to the original, the finer measure: perplexity moves with float noise
+    (GPTQ 2.442 with one thread, 2.478 with two; RTN 2.534, original 2.397) where the KL ratio
+    stays 0.38-0.40."""
+    from worker.gptq.evaluate import (
+        agreement,
+        eval_windows,
+        load_texts,
+        rtn_quantize_model,
+        window_perplexity,
+    )
     from worker.gptq.modelio import load_model
 
     loaded = load_model(str(fixture_path("models", "babyllama-tok105")))
@@ -197,10 +205,11 @@ def test_gptq_beats_rtn_on_a_trained_llama() -> None:
     held = load_texts(str(fixture_path("tinystories", "tinystories_valid_excerpt.txt")))
     windows = eval_windows(loaded.tokenizer, held, 128, 16)
     config = QuantizeConfig(bits=4, group_size=32, mse=False)
-    original = window_perplexity(loaded.model, windows)
-    rtn = copy.deepcopy(loaded.model)
+    original = loaded.model
+    rtn, gptq = copy.deepcopy(original), copy.deepcopy(original)
     rtn_quantize_model(rtn, config)
-    quantize_model(loaded.model, calib_ids, config)
-    ppl_rtn, ppl_gptq = window_perplexity(rtn, windows), window_perplexity(loaded.model, windows)
-    assert original < ppl_gptq < ppl_rtn
-    assert ppl_gptq - original < 0.5 * (ppl_rtn - original), (original, ppl_gptq, ppl_rtn)
+    quantize_model(gptq, calib_ids, config)
+    ppl = [window_perplexity(m, windows) for m in (original, gptq, rtn)]
+    assert ppl[0] < ppl[1] < ppl[2], ppl
+    kl_gptq, kl_rtn = agreement(original, gptq, windows)["kl"], agreement(original, rtn, windows)["kl"]
+    assert kl_gptq < 0.6 * kl_rtn, (kl_gptq, kl_rtn)

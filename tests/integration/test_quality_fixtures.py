@@ -2,7 +2,7 @@
 reordering must not lose more than the natural column order.
 
 tiny-gpt2-wikitext2 (GPT-2 with Conv1D layers), calibration from wikitext-2 valid.txt, perplexity
-and KL to the original on windows of test.txt; RTN applied to exactly the layers GPTQ quantizes.
+and KL to the original (the finer measure) on windows of test.txt; RTN applied to exactly the layers GPTQ quantizes.
 bench/quality.py produces the full table in docs/engine.md.
 """
 
@@ -12,15 +12,14 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.conftest import fixture_path
 from worker.gptq.calibration import build_calibration
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.evaluate import (
+    agreement,
     eval_windows,
     load_texts,
-    perplexity_of_copy,
     rtn_quantize_model,
     window_perplexity,
 )
@@ -33,6 +32,9 @@ EVAL_WINDOWS = 48
 
 
 def test_gptq_beats_rtn_on_tiny_gpt2_at_4bit_g128():
+    """Judged by KL to the original over every position (the finer measure): perplexity at 4 bits
+    moves with float noise here (GPTQ 66.064 or 66.215 on two CPUs against RTN's 66.22, with
+    near-identical KL). Measured KL: GPTQ 0.0014, RTN 0.0040."""
     model_dir = fixture_path("models", "tiny-gpt2-wikitext2")
     loaded = load_model(str(model_dir))
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -44,21 +46,13 @@ def test_gptq_beats_rtn_on_tiny_gpt2_at_4bit_g128():
     )
     config = QuantizeConfig(bits=4, group_size=128)
 
-    original = window_perplexity(model, windows)
-    rtn = perplexity_of_copy(model, windows, lambda m: rtn_quantize_model(m, config))
-    gptq = perplexity_of_copy(model, windows, lambda m: quantize_model(m, calib, config, device="cpu"))
-
-    assert 20 < original < 200  # a trained model, read correctly
-    assert original < gptq < rtn, (original, gptq, rtn)
-    # GPTQ closes a real part of RTN's gap, not a rounding-noise amount
-    assert (gptq - original) < 0.8 * (rtn - original), (original, gptq, rtn)
-
-
-def _kl_to_original(model, quantized, windows) -> float:
-    with torch.inference_mode():
-        p = F.log_softmax(model(input_ids=windows).logits.float(), -1)
-        q = F.log_softmax(quantized(input_ids=windows).logits.float(), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
+    assert 20 < window_perplexity(model, windows) < 200  # a trained model, read correctly
+    rtn, gptq = copy.deepcopy(model), copy.deepcopy(model)
+    rtn_quantize_model(rtn, config)
+    quantize_model(gptq, calib, config, device="cpu")
+    kl_rtn, kl_gptq = agreement(model, rtn, windows)["kl"], agreement(model, gptq, windows)["kl"]
+    # GPTQ removes a real part of RTN's loss, not a rounding-noise amount
+    assert 0 < kl_gptq < 0.6 * kl_rtn, (kl_gptq, kl_rtn)
 
 
 def test_group_aware_order_loses_no_more_than_the_natural_order_on_tiny_gpt2():
@@ -79,5 +73,5 @@ def test_group_aware_order_loses_no_more_than_the_natural_order_on_tiny_gpt2():
         result = quantize_model(quantized, calib, config, device="cpu")
         assert all(torch.equal(layer.g_idx, torch.arange(layer.g_idx.numel(), dtype=torch.int32) // 128)
                    for layer in result.layers.values())
-        kl[group_aware] = _kl_to_original(model, quantized, windows)
+        kl[group_aware] = agreement(model, quantized, windows)["kl"]
     assert kl[True] <= kl[False], kl

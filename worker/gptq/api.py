@@ -162,7 +162,7 @@ def quantize(
         )
     finally:
         if store is not None:
-            store.settle()  # whoever acts on the work dir next finds no write under way
+            store.close()  # whoever acts on the work dir next finds no write under way
             if work_dir is None:
                 store.clear()
 

@@ -170,6 +170,11 @@ class BlockStore:
         except Exception:
             log.warning("writing a finished block to %s failed", self.directory, exc_info=True)
 
+    def close(self) -> None:
+        """settle(), and the writing thread ends: the store writes no more blocks."""
+        self.settle()
+        self._writer.shutdown(wait=True)
+
     # --- the checkpoint --------------------------------------------------------------------
 
     def stored(self, dtype: torch.dtype = torch.float16) -> Mapping[str, torch.Tensor]:

@@ -13,11 +13,9 @@ trainer measured.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from copy import deepcopy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -225,12 +223,3 @@ def rtn_quantize_model(model: torch.nn.Module, config: QuantizeConfig) -> Pipeli
             set_weight(module, layer.weight)
             result.layers[f"{arch.block_prefix(index)}.{name}"] = layer
     return result
-
-
-def perplexity_of_copy(
-    model: torch.nn.Module, windows: torch.Tensor, quantize: Callable[[torch.nn.Module], Any]
-) -> float:
-    """Perplexity on windows of a copy of model that `quantize` changed in place (model untouched)."""
-    copy = deepcopy(model)
-    quantize(copy)
-    return window_perplexity(copy, windows)

@@ -369,7 +369,7 @@ def _row_params(rows: torch.Tensor, config: QuantizeConfig) -> tuple[torch.Tenso
     """Scale and zero of each output channel, from columns given as rows of Wᵀ: two [N] vectors.
     Inside a column loop the clipping search gets every thread back: it is a few large
     elementwise passes, not the loop's many small steps (on 2 idle cores 1.9x faster)."""
-    threads = _loop_threads[-1] if _loop_threads else torch.get_num_threads()
+    threads = _loop_threads[-1] if _loop_threads and not rows.is_cuda else torch.get_num_threads()
     with _threads(threads):
         scale, zero = find_params(rows.t(), config.bits, config.sym, config.mse)
     return scale.reshape(-1), zero.reshape(-1)

@@ -35,10 +35,16 @@ STEPS = {
     "quality": "fixture quality, device vs CPU",
     "service": "service job (gptqd up)",
     "service_poisoned": "service job, CUDA-touching preload",
+    # last: it only uses what the steps above left of the budget
+    "triton": "gptqd quantize, Triton column kernel",
 }
 # each step's own limit on a GPU (seconds); CPU mode multiplies them by CPU_SLOWER
 LIMITS = {"env": 60, "build": 120, "quantize": 200, "gptqmodel": 200, "quality": 45,
-          "service": 150, "service_poisoned": 150}
+          "service": 150, "service_poisoned": 150, "triton": 200}
+# the Triton kernel against the torch loop: their summed GPTQ losses may differ by this much
+# (float sums in another order round a code the other way now and then, and the error
+# feedback carries that on: equal codes are reported, not required)
+TRITON_LOSS_TOLERANCE = 0.01
 CPU_SLOWER = 4
 FULL = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4}
 # intermediate 768, not 688: a 688-wide down_proj cannot be cut into groups of 128
@@ -129,8 +135,10 @@ class Check:
         return min((limit or LIMITS[step]) * self.scale, self.left() - RESERVE_S)
 
     def run(self, row: Row, name: str, cmd: list[str], *, extra: tuple[Path, ...] = (),
-            sample: bool = False, limit: float | None = None) -> steprun.Outcome | None:
-        """Runs one child for a step (log: logs/<name>.log); None when no time is left."""
+            sample: bool = False, limit: float | None = None,
+            variables: dict[str, str] | None = None) -> steprun.Outcome | None:
+        """Runs one child for a step (log: logs/<name>.log); None when no time is left.
+        variables: set in the child's environment."""
         timeout = self.timeout_for(row.step, limit)
         if timeout < 10:
             row.status, row.summary = "SKIP", "no time left before the overall deadline"
@@ -138,7 +146,7 @@ class Check:
         sampler = steprun.GpuSampler(self.logs / f"{name}.smi.csv", sample and self.cuda
                                      and shutil.which("nvidia-smi") is not None)
         with sampler:
-            outcome = steprun.run(cmd, env=self.env(*extra), timeout=timeout,
+            outcome = steprun.run(cmd, env=self.env(*extra) | (variables or {}), timeout=timeout,
                                   log=self.logs / f"{name}.log", cwd=ROOT)
         row.seconds = round((row.seconds or 0) + outcome.seconds, 1)
         gpu = sampler.summary()
@@ -206,15 +214,18 @@ class Check:
         row.fail("no model: the build step failed")
         return False
 
+    def gptqd_job(self, out: Path) -> list[str]:
+        """The issue's job: the built model, 4-bit g128, the calibration windows asked for."""
+        return self.quantize_cli(
+            self.model, out, self.device, "--bits", "4", "--group-size", "128",
+            "--calibration", str(self.fixtures / "wikitext-2/valid.txt"),
+            "--num-samples", str(self.args.num_samples), "--seq-length", str(self.args.seq_length))
+
     def step_quantize(self, row: Row) -> None:
         if not self.need_model(row):
             return
         out = self.work / "q-gptqd"
-        cmd = self.quantize_cli(
-            self.model, out, self.device, "--bits", "4", "--group-size", "128",
-            "--calibration", str(self.fixtures / "wikitext-2/valid.txt"),
-            "--num-samples", str(self.args.num_samples), "--seq-length", str(self.args.seq_length))
-        outcome = self.run(row, "quantize", cmd, sample=True)
+        outcome = self.run(row, "quantize", self.gptqd_job(out), sample=True)
         report = read_report(out) if outcome and outcome.rc == 0 else None
         if report is None:
             return row.failed_run(outcome)
@@ -368,6 +379,41 @@ class Check:
     def step_service_poisoned(self, row: Row) -> None:
         self.service(row, poisoned=True)
 
+    def step_triton(self, row: Row) -> None:
+        """The same job with GPTQD_COLUMN_KERNEL=triton (opt-in until measured here): its
+        solve time against the torch loop's, and its codes against that checkpoint's."""
+        if not self.cuda:
+            row.status = "INFO"
+            row.summary = ("GPU only (the kernel is checked against the torch loop on the CPU by "
+                           "Triton's interpreter in tests/unit)")
+            return
+        base = self.work / "q-gptqd"
+        base_report = read_report(base)
+        if not self.need_model(row):
+            return
+        if base_report is None:
+            return row.fail("needs the gptqd quantize row's checkpoint")
+        out = self.work / "q-triton"
+        outcome = self.run(row, "triton", self.gptqd_job(out), sample=True,
+                           variables={"GPTQD_COLUMN_KERNEL": "triton"})
+        report = read_report(out) if outcome and outcome.rc == 0 else None
+        if report is None:
+            return row.failed_run(outcome)
+        same, words = same_words(base, out)
+        solve = report["stage_seconds"].get("quantizing.solve", 0.0)
+        torch_solve = base_report["stage_seconds"].get("quantizing.solve", 0.0)
+        loss, torch_loss = (sum(m["loss"] for m in r["modules"]) for r in (report, base_report))
+        gap = abs(loss - torch_loss) / max(torch_loss, 1e-30)
+        row.figures.update({"duration_s": round(report["duration_seconds"], 2), "solve_s": solve,
+                            "torch_solve_s": torch_solve, "same_words": same / max(1, words),
+                            "loss": loss, "torch_loss": torch_loss})
+        row.summary = (f"engine {report['duration_seconds']:.1f} s (solve {solve:.1f} s) against "
+                       f"the torch loop's {base_report['duration_seconds']:.1f} s (solve "
+                       f"{torch_solve:.1f} s); summed GPTQ loss {loss:.4g} vs {torch_loss:.4g} "
+                       f"({gap:.2%}, limit {TRITON_LOSS_TOLERANCE:.0%}); qweight words equal to "
+                       f"the torch loop's: {same / max(1, words):.2%}")
+        row.status = "PASS" if gap <= TRITON_LOSS_TOLERANCE else "FAIL"
+
     # --- the whole run --------------------------------------------------------------------
 
     def row(self, step: str) -> Row:
@@ -425,6 +471,34 @@ class Check:
             for log in sorted(self.logs.glob("*.log"), key=lambda p: p.stat().st_mtime):
                 text = log.read_text(errors="replace")
                 f.write(f"===== {log.name} ({len(text)} chars, last 4000)\n{text[-4000:]}\n")
+
+
+def same_words(a: Path, b: Path) -> tuple[int, int]:
+    """(equal, all) int32 words of the qweight tensors in two checkpoint directories (either
+    may be sharded)."""
+    from safetensors import safe_open
+
+    def qweights(directory: Path) -> dict[str, Path]:
+        where = {}
+        for path in sorted(directory.glob("*.safetensors")):
+            with safe_open(path, framework="pt") as f:
+                names = list(f.keys())
+            where.update({k: path for k in names if k.endswith(".qweight")})
+        return where
+
+    def read(path: Path, key: str):
+        with safe_open(path, framework="pt") as f:
+            return f.get_tensor(key)
+
+    same = total = 0
+    theirs = qweights(b)
+    for key, path in qweights(a).items():
+        x = read(path, key)
+        y = read(theirs[key], key) if key in theirs else None
+        if y is not None and x.shape == y.shape:
+            same += int((x == y).sum())
+        total += x.numel()
+    return same, total
 
 
 def commit() -> str:

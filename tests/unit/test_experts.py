@@ -61,6 +61,43 @@ def test_calibrating_runs_every_expert_on_every_token_and_keeps_the_routing() ->
     assert not expert_modules(block)["mlp.experts"].calibrate_all  # off again
 
 
+def test_an_expert_hessian_weighs_tokens_it_was_not_sent_less() -> None:
+    """Each linear of an expert sees its routed tokens' rows as they are and the others' scaled
+    by sqrt(UNROUTED_WEIGHT): XᵀX weighs them 1 and UNROUTED_WEIGHT; the outputs do not change."""
+    model = tiny_model("qwen3_moe")
+    unfuse_experts(model)
+    block = model.model.layers[0]
+    experts = block.mlp.experts
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [getattr(experts[3], name).register_forward_pre_hook(
+        lambda m, a, n=name: inputs.__setitem__(n, a[0].detach().clone()))
+        for name in ("gate_proj", "down_proj")]
+    plain: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        normal = model(ids).logits
+        with calibrating(block):
+            for weight in (1.0, ExpertLinears.UNROUTED_WEIGHT):
+                ExpertLinears.UNROUTED_WEIGHT, before = weight, ExpertLinears.UNROUTED_WEIGHT
+                try:
+                    out = model(ids).logits
+                finally:
+                    ExpertLinears.UNROUTED_WEIGHT = before
+                torch.testing.assert_close(out, normal, rtol=0, atol=1e-5)
+                if weight == 1.0:
+                    plain = dict(inputs)
+    for hook in hooks:
+        hook.remove()
+    routed = experts.routed  # counted over the three passes: 3x the tokens sent to each expert
+    assert 0 < int(routed[3]) < 3 * ids.numel()
+    for name, x in inputs.items():
+        ratio = (x.norm(dim=1) / plain[name].norm(dim=1).clamp(min=1e-12))
+        sent = torch.isclose(ratio, torch.tensor(1.0), rtol=1e-4)
+        assert int(sent.sum()) == int(routed[3]) // 3, name  # the routed rows unchanged
+        torch.testing.assert_close(ratio[~sent], torch.full_like(ratio[~sent], ExpertLinears.UNROUTED_WEIGHT ** 0.5),
+                                   rtol=1e-3, atol=0)
+
+
 def test_experts_are_solved_in_chunks_that_cover_each_once() -> None:
     config = MOE_CONFIGS["qwen3_moe"]()
     arch = get_arch("qwen3_moe")

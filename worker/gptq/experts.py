@@ -11,7 +11,12 @@ Calibration: the router sends each expert a few tokens, some experts none, so a 
 the routed tokens alone is poor or missing. While `calibrate_all` is on, every expert runs on
 every token (its linears' Hessians see the whole calibration set) and the output still sums
 only the routed experts, with their routing weights: the block computes what the model
-computes. `routed` counts the tokens the router sent to each expert since the last reset.
+computes. In an expert's Hessians a token the router sent it weighs 1 and any other token
+UNROUTED_WEIGHT (its input rows scaled by the square root, the outputs scaled back): an expert
+fed well is fitted to the tokens it really sees, a starved one still has the whole set's
+statistics. On the trained Mixtral (3 calibration sets x 2/3/4 bits) weight 0.03 lost 4-8%
+less KL than weighing every token alike, 0.1 nearly as little (docs/engine.md).
+`routed` counts the tokens the router sent to each expert since the last reset.
 """
 
 from __future__ import annotations
@@ -33,13 +38,24 @@ class ExpertMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
         self.act_fn = act_fn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """row_scale ([T, 1], > 0): each linear is called with its input rows times it and its
+        output divided by it again (the linears have no bias): the result is the same, and the
+        Hessians the linears' hooks gather weigh each token by row_scale²."""
+        if row_scale is None:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        scaled = x * row_scale
+        inner = self.act_fn(self.gate_proj(scaled) / row_scale) * (self.up_proj(scaled) / row_scale)
+        return self.down_proj(inner * row_scale) / row_scale
 
 
 class ExpertLinears(nn.ModuleList):
     """A fused experts module as one ExpertMLP per expert; called like the fused one
     (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])."""
+
+    # the weight in an expert's Hessians of a token the router did not send it (one it sent
+    # counts 1): see the module docstring
+    UNROUTED_WEIGHT = 0.03
 
     def __init__(self, experts: list[ExpertMLP]) -> None:
         super().__init__(experts)
@@ -56,8 +72,11 @@ class ExpertLinears(nn.ModuleList):
             if not self.calibrate_all and not hits[index]:
                 continue
             tokens, slot = torch.where(top_k_index == index)
-            if self.calibrate_all:
-                states = expert(hidden_states)[tokens]  # every token feeds the Hessians
+            if self.calibrate_all:  # every token feeds the Hessians
+                scale = torch.full((hidden_states.shape[0], 1), self.UNROUTED_WEIGHT ** 0.5,
+                                   dtype=hidden_states.dtype, device=hidden_states.device)
+                scale[tokens] = 1.0  # exactly: the routed rows compute what they always do
+                states = expert(hidden_states, scale)[tokens]
             else:
                 states = expert(hidden_states[tokens])
             weights = top_k_weights[tokens, slot, None]

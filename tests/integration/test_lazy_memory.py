@@ -139,3 +139,27 @@ def test_glibc_is_told_before_the_first_weight(tmp_path: Path, monkeypatch, eval
     quantize(str(model), tmp_path / "out", QuantizeConfig(bits=4, group_size=32), CALIBRATION,
              device="cpu", evaluate=evaluate)
     assert told == (["mallopt", "load"] if expected else ["load"])
+
+
+def _saved_moe(model_type: str, path: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from tests.tiny_models import tiny_model
+
+    tiny_model(model_type).save_pretrained(path)
+    AutoTokenizer.from_pretrained(fixture_path("models", "babyllama-tok105")).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral"])
+def test_a_mixture_of_experts_is_streamed_block_by_block_too(model_type, tmp_path) -> None:
+    """Its files hold one linear per expert (Mixtral's as block_sparse_moe.experts.E.w1/w3/w2):
+    read a block at a time like a dense model, the same checkpoint as reading it whole."""
+    source = _saved_moe(model_type, tmp_path / "source")
+    config = QuantizeConfig(bits=4, group_size=32)
+    eager = quantize(str(source), tmp_path / "eager", config, CALIBRATION, device="cpu", lazy=False)
+    lazy = quantize(str(source), tmp_path / "lazy", config, CALIBRATION, device="cpu", lazy=True)
+    assert lazy.lazy and not eager.lazy
+    assert assert_same_checkpoint(tmp_path / "eager", tmp_path / "lazy") > 10
+    assert [m["loss"] for m in lazy.modules] == [m["loss"] for m in eager.modules]
+    assert [m["routed_tokens"] for m in lazy.modules] == [m["routed_tokens"] for m in eager.modules]

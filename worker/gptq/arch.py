@@ -37,6 +37,9 @@ class MoeLayout:
     experts: str  # the experts module inside a block, e.g. "mlp.experts"
     count_keys: tuple[str, ...]  # config attributes giving the number of routed experts
     intermediate_keys: tuple[str, ...]  # ... and each expert's intermediate width
+    # (in memory, in the files) name parts, where a family's checkpoints name the split
+    # experts otherwise than transformers 5 does in memory (lazyload reads the files by them)
+    file_names: tuple[tuple[str, str], ...] = ()
 
     def sizes(self, config: Any) -> tuple[int, int, int]:
         """(experts, hidden, intermediate) from a model config."""
@@ -185,7 +188,11 @@ ARCHS: tuple[ArchSpec, ...] = (
         "model.layers",
         _LLAMA_SEQUENTIAL[:2],
         moe=MoeLayout("mlp.experts", ("num_local_experts", "num_experts"),
-                      ("moe_intermediate_size", "intermediate_size")),
+                      ("moe_intermediate_size", "intermediate_size"),
+                      # Mixtral's files: block_sparse_moe.gate, block_sparse_moe.experts.E.w1/w3/w2
+                      file_names=(("mlp.experts.", "block_sparse_moe.experts."),
+                                  ("mlp.gate.", "block_sparse_moe.gate."), (".gate_proj.", ".w1."),
+                                  (".up_proj.", ".w3."), (".down_proj.", ".w2."))),
     ),
     # a shared expert (a plain MLP, gated by a 1-wide linear left unquantized) beside the routed
     ArchSpec(

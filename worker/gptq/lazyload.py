@@ -20,6 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from worker.gptq.arch import ArchSpec
+from worker.gptq.experts import unfuse_experts
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -86,12 +87,19 @@ class LazyModel:
         self._tied = tied_keys(model)
 
     def key_of(self, name: str) -> str | None:
-        """The file key of a parameter: its own name, or without the base model prefix."""
-        if name in self.files.where:
-            return name
-        if self._strip and name.startswith(self._strip) and name[len(self._strip):] in self.files.where:
-            return name[len(self._strip):]
+        """The file key of a parameter: its own name, or without the base model prefix; for
+        experts, also as the family's files name them (MoeLayout.file_names)."""
+        for candidate in (name, self._as_in_files(name)):
+            if candidate in self.files.where:
+                return candidate
+            if self._strip and candidate.startswith(self._strip) and candidate[len(self._strip):] in self.files.where:
+                return candidate[len(self._strip):]
         return None
+
+    def _as_in_files(self, name: str) -> str:
+        for in_memory, in_files in self.arch.moe.file_names if self.arch.moe is not None else ():
+            name = name.replace(in_memory, in_files)
+        return name
 
     def missing(self) -> list[str]:
         """Parameters neither in the files nor tied to one that is (lazy loading cannot work)."""
@@ -195,15 +203,15 @@ def open_lazy(
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
-    if arch.moe is not None:
-        # its fused experts are split per expert in memory (experts.py), not in the files
-        return None, "a mixture-of-experts model is read whole, not block by block"
     if not directory.is_dir():
         return None, "the model is not a local directory"
     if not WeightFiles.present(directory):
         return None, "the model directory has no safetensors weights"
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    if arch.moe is not None:
+        # one linear per expert, as the files store them (transformers fuses them in memory)
+        unfuse_experts(model)
     lazy = LazyModel(model, WeightFiles(directory), arch, dtype)
     missing = lazy.missing()
     if missing:

@@ -58,9 +58,9 @@ def memory_limit_abort(code: int, limit_mb: int) -> str | None:
     if not limit_mb or code != -signal.SIGABRT:
         return None
     return (f"the job process aborted while its memory was limited to {limit_mb} MiB "
-            "(GPTQD_JOB_MEMORY_LIMIT_MB): a native library could not allocate (the tokenizer, "
-            "on a large calibration text); lower calibration.num_samples or seq_length, use a "
-            "smaller calibration dataset, or raise the limit")
+            "(GPTQD_JOB_MEMORY_LIMIT_MB): native code (a tokenizer, a math library) could not "
+            "allocate; lower calibration.num_samples or seq_length, use a smaller calibration "
+            "dataset, or raise the limit")
 
 
 def _requeue_dead(kind: Kind, item_id: str, pid: int, code: int) -> None:

@@ -61,7 +61,7 @@ def test_calibrating_runs_every_expert_on_every_token_and_keeps_the_routing() ->
     assert not expert_modules(block)["mlp.experts"].calibrate_all  # off again
 
 
-def test_an_expert_hessian_weighs_tokens_it_was_not_sent_less() -> None:
+def test_an_expert_hessian_weighs_tokens_it_was_not_sent_less(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each linear of an expert sees its routed tokens' rows as they are and the others' scaled
     by sqrt(UNROUTED_WEIGHT): XᵀX weighs them 1 and UNROUTED_WEIGHT; the outputs do not change."""
     model = tiny_model("qwen3_moe")
@@ -73,19 +73,15 @@ def test_an_expert_hessian_weighs_tokens_it_was_not_sent_less() -> None:
     hooks = [getattr(experts[3], name).register_forward_pre_hook(
         lambda m, a, n=name: inputs.__setitem__(n, a[0].detach().clone()))
         for name in ("gate_proj", "down_proj")]
-    plain: dict[str, torch.Tensor] = {}
+    weight = ExpertLinears.UNROUTED_WEIGHT
     with torch.no_grad():
         normal = model(ids).logits
         with calibrating(block):
-            for weight in (1.0, ExpertLinears.UNROUTED_WEIGHT):
-                ExpertLinears.UNROUTED_WEIGHT, before = weight, ExpertLinears.UNROUTED_WEIGHT
-                try:
-                    out = model(ids).logits
-                finally:
-                    ExpertLinears.UNROUTED_WEIGHT = before
-                torch.testing.assert_close(out, normal, rtol=0, atol=1e-5)
-                if weight == 1.0:
-                    plain = dict(inputs)
+            monkeypatch.setattr(ExpertLinears, "UNROUTED_WEIGHT", 1.0)  # every row as it is
+            torch.testing.assert_close(model(ids).logits, normal, rtol=0, atol=1e-5)
+            plain = dict(inputs)
+            monkeypatch.setattr(ExpertLinears, "UNROUTED_WEIGHT", weight)
+            torch.testing.assert_close(model(ids).logits, normal, rtol=0, atol=1e-5)
     for hook in hooks:
         hook.remove()
     routed = experts.routed  # counted over the three passes: 3x the tokens sent to each expert
@@ -94,7 +90,7 @@ def test_an_expert_hessian_weighs_tokens_it_was_not_sent_less() -> None:
         ratio = (x.norm(dim=1) / plain[name].norm(dim=1).clamp(min=1e-12))
         sent = torch.isclose(ratio, torch.tensor(1.0), rtol=1e-4)
         assert int(sent.sum()) == int(routed[3]) // 3, name  # the routed rows unchanged
-        torch.testing.assert_close(ratio[~sent], torch.full_like(ratio[~sent], ExpertLinears.UNROUTED_WEIGHT ** 0.5),
+        torch.testing.assert_close(ratio[~sent], torch.full_like(ratio[~sent], weight ** 0.5),
                                    rtol=1e-3, atol=0)
 
 

@@ -151,9 +151,9 @@ _WORD_GAP = re.compile(r"(?<=[^\W\d_]) (?=[^\W\d_])")  # a space between two let
 
 def _cut(text: str, low: int, high: int) -> int:
     """Where to cut text within [low, high): see text_pieces."""
-    gaps = [m.start() for m in _WORD_GAP.finditer(text, low, high)]
-    if gaps:
-        return gaps[-1]
+    gap = max((m.start() for m in _WORD_GAP.finditer(text, low, high)), default=None)
+    if gap is not None:
+        return gap
     line = text.rfind("\n", low, high)
     return line + 1 if line != -1 else high
 

@@ -4,6 +4,7 @@ with at most one decoder block's weights in memory at a time."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,68 @@ def test_a_mixture_of_experts_is_streamed_block_by_block_too(model_type, tmp_pat
     assert assert_same_checkpoint(tmp_path / "eager", tmp_path / "lazy") > 10
     assert [m["loss"] for m in lazy.modules] == [m["loss"] for m in eager.modules]
     assert [m["routed_tokens"] for m in lazy.modules] == [m["routed_tokens"] for m in eager.modules]
+
+
+def _block_of(keys: list[str]) -> int | None:
+    """The decoder block a read is for (None: embeddings, norm, head)."""
+    blocks = {int(k.split(".")[2]) for k in keys if k.startswith("model.layers.")}
+    return blocks.pop() if len(blocks) == 1 else None
+
+
+def test_read_ahead_reads_the_next_block_in_a_thread_and_changes_nothing(sharded_llama, tmp_path, monkeypatch):
+    """What a GPU run does (api.READ_AHEAD_DEVICES): block i+1 is read by a thread, asked for
+    before block i is solved; the checkpoint is the same bit for bit."""
+    from worker.gptq import api, blockstore
+
+    config = QuantizeConfig(bits=4, group_size=32)
+    plain = quantize(str(sharded_llama), tmp_path / "plain", config, CALIBRATION, device="cpu")
+
+    events: list[tuple] = []
+    read, start, solved = lazyload.WeightFiles.read, lazyload.ReadAhead.start, blockstore.BlockStore.solved
+
+    def recording_read(self, keys):
+        events.append(("read", _block_of(keys), threading.current_thread().name))
+        return read(self, keys)
+
+    def recording_start(self, index, keys):
+        events.append(("ahead", index))
+        start(self, index, keys)
+
+    def recording_solved(self, name, module, layer):
+        events.append(("solved", int(name.split(".")[2])))
+        return solved(self, name, module, layer)
+
+    monkeypatch.setattr(api, "READ_AHEAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(lazyload.WeightFiles, "read", recording_read)
+    monkeypatch.setattr(lazyload.ReadAhead, "start", recording_start)
+    monkeypatch.setattr(blockstore.BlockStore, "solved", recording_solved)
+    ahead = quantize(str(sharded_llama), tmp_path / "ahead", config, CALIBRATION, device="cpu")
+
+    n = ahead.num_blocks
+    block_reads = {e[1]: e[2] for e in events if e[0] == "read" and e[1] is not None}
+    assert block_reads[0] == "MainThread"
+    assert all(block_reads[i].startswith("gptqd-readahead") for i in range(1, n)), block_reads
+    for i in range(n - 1):  # asked for before the current block's first solve: they overlap
+        assert events.index(("ahead", i + 1)) < events.index(("solved", i))
+    assert ("ahead", n) not in events
+    assert assert_same_checkpoint(tmp_path / "plain", tmp_path / "ahead") > 10
+    assert [m["loss"] for m in ahead.modules] == [m["loss"] for m in plain.modules]
+    assert not [t for t in threading.enumerate() if t.name.startswith("gptqd-readahead")]
+
+
+def test_a_failed_read_ahead_fails_the_run_with_its_error(sharded_llama, tmp_path, monkeypatch):
+    from worker.gptq import api
+
+    read = lazyload.WeightFiles.read
+
+    def failing(self, keys):
+        if _block_of(keys) == 2:
+            raise OSError(5, "Input/output error", "model-00002.safetensors")
+        return read(self, keys)
+
+    monkeypatch.setattr(api, "READ_AHEAD_DEVICES", ("cpu",))
+    monkeypatch.setattr(lazyload.WeightFiles, "read", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        quantize(str(sharded_llama), tmp_path / "out", QuantizeConfig(bits=4, group_size=32),
+                 CALIBRATION, device="cpu")
+    assert not [t for t in threading.enumerate() if t.name.startswith("gptqd-readahead")]

@@ -161,6 +161,8 @@ def quantize(
             run, should_stop, evaluate, store,
         )
     finally:
+        if loaded.lazy is not None:
+            loaded.lazy.close()
         if store is not None:
             store.close()  # whoever acts on the work dir next finds no write under way
             if work_dir is None:
@@ -245,6 +247,11 @@ def _quantize_loaded(
     return report
 
 
+# where a streamed run reads the next block while solving this one: on a GPU the card would
+# otherwise wait on the disk; on the CPU host memory is the limit streaming exists for
+READ_AHEAD_DEVICES = ("cuda",)
+
+
 def _open_lazy(
     model: str, hf_config: Any, arch: Any, compute: torch.device, common: dict[str, Any]
 ) -> tuple[LoadedModel | None, str]:
@@ -253,7 +260,8 @@ def _open_lazy(
 
     dtype = torch.float32 if compute.type == "cpu" else _config_dtype(hf_config)
     lazy, why = open_lazy(Path(model).expanduser(), hf_config, arch, dtype,
-                          trust_remote_code=common["trust_remote_code"])
+                          trust_remote_code=common["trust_remote_code"],
+                          read_ahead=compute.type in READ_AHEAD_DEVICES)
     if lazy is None:
         return None, why
     tokenizer = load_tokenizer(model, **common)

@@ -5,12 +5,17 @@ real: they are computed, not stored). Embeddings, final norm and head are read o
 block is read just before it is quantized and returned to meta once its checkpoint tensors are
 on disk. Each read opens the file, copies the tensors out and closes it again, so the
 memory-mapped pages of blocks already done do not stay mapped (and counted in the RSS).
+
+With read_ahead (on a GPU), the next block's tensors are read by a thread while the current
+block is solved: the card does not wait on the disk between blocks, for the price of one more
+block's stored weights in host memory.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,40 @@ class WeightFiles:
         return out
 
 
+class ReadAhead:
+    """One read of a block's tensors at a time, in a thread; take() waits for it."""
+
+    def __init__(self, files: WeightFiles) -> None:
+        self.files = files
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future[dict[str, torch.Tensor]]] | None = None
+
+    def start(self, index: int, keys: list[str]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptqd-readahead")
+        self.drop()
+        self._pending = (index, self._pool.submit(self.files.read, keys))
+
+    def take(self, index: int) -> dict[str, torch.Tensor] | None:
+        """Block index's tensors if they are the ones read ahead (the read's error, if it
+        failed), else None."""
+        pending, self._pending = self._pending, None
+        if pending is None or pending[0] != index:
+            return None
+        return pending[1].result()
+
+    def drop(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[1].cancel()  # a read under way finishes; its tensors are let go
+
+    def close(self) -> None:
+        self.drop()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 @contextmanager
 def _parameters_on_meta() -> Iterator[None]:
     """Every parameter registered inside goes to the meta device; buffers stay real."""
@@ -80,8 +119,12 @@ def _parameters_on_meta() -> Iterator[None]:
 class LazyModel:
     """The model skeleton plus where its weights live; materialises parts on demand."""
 
-    def __init__(self, model: nn.Module, files: WeightFiles, arch: ArchSpec, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: nn.Module, files: WeightFiles, arch: ArchSpec, dtype: torch.dtype,
+        read_ahead: bool = False,
+    ) -> None:
         self.model, self.files, self.arch, self.dtype = model, files, arch, dtype
+        self.ahead = ReadAhead(files) if read_ahead else None
         prefix = getattr(model, "base_model_prefix", "") or ""
         self._strip = prefix + "." if prefix else None
         self._tied = tied_keys(model)
@@ -150,12 +193,45 @@ class LazyModel:
             readers[name] = read
         return readers
 
-    def load_block(self, index: int, block: nn.Module, as_stored: Collection[str] = ()) -> None:
-        """as_stored: parameter names (relative to the block) kept in the files' dtype."""
-        prefix = self.arch.block_prefix(index) + "."
-        self._load(block, prefix, keep={prefix + name for name in as_stored})
+    def block_keys(self, index: int, block: nn.Module) -> list[str]:
+        """The file keys of a block's stored tensors (what load_block reads)."""
+        return [key for _, _, key, _ in self._slots(block, self.arch.block_prefix(index) + ".")]
 
-    def _load(self, root: nn.Module, prefix: str, skip: Any = None, keep: Collection[str] = ()) -> None:
+    def load_block(
+        self, index: int, block: nn.Module, as_stored: Collection[str] = (),
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """as_stored: parameter names (relative to the block) kept in the files' dtype.
+        tensors: the block's tensors as files.read(block_keys()) gave them, if read already."""
+        prefix = self.arch.block_prefix(index) + "."
+        if tensors is None and self.ahead is not None:
+            tensors = self.ahead.take(index)
+        self._load(block, prefix, keep={prefix + name for name in as_stored}, tensors=tensors)
+        blocks = self.arch.blocks(self.model)
+        if self.ahead is not None and index + 1 < len(blocks):
+            self.ahead.start(index + 1, self.block_keys(index + 1, blocks[index + 1]))
+
+    def close(self) -> None:
+        """No read left under way (the run ended, finished or not)."""
+        if self.ahead is not None:
+            self.ahead.close()
+
+    def _load(
+        self, root: nn.Module, prefix: str, skip: Any = None, keep: Collection[str] = (),
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        slots = self._slots(root, prefix, skip)
+        if tensors is None:
+            tensors = self.files.read([key for _, _, key, _ in slots])
+        for store, attr, key, name in slots:
+            tensor = tensors.pop(key)
+            if tensor.is_floating_point() and name not in keep:
+                tensor = tensor.to(self.dtype)
+            is_param = isinstance(store[attr], nn.Parameter)
+            store[attr] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+
+    def _slots(self, root: nn.Module, prefix: str, skip: Any = None) -> list[tuple[dict, str, str, str]]:
+        """(store, attribute, file key, name) of each tensor under root the files hold."""
         slots = []
         for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
             # parameters, and buffers the checkpoint stores (computed ones are already real)
@@ -168,13 +244,7 @@ class LazyModel:
                     if key is None:
                         continue  # a tied weight (set by tie_weights()) or a computed buffer
                     slots.append((store, attr, key, name))
-        tensors = self.files.read([key for _, _, key, _ in slots])
-        for store, attr, key, name in slots:
-            tensor = tensors.pop(key)
-            if tensor.is_floating_point() and name not in keep:
-                tensor = tensor.to(self.dtype)
-            is_param = isinstance(store[attr], nn.Parameter)
-            store[attr] = nn.Parameter(tensor, requires_grad=False) if is_param else tensor
+        return slots
 
 
 def tied_keys(model: nn.Module) -> set[str]:
@@ -197,7 +267,8 @@ def release(module: nn.Module, keep: Collection[int] = ()) -> None:
 
 
 def open_lazy(
-    directory: Path, config: Any, arch: ArchSpec, dtype: torch.dtype, *, trust_remote_code: bool = False
+    directory: Path, config: Any, arch: ArchSpec, dtype: torch.dtype, *,
+    trust_remote_code: bool = False, read_ahead: bool = False,
 ) -> tuple[LazyModel | None, str]:
     """A LazyModel for a local checkpoint directory, or None and the reason it cannot be one."""
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -212,7 +283,7 @@ def open_lazy(
     if arch.moe is not None:
         # one linear per expert, as the files store them (transformers fuses them in memory)
         unfuse_experts(model)
-    lazy = LazyModel(model, WeightFiles(directory), arch, dtype)
+    lazy = LazyModel(model, WeightFiles(directory), arch, dtype, read_ahead=read_ahead)
     missing = lazy.missing()
     if missing:
         return None, f"weights not found in the safetensors files: {', '.join(missing[:3])}"

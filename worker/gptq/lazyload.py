@@ -132,7 +132,7 @@ class LazyModel:
     def key_of(self, name: str) -> str | None:
         """The file key of a parameter: its own name, or without the base model prefix; for
         experts, also as the family's files name them (MoeLayout.file_names)."""
-        for candidate in (name, self._as_in_files(name)):
+        for candidate in dict.fromkeys((name, self._as_in_files(name))):  # once if the same
             if candidate in self.files.where:
                 return candidate
             if self._strip and candidate.startswith(self._strip) and candidate[len(self._strip):] in self.files.where:

@@ -73,3 +73,23 @@ def test_eval_spec_validation():
         EvalSpec(source="builtin", max_windows=0)
     with pytest.raises(ValueError, match="seq_length"):
         EvalSpec(source="builtin", seq_length=1)
+
+
+def test_a_large_vocabulary_scores_fewer_windows_per_forward(monkeypatch):
+    """The logits of one forward stay within LOGITS_BYTES (a 128k vocabulary would otherwise
+    need GBs beside the model); the perplexity does not depend on the batching."""
+    from worker.gptq import evaluate
+
+    model = tiny_llama()
+    windows = torch.randint(0, 256, (7, 16), generator=torch.Generator().manual_seed(0))
+    expected = evaluate.window_perplexity(model, windows, batch_size=8)
+    seen: list[int] = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs["input_ids"].shape[0]),
+                                    with_kwargs=True)
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", 2 * 16 * 256 * 4)  # two windows' fp32 logits
+    assert evaluate.logits_batch(model, 16) == 2
+    assert evaluate.window_perplexity(model, windows) == pytest.approx(expected, rel=1e-6)
+    assert seen == [2, 2, 2, 1]
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", 1)  # never below one window
+    assert evaluate.logits_batch(model, 16) == 1
+    assert evaluate.agreement(model, model, windows)["kl"] == pytest.approx(0.0, abs=1e-6)

@@ -120,6 +120,17 @@ def _check_fits(model: torch.nn.Module, seq_length: int) -> None:
         raise ValueError(f"seq_length={seq_length} exceeds the model's context length {limit}")
 
 
+# one forward's fp32 logits at most this big (the loss makes one more such copy): with a
+# 128k vocabulary 8 windows of 512 tokens would be 2.1 GB, beside a model that fills the card
+LOGITS_BYTES = 1 << 30
+
+
+def logits_batch(model: torch.nn.Module, seq_length: int, most: int = 8) -> int:
+    """How many windows of seq_length one forward may score within LOGITS_BYTES (at least 1)."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 1
+    return max(1, min(most, LOGITS_BYTES // (seq_length * vocab * 4)))
+
+
 @torch.inference_mode()
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids.to(_model_device(model)), use_cache=False)
@@ -132,7 +143,7 @@ def perplexity(
     texts: str | Sequence[str],
     seq_length: int,
     max_windows: int | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
 ) -> float:
     """Perplexity of `model` on `texts` under the module's protocol."""
     _check_fits(model, seq_length)
@@ -140,11 +151,12 @@ def perplexity(
 
 
 @torch.inference_mode()
-def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean NLL) over every predicted token of windows ([n, seq_length] long), each scored alone."""
+def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int | None = None) -> float:
+    """exp(mean NLL) over every predicted token of windows ([n, seq_length] long), each scored
+    alone; batch_size windows per forward (default: logits_batch)."""
     _check_fits(model, windows.shape[1])
     nll, count = 0.0, 0
-    for batch in windows.split(batch_size):
+    for batch in windows.split(batch_size or logits_batch(model, windows.shape[1])):
         logits = _logits(model, batch)
         targets = batch[:, 1:].to(logits.device)
         nll += float(
@@ -161,14 +173,14 @@ def agreement(
     ref_model: torch.nn.Module,
     q_model: torch.nn.Module,
     input_ids: torch.Tensor,
-    batch_size: int = 8,
+    batch_size: int | None = None,
 ) -> dict[str, float]:
     """How often the quantized model's top-1 token equals the original's, and KL(ref ‖ quantized).
 
     Both are averaged over every position of input_ids ([B, T] long); KL is in nats.
     """
     same, kl, positions = 0, 0.0, 0
-    for batch in input_ids.split(batch_size):
+    for batch in input_ids.split(batch_size or logits_batch(ref_model, input_ids.shape[1])):
         ref = F.log_softmax(_logits(ref_model, batch), dim=-1)
         q = F.log_softmax(_logits(q_model, batch), dim=-1).to(ref.device)
         same += int((ref.argmax(-1) == q.argmax(-1)).sum())

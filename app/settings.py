@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     max_queued_per_key: int = 100
     page_size_max: int = 200
     device: str | None = None  # engine device for workers (None: cuda when present, else cpu)
+    # a job asked for sample text loads the whole model only while it takes at most this share
+    # of the memory free (host, and card on a GPU); otherwise it streams the model block by
+    # block and measures perplexity only (worker/gptq/residency.py)
+    whole_model_share: float = Field(0.5, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _stale_after_beats(self) -> Settings:

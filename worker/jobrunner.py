@@ -131,6 +131,7 @@ def _engine_kwargs(spec: dict[str, Any], store: Store, settings: Settings) -> di
         "trust_remote_code": bool(spec.get("trust_remote_code")),
         "token": settings.hf_token.get_secret_value() if settings.hf_token else None,
         "device": settings.device,
+        "whole_model_share": settings.whole_model_share,
     }
     verify = spec["verify"]
     if verify["perplexity"] or (verify["prompts"] and verify["max_new_tokens"] > 0):

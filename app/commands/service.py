@@ -119,8 +119,11 @@ def summary(job: dict) -> str:
     if sizes.get("original_bytes") and sizes.get("checkpoint_bytes"):
         lines.append(f"size: {sizes['original_bytes'] / 1e6:.2f} MB of weights -> "
                      f"{sizes['checkpoint_bytes'] / 1e6:.2f} MB checkpoint")
-    for text in (metrics.get("evaluation") or {}).get("samples_after") or []:
+    evaluation = metrics.get("evaluation") or {}
+    for text in evaluation.get("samples_after") or []:
         lines.append(f"sample: {text!r}")
+    if evaluation.get("samples_skipped"):
+        lines.append(f"no samples: {evaluation['samples_skipped']}")
     if job["status"] == "succeeded":
         lines.append(f"artifacts: {len(job['artifacts'])} files, GET {job['links']['archive']}")
     return "\n".join(lines)

@@ -401,8 +401,10 @@ function renderJob(job) {
   }
   $("#downloads").hidden = list.children.length === 0;
   const samples = job.metrics?.evaluation?.samples_after || [];
-  $("#samples").replaceChildren(...samples.map((s) => text("pre", s)));
-  $("#samples-panel").hidden = samples.length === 0;
+  const skipped = job.metrics?.evaluation?.samples_skipped;  // a streamed run: why there are none
+  $("#samples").replaceChildren(...samples.map((s) => text("pre", s)),
+                                ...(skipped ? [text("p", `No samples: ${skipped}.`)] : []));
+  $("#samples-panel").hidden = samples.length === 0 && !skipped;
   $("#verify").hidden = job.status !== "succeeded";
   if (job.status === "succeeded") {
     $("#verify-button").onclick = () => verify(job.id);

@@ -28,6 +28,15 @@ def tiny_llama(path: Path, layers: int = 4, tie: bool = False) -> Path:
     return path
 
 
+def saved_tiny_model(model_type: str, path: Path) -> Path:
+    """tests/tiny_models.py's model of that type, saved with the babyllama character tokenizer."""
+    from tests.tiny_models import tiny_model
+
+    tiny_model(model_type).save_pretrained(path)
+    AutoTokenizer.from_pretrained(fixture_path("models", "babyllama-tok105")).save_pretrained(path)
+    return path
+
+
 def assert_same_checkpoint(a: Path, b: Path) -> int:
     """Every tensor equal (dtype, shape, bits) and the same config files; returns the count."""
     first, second = _tensors(a), _tensors(b)

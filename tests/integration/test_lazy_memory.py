@@ -12,7 +12,7 @@ import torch
 import transformers as tf
 
 from tests.conftest import fixture_path
-from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
+from tests.integration.checkpoints import assert_same_checkpoint, saved_tiny_model, tiny_llama
 from worker.gptq import compactblock, lazyload
 from worker.gptq.api import quantize
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
@@ -106,14 +106,10 @@ def test_lazy_checkpoint_is_bit_identical_to_the_whole_model_path(model, config,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eager", "lazy"]
 
 
-def test_lazy_is_the_default_without_evaluation_and_refused_with_it(sharded_llama, tmp_path):
+def test_lazy_is_the_default_for_a_local_directory(sharded_llama, tmp_path):
+    """(With evaluation too: tests/integration/test_streameval.py.)"""
     config = QuantizeConfig(bits=4, group_size=32)
     assert quantize(str(sharded_llama), tmp_path / "a", config, CALIBRATION, device="cpu").lazy
-    spec = EvalSpec(source=str(fixture_path("tinystories", "tinystories_valid_excerpt.txt")),
-                    seq_length=64, max_windows=2)
-    with pytest.raises(EngineError, match="evaluation needs the whole model"):
-        quantize(str(sharded_llama), tmp_path / "b", config, CALIBRATION, device="cpu",
-                 lazy=True, evaluate=spec)
 
 
 def test_lazy_refused_for_a_directory_without_safetensors(tmp_path):
@@ -127,36 +123,27 @@ def test_lazy_refused_for_a_directory_without_safetensors(tmp_path):
 
 @pytest.mark.parametrize(("evaluate", "expected"), [(None, True), (EvalSpec("builtin", seq_length=32, max_windows=2), False)])
 def test_glibc_is_told_before_the_first_weight(tmp_path: Path, monkeypatch, evaluate, expected) -> None:
-    """A run that may stream sets glibc's thresholds before anything large is allocated (done
-    after loading, about half the runs kept ~150 MiB more in the brk heap); a whole-model
-    run leaves the allocator alone."""
+    """A run that streams sets glibc's thresholds before any weight is read (done after
+    loading, about half the runs kept ~150 MiB more in the brk heap); a whole-model run (here:
+    samples asked for, and the model fits) leaves the allocator alone."""
     from worker.gptq import api
 
     model = tiny_llama(tmp_path / "m", layers=1)
     told: list[str] = []
     monkeypatch.setattr(api, "return_freed_memory", lambda: told.append("mallopt"))
-    load_config = api.load_config
-    monkeypatch.setattr(api, "load_config", lambda *a, **k: (told.append("load"), load_config(*a, **k))[1])
+    for reader in ("_open_lazy", "load_model"):
+        original = getattr(api, reader)
+        monkeypatch.setattr(api, reader, lambda *a, _f=original, **k: (told.append("weights"), _f(*a, **k))[1])
     quantize(str(model), tmp_path / "out", QuantizeConfig(bits=4, group_size=32), CALIBRATION,
              device="cpu", evaluate=evaluate)
-    assert told == (["mallopt", "load"] if expected else ["load"])
-
-
-def _saved_moe(model_type: str, path: Path) -> Path:
-    from transformers import AutoTokenizer
-
-    from tests.tiny_models import tiny_model
-
-    tiny_model(model_type).save_pretrained(path)
-    AutoTokenizer.from_pretrained(fixture_path("models", "babyllama-tok105")).save_pretrained(path)
-    return path
+    assert told == (["mallopt", "weights"] if expected else ["weights"])
 
 
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral"])
 def test_a_mixture_of_experts_is_streamed_block_by_block_too(model_type, tmp_path) -> None:
     """Its files hold one linear per expert (Mixtral's as block_sparse_moe.experts.E.w1/w3/w2):
     read a block at a time like a dense model, the same checkpoint as reading it whole."""
-    source = _saved_moe(model_type, tmp_path / "source")
+    source = saved_tiny_model(model_type, tmp_path / "source")
     config = QuantizeConfig(bits=4, group_size=32)
     eager = quantize(str(source), tmp_path / "eager", config, CALIBRATION, device="cpu", lazy=False)
     lazy = quantize(str(source), tmp_path / "lazy", config, CALIBRATION, device="cpu", lazy=True)

@@ -32,8 +32,9 @@ CHILD = textwrap.dedent("""
     from pathlib import Path
     from worker.gptq.api import quantize
     from worker.gptq.config import CalibrationSpec, QuantizeConfig
+    from worker.gptq.evaluate import EvalSpec
 
-    model, out, work, kill_after, lazy, when = sys.argv[1:7]
+    model, out, work, kill_after, lazy, when, eval_text = sys.argv[1:8]
 
     def committed():
         try:
@@ -49,7 +50,8 @@ CHILD = textwrap.dedent("""
 
     quantize(model, out, QuantizeConfig(bits=4, group_size=32),
              CalibrationSpec("builtin", num_samples=8, seq_length=64), device="cpu",
-             progress=progress, work_dir=work, lazy=lazy == "lazy")
+             progress=progress, work_dir=work, lazy=lazy == "lazy",
+             evaluate=EvalSpec(eval_text, seq_length=64, max_windows=4, prompts=()) if eval_text else None)
 """)
 
 
@@ -58,15 +60,17 @@ def model_dir(tmp_path_factory) -> Path:
     return tiny_llama(tmp_path_factory.mktemp("llama"), layers=BLOCKS)
 
 
-def _kill_midway(model_dir: Path, out: Path, work: Path, lazy: str, when: str = "committed") -> int:
+def _kill_midway(model_dir: Path, out: Path, work: Path, lazy: str, when: str = "committed",
+                 eval_text: str = "", kill_after: int = KILL_AFTER) -> int:
     """Blocks committed when the run was killed."""
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(model_dir), str(out), str(work), str(KILL_AFTER), lazy, when],
+        [sys.executable, "-c", CHILD, str(model_dir), str(out), str(work), str(kill_after), lazy, when,
+         eval_text],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
     )
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
     finished = json.loads((work / "state.json").read_text())["finished"]
-    assert finished in (KILL_AFTER - 1, KILL_AFTER)  # the block after the last commit in flight
+    assert finished in (kill_after - 1, kill_after)  # the block after the last commit in flight
     assert (work / f"hidden-{finished:05d}.pt").is_file()
     return finished
 
@@ -110,6 +114,26 @@ def test_resumed_whole_model_run_evaluates_the_restored_blocks(model_dir, tmp_pa
                        evaluate=spec, work_dir=work)
     assert resumed.perplexity_after == clean.perplexity_after
     assert resumed.perplexity_after != resumed.perplexity_before
+
+
+@pytest.mark.parametrize("kill_after", [KILL_AFTER, BLOCKS])
+def test_resumed_streamed_run_measures_what_the_clean_run_measures(model_dir, tmp_path, kill_after) -> None:
+    """A streamed run's evaluation windows ride through the blocks (streameval.py): their
+    hidden states are saved with each block (after the last one too), so a resumed run scores
+    the same perplexities."""
+    text = str(fixture_path("tinystories", "tinystories_valid_excerpt.txt"))
+    spec = EvalSpec(source=text, seq_length=64, max_windows=4, prompts=())
+    clean = quantize(str(model_dir), tmp_path / "clean", CONFIG, CALIBRATION, device="cpu", evaluate=spec)
+    work = tmp_path / "work"
+    finished = _kill_midway(model_dir, tmp_path / "killed", work, "lazy", eval_text=text, kill_after=kill_after)
+    events: list[ProgressEvent] = []
+    resumed = quantize(str(model_dir), tmp_path / "resumed", CONFIG, CALIBRATION, device="cpu",
+                       evaluate=spec, work_dir=work, progress=events.append)
+    assert clean.lazy and resumed.lazy
+    where = f"at block {finished + 1}/{BLOCKS}" if finished < BLOCKS else "after the last block"
+    assert _block_messages(events)[0] == f"resumed {where}: blocks 1-{finished} restored from the work dir"
+    assert (resumed.perplexity_before, resumed.perplexity_after) == (clean.perplexity_before, clean.perplexity_after)
+    assert assert_same_checkpoint(tmp_path / "clean", tmp_path / "resumed") > 10
 
 
 def test_work_dir_of_another_run_is_not_resumed_from(model_dir, tmp_path) -> None:

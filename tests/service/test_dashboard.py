@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import NO_VERIFY, TERMINAL, Box, tiny_spec, wait_status
+from tests.service.conftest import NO_VERIFY, TERMINAL, Box, start_box, tiny_spec, wait_status
 
 pytestmark = pytest.mark.service
 
@@ -171,3 +171,41 @@ def test_upload_a_calibration_file_from_the_form(team_box: Box, browser, tmp_pat
     assert chosen.startswith("corpus.txt"), chosen
     listed = {d["id"] for d in team_box.http.get("/datasets").json()["items"]}
     assert select.input_value() in listed
+
+
+@pytest.fixture(scope="module")
+def streaming_box(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    """Workers told a whole model may take none of the memory: every job streams its model."""
+    box = start_box(tmp_path_factory.mktemp("streaming"), models_dir,
+                    {"GPTQD_WHOLE_MODEL_SHARE": "0", "HF_HUB_OFFLINE": "1"}, workers=1)
+    try:
+        yield box
+    finally:
+        box.close()
+
+
+def test_a_streamed_job_scores_perplexity_and_says_why_it_has_no_samples(streaming_box: Box, browser) -> None:
+    """Samples are asked for (tiny_spec), but the model may not be held whole: the worker reads
+    it block by block, measures perplexity on the way, and the job and its page say why there
+    is no sample text."""
+    http = streaming_box.http
+    job = http.post("/jobs", json=tiny_spec(name="streamed")).json()
+    job = wait_status(http, job["id"], TERMINAL, timeout=240)
+    assert job["status"] == "succeeded", job
+    metrics = job["metrics"]
+    assert metrics["perplexity_before"] > 1 and metrics["perplexity_after"] > 1
+    evaluation = metrics["evaluation"]
+    assert "samples_after" not in evaluation
+    why = evaluation["samples_skipped"]
+    assert why.startswith("greedy samples need the whole model: the whole model (")
+    assert why.endswith("so it was read block by block")
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{streaming_box.url}/")
+    row = page.locator("#jobs tbody tr", has_text="streamed")
+    row.wait_for(timeout=30_000)
+    row.click()
+    page.wait_for_selector("#job-view:not([hidden])")
+    page.wait_for_selector("#samples-panel:not([hidden])")
+    assert page.locator("#samples").inner_text() == f"No samples: {why}."
+    assert "perplexity after" in page.locator("#job-metrics").inner_text()

@@ -32,9 +32,19 @@ from worker.gptq.calibration import build_calibration, check_source
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
 from worker.gptq.memory import return_freed_memory
-from worker.gptq.modelio import LoadedModel, load_config, load_model, load_tokenizer, skeleton
+from worker.gptq.modelio import (
+    LoadedModel,
+    compute_dtype,
+    config_dtype,
+    load_config,
+    load_model,
+    load_tokenizer,
+    skeleton,
+)
 from worker.gptq.pipeline import default_device, quantize_model
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
+from worker.gptq.residency import WHOLE_MODEL_SHARE, wants_samples
+from worker.gptq.residency import choose as choose_residency
 
 # rough share of a run's time per stage, for the whole-run fraction in progress events
 STAGE_WEIGHTS = {"loading": 5, "calibration": 3, "evaluating_before": 4, "quantizing": 74,
@@ -92,6 +102,7 @@ def quantize(
     evaluate: Any = None,  # evaluate.EvalSpec
     work_dir: Path | None = None,
     lazy: bool | None = None,
+    whole_model_share: float = WHOLE_MODEL_SHARE,
 ) -> QuantizeReport:
     """Quantize a hub model or local directory with GPTQ and write the checkpoint to out_dir.
 
@@ -99,23 +110,16 @@ def quantize(
     and the same model, settings and calibration resumes after the last finished block. It is
     emptied once the checkpoint is written.
     lazy: read the weights block by block and stream finished blocks to disk, so memory holds
-    one block instead of the model. None (default) = whenever the model is a local directory
-    with safetensors weights and no evaluation is asked for (evaluation needs the whole model).
+    one block instead of the model (perplexity is measured on the way; greedy samples need
+    the whole model and are skipped). None (default) = whenever the model is a local
+    directory with safetensors weights, unless samples are asked for and the whole model takes
+    at most whole_model_share of the memory free (residency.py).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
-    if lazy and evaluate is not None:
-        raise EngineError("lazy loading holds one block at a time; evaluation needs the whole "
-                          "model: ask for one or the other")
     run = _Run(progress, should_stop, stage_ends(evaluate is not None))
     compute = _compute_device(device)
-    may_stream = lazy or (lazy is None and evaluate is None)
-    if may_stream:
-        # before the first large allocation: one made earlier under glibc's default (dynamic)
-        # mmap threshold can land in the brk heap, which then held ~150 MiB more at every
-        # block's peak in about half the runs (bench/README.md)
-        return_freed_memory()
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
 
@@ -127,13 +131,20 @@ def quantize(
         hf_config, arch = load_config(
             model, revision=revision, token=token, trust_remote_code=trust_remote_code
         )
-        validate_layers(skeleton(hf_config, trust_remote_code=trust_remote_code), arch, config)
+        shape = skeleton(hf_config, trust_remote_code=trust_remote_code)
+        validate_layers(shape, arch, config)
         _check_context(hf_config, calibration.seq_length, "calibration")
         if evaluate is not None:
             _check_context(hf_config, evaluate.seq_length, "evaluation")
+        residency = choose_residency(lazy, evaluate, shape, compute, whole_model_share)
+        if residency.stream:
+            # before the first large allocation: one made earlier under glibc's default
+            # (dynamic) mmap threshold can land in the brk heap, which then held ~150 MiB more
+            # at every block's peak in about half the runs (bench/README.md)
+            return_freed_memory()
         common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
         loaded = None
-        if may_stream:
+        if residency.stream:
             loaded, why = _open_lazy(model, hf_config, arch, compute, common)
             if loaded is None and lazy:
                 raise EngineError(f"lazy loading is not possible for {model}: {why}")
@@ -150,7 +161,8 @@ def quantize(
     if work_dir is not None or streamed:
         store = BlockStore(
             Path(work_dir) if work_dir is not None else _temporary_work_dir(out_dir),
-            _fingerprint(model, revision, config, calibration, compute),
+            _fingerprint(model, revision, config, calibration, compute,
+                         evaluate if streamed else None),
             loaded.model, arch, config, loaded.lazy, compact=compute.type == "cpu",
         )
         if store.discarded:
@@ -158,7 +170,7 @@ def quantize(
     try:
         return _quantize_loaded(
             model, revision, out_dir, config, calibration, loaded, hf_config, arch, compute,
-            run, should_stop, evaluate, store,
+            run, should_stop, evaluate, store, residency.why,
         )
     finally:
         if loaded.lazy is not None:
@@ -183,8 +195,10 @@ def _quantize_loaded(
     should_stop: Callable[[], bool] | None,
     evaluate: Any,
     store: BlockStore | None,
+    why_streamed: str = "",
 ) -> QuantizeReport:
-    """calibration -> (evaluation) -> quantizing -> (evaluation) -> saving, on a loaded model."""
+    """calibration -> (evaluation) -> quantizing -> (evaluation) -> saving, on a loaded model
+    (a streamed one evaluates during quantizing, streameval.py)."""
     report = QuantizeReport(
         model=model,
         revision=revision,
@@ -198,8 +212,12 @@ def _quantize_loaded(
     with run.stage("calibration"):
         calib_ids = build_calibration(loaded.tokenizer, calibration)
 
-    evaluation = _Evaluation(evaluate, loaded.tokenizer) if evaluate is not None else None
-    if evaluation is not None:
+    streamed = loaded.lazy is not None
+    evaluation = None
+    if evaluate is not None:
+        evaluation = _Evaluation(evaluate, loaded.tokenizer, loaded.model,
+                                 streamed=why_streamed or "the model was read block by block" if streamed else "")
+    if evaluation is not None and not streamed:
         with run.stage("evaluating", "evaluating_before", message="original model"):
             evaluation.measure(loaded.model, "before", compute)
 
@@ -213,13 +231,17 @@ def _quantize_loaded(
             should_stop=should_stop,
             arch=arch,
             hooks=store,
+            passengers=evaluation.passengers if evaluation is not None else None,
         )
     report.num_blocks = result.num_blocks
     report.modules = [m.to_dict() for m in result.modules]
 
     if evaluation is not None:
         with run.stage("evaluating", "evaluating_after", message="quantized model"):
-            evaluation.measure(loaded.model, "after", compute)
+            if streamed:
+                evaluation.score_streamed(loaded.lazy, arch, compute)
+            else:
+                evaluation.measure(loaded.model, "after", compute)
         # whether the score is on text the Hessians never saw (say so when it is not)
         report.evaluation = {**evaluation.summary,
                              "held_out": evaluate.source != calibration.source}
@@ -258,7 +280,7 @@ def _open_lazy(
     """The model with only embeddings/norms/head read, or None and why that is not possible."""
     from worker.gptq.lazyload import open_lazy
 
-    dtype = torch.float32 if compute.type == "cpu" else _config_dtype(hf_config)
+    dtype = compute_dtype(hf_config, compute)
     lazy, why = open_lazy(Path(model).expanduser(), hf_config, arch, dtype,
                           trust_remote_code=common["trust_remote_code"],
                           read_ahead=compute.type in READ_AHEAD_DEVICES)
@@ -266,11 +288,6 @@ def _open_lazy(
         return None, why
     tokenizer = load_tokenizer(model, **common)
     return LoadedModel(model=lazy.model, tokenizer=tokenizer, arch=arch, source=model, lazy=lazy), ""
-
-
-def _config_dtype(hf_config: Any) -> torch.dtype:
-    dtype = getattr(hf_config, "dtype", None) or torch.float32
-    return getattr(torch, dtype, torch.float32) if isinstance(dtype, str) else dtype
 
 
 def _temporary_work_dir(out_dir: Path) -> Path:
@@ -281,10 +298,11 @@ def _temporary_work_dir(out_dir: Path) -> Path:
 
 def _fingerprint(
     model: str, revision: str | None, config: QuantizeConfig, calibration: CalibrationSpec,
-    compute: torch.device,
+    compute: torch.device, evaluate: Any = None,
 ) -> dict[str, Any]:
     """What must be equal for a work dir's blocks to be reused: the model (and its weight
-    files, if local), the settings, the calibration and the kind of device."""
+    files, if local), the settings, the calibration, the kind of device and, for a streamed
+    evaluation (whose hidden states are saved with each block), its windows."""
     local = Path(model).expanduser()
     files = sorted(local.glob("*.safetensors")) if local.is_dir() else []
     return {
@@ -295,6 +313,8 @@ def _fingerprint(
         "calibration": dataclasses.asdict(calibration),
         "device": compute.type,
         "gptqd": __version__,
+        **({"evaluation": [evaluate.source, evaluate.text_field, evaluate.seq_length,
+                           evaluate.max_windows]} if evaluate is not None else {}),
     }
 
 
@@ -393,10 +413,12 @@ def _device_numbers(text: str) -> str:
 
 
 class _Evaluation:
-    """Perplexity and sample text of the original and the quantized model on one eval text."""
+    """Perplexity and sample text of the original and the quantized model on one eval text;
+    for a streamed run (streamed: why it streamed), perplexity measured as the blocks go by."""
 
-    def __init__(self, spec: Any, tokenizer: Any) -> None:
-        from worker.gptq.evaluate import eval_windows, load_texts
+    def __init__(self, spec: Any, tokenizer: Any, model: torch.nn.Module, streamed: str = "") -> None:
+        from worker.gptq.evaluate import eval_windows, load_texts, logits_batch
+        from worker.gptq.streameval import EvalPassengers
 
         self.spec, self.tokenizer = spec, tokenizer
         self.with_perplexity = bool(spec.extra.get("perplexity", True))
@@ -412,6 +434,25 @@ class _Evaluation:
             "seq_length": spec.seq_length,
             "windows": None if self.windows is None else int(self.windows.shape[0]),
         }
+        self.passengers = None
+        if streamed:
+            if self.windows is not None:
+                self.passengers = EvalPassengers(self.windows, logits_batch(model, spec.seq_length))
+            if wants_samples(spec):
+                self.summary["samples_skipped"] = f"greedy samples need the whole model: {streamed}"
+
+    def score_streamed(self, lazy: Any, arch: Any, device: torch.device) -> None:
+        """Perplexity before and after from the windows' last hidden states (the head and
+        final norm read for it, then let go)."""
+        if self.passengers is None:
+            return
+        lazy.load_outside_blocks(head=True)
+        try:
+            scores = self.passengers.perplexities(lazy.model, arch, device)
+        finally:
+            lazy.release_outside_blocks()
+        self.summary["perplexity_before"] = scores["before"]
+        self.summary["perplexity_after"] = scores["after"]
 
     def measure(self, model: torch.nn.Module, when: str, device: torch.device) -> None:
         from worker.gptq.evaluate import generate_samples, window_perplexity
@@ -456,9 +497,7 @@ def _check_context(hf_config: Any, seq_length: int, what: str) -> None:
 def _sizes(model: torch.nn.Module, hf_config: Any, result: Any, out_dir: Path) -> dict[str, int]:
     params = sum(p.numel() for p in model.parameters())
     quantized = sum(int(layer.codes.numel()) for layer in result.layers.values())
-    dtype = getattr(hf_config, "dtype", None) or torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, torch.float32)
+    dtype = config_dtype(hf_config)
     files = [p for p in out_dir.rglob("*") if p.is_file()]
     return {
         "parameters": params,

@@ -89,9 +89,9 @@ class BlockStore:
         done = self.state["finished"]
         if done == 0:
             return None
-        if done >= num_blocks:  # finished; nothing feeds a block after the last
-            hidden: list[torch.Tensor] = []
-        else:
+        if done >= num_blocks and not self._hidden_path(done).is_file():
+            hidden: list[torch.Tensor] = []  # finished; nothing feeds a block after the last
+        else:  # (after the last: what the pipeline's passengers carry on to the head)
             hidden = torch.load(self._hidden_path(done), map_location=device, weights_only=True)
         layers = {name: _stub(meta) for name, meta in self.state["layers"].items()}
         modules = [ModuleReport(**m) for m in self.state["modules"]]

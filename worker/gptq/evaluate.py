@@ -155,17 +155,17 @@ def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size:
     """exp(mean NLL) over every predicted token of windows ([n, seq_length] long), each scored
     alone; batch_size windows per forward (default: logits_batch)."""
     _check_fits(model, windows.shape[1])
-    nll, count = 0.0, 0
-    for batch in windows.split(batch_size or logits_batch(model, windows.shape[1])):
-        logits = _logits(model, batch)
-        targets = batch[:, 1:].to(logits.device)
-        nll += float(
-            F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
-        )
-        count += targets.numel()
-    return math.exp(nll / count)
+    return math.exp(sum(token_nll(_logits(model, batch), batch)
+                        for batch in windows.split(batch_size or logits_batch(model, windows.shape[1])))
+                    / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> float:
+    """The summed NLL of every token of windows ([B, T]) after the first, from the logits
+    computed on them ([B, T, V])."""
+    targets = windows[:, 1:].to(logits.device)
+    return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                 reduction="sum"))
 
 
 @torch.inference_mode()

@@ -151,14 +151,15 @@ class LazyModel:
             if self.key_of(name) is None and name not in self._tied
         ]
 
-    def load_outside_blocks(self) -> None:
+    def load_outside_blocks(self, head: bool = False) -> None:
         """What the capture of block 0's inputs runs: everything not in a decoder block except
         the output head (capture stops at the last block; the head is read again at export),
-        unless the head is tied to the embeddings; then re-tie weights."""
+        unless the head is tied to the embeddings or asked for (to score the last block's
+        outputs); then re-tie weights."""
         prefix = self.arch.blocks_path + "."
-        head = self._untied_head()
+        skipped = None if head else self._untied_head()
         self._load(self.model, "", skip=lambda name: name.startswith(prefix)
-                   or (head is not None and name.startswith(head + ".")))
+                   or (skipped is not None and name.startswith(skipped + ".")))
         if self._tied:
             self.model.tie_weights()
 

@@ -68,6 +68,18 @@ def skeleton(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def compute_dtype(config: Any, compute: torch.device) -> torch.dtype:
+    """What a loaded model runs in: fp32 on the CPU (faster there, and exact), the checkpoint's
+    own dtype on a GPU."""
+    return torch.float32 if compute.type == "cpu" else config_dtype(config)
+
+
+def config_dtype(config: Any) -> torch.dtype:
+    """The dtype the config says the checkpoint's weights are in (fp32 when it says none)."""
+    dtype = getattr(config, "dtype", None) or torch.float32
+    return getattr(torch, dtype, torch.float32) if isinstance(dtype, str) else dtype
+
+
 def load_model(
     model_id: str,
     *,

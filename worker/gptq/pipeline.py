@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -76,6 +76,24 @@ class Resumed:
     hidden: list[torch.Tensor]
     layers: dict[str, LayerQuantResult]
     modules: list[ModuleReport]
+
+
+class Passengers(Protocol):
+    """Other inputs carried through the blocks beside the calibration batches (evaluation
+    windows, streameval.py): through the original block before it is quantized, through the
+    quantized one after."""
+
+    def capture(self, model: nn.Module, arch: ArchSpec, device: torch.device) -> None:
+        """Their inputs of block 0 (while embeddings are still loaded)."""
+
+    def through(self, index: int, block: nn.Module, quantized: bool) -> None:
+        """Run them through the block as it is now."""
+
+    def states(self) -> list[torch.Tensor]:
+        """What they need to go on from the next block (saved with a finished block)."""
+
+    def restore(self, states: list[torch.Tensor]) -> None:
+        """Go on from states() saved by a run that was resumed."""
 
 
 class BlockHooks(Protocol):
@@ -204,18 +222,20 @@ def quantize_model(
     batch_size: int | None = None,
     arch: ArchSpec | None = None,
     hooks: BlockHooks | None = None,
+    passengers: Passengers | None = None,
 ) -> PipelineResult:
     """Quantize every linear of every decoder block in place; returns their GPTQ results.
 
     batch_size: calibration windows per forward call; by default as many as make
     batch_tokens(device) tokens (at least one).
     hooks (optional) load each block before it is quantized, persist it when it is done, and
-    may resume the run from a later block (see BlockHooks)."""
+    may resume the run from a later block (see BlockHooks).
+    passengers (optional) are carried through every block beside the calibration."""
     arch = arch or get_arch(model)
     device = torch.device(device) if device is not None else default_device()
     if batch_size is None:
         batch_size = max(1, batch_tokens(device) // max(1, calib_ids.shape[-1]))
-    run = _Run(model, arch, config, device, progress, should_stop, hooks)
+    run = _Run(model, arch, config, device, progress, should_stop, hooks, passengers)
     was_training = model.training
     model.eval()
     try:
@@ -238,9 +258,10 @@ class _Run:
         progress: ProgressCallback | None,
         should_stop: Callable[[], bool] | None,
         hooks: BlockHooks | None = None,
+        passengers: Passengers | None = None,
     ) -> None:
         self.model, self.arch, self.config, self.device = model, arch, config, device
-        self.hooks = hooks
+        self.hooks, self.passengers = hooks, passengers
         self.progress, self.should_stop = progress, should_stop
         self.blocks = arch.blocks(model)
         self.num_blocks = len(self.blocks)
@@ -264,17 +285,27 @@ class _Run:
         self._check_stop("before capturing the calibration inputs")
         began = time.perf_counter()
         hidden, calls = capture_inputs(self.model, self.arch, calib_ids.split(batch_size), self.device)
+        if self.passengers is not None:
+            self.passengers.capture(self.model, self.arch, self.device)
         self.stage_seconds["capture"] += time.perf_counter() - began
         if self.hooks is not None:
             self.hooks.captured()
         first = 0
         resumed = self.hooks.resume(self.num_blocks, self.device) if self.hooks else None
         if resumed is not None:
-            first, hidden = resumed.block, resumed.hidden
+            # the saved states: the calibration batches' (none after the last block), then
+            # the passengers'
+            first = resumed.block
+            count = len(hidden) if first < self.num_blocks else 0
+            hidden = resumed.hidden[:count]
+            if self.passengers is not None:
+                self.passengers.restore(resumed.hidden[count:])
             self.result.layers.update(resumed.layers)
             self.result.modules.extend(resumed.modules)
-            self._emit(first, 0, message=f"resumed at block {first + 1}/{self.num_blocks}: "
-                       f"blocks 1-{first} restored from the work dir")
+            at_end = first >= self.num_blocks
+            where = "after the last block" if at_end else f"at block {first + 1}/{self.num_blocks}"
+            self._emit(first - 1 if at_end else first, self.per_block if at_end else 0,
+                       message=f"resumed {where}: blocks 1-{first} restored from the work dir")
         for index in range(first, self.num_blocks):
             block = self.blocks[index]
             self._emit(index, 0, message=f"block {index + 1}/{self.num_blocks}")
@@ -287,6 +318,7 @@ class _Run:
                 block.to(self.device)
             children = self.finished_children = FinishedChildren(block, self.groups)
             try:
+                self._carry(index, block, quantized=False)
                 self._quantize_block(index, block, hidden, calls[index])
                 if index + 1 < self.num_blocks:  # the last block's outputs feed nothing
                     self._check_stop(f"after block {index + 1}/{self.num_blocks}")
@@ -294,6 +326,8 @@ class _Run:
                     children.install(len(self.groups))
                     hidden = self._forward(block, hidden, calls[index])
                     self.output_seconds.append(time.perf_counter() - began_output)
+                children.clear()  # the passengers' batches are not the recorded ones
+                self._carry(index, block, quantized=True)
             finally:
                 children.clear()
                 if home != self.device:
@@ -305,9 +339,16 @@ class _Run:
             self.block_seconds.append(time.perf_counter() - began)
             self._emit(index, self.per_block, message=f"block {index + 1}/{self.num_blocks} done")
 
+    def _carry(self, index: int, block: nn.Module, quantized: bool) -> None:
+        if self.passengers is not None:
+            with self._timed("evaluating"):
+                self.passengers.through(index, block, quantized)
+
     def _finish(self, index: int, block: nn.Module, next_hidden: list[torch.Tensor] | None) -> None:
         """Hand the finished block to the hooks; keep what they give back for its layers."""
         assert self.hooks is not None
+        if self.passengers is not None:  # saved after the last block too: they go on to the head
+            next_hidden = [*(next_hidden or []), *self.passengers.states()]
         prefix = self.arch.block_prefix(index) + "."
         layers = {k: v for k, v in self.result.layers.items() if k.startswith(prefix)}
         modules = [m for m in self.result.modules if m.block == index + 1]
@@ -536,20 +577,49 @@ def capture_inputs(
 
         return forward
 
-    moved = _move_outside_blocks(model, arch, device)
-    try:
-        for index, block in enumerate(blocks):
-            block.forward = recorder(index)
+    with _blocks_replaced(model, arch, device, recorder):
         for batch in batches:
             with contextlib.suppress(_CaptureDone):
                 model(input_ids=batch.to(device), use_cache=False)
+    if any(len(block_calls) != len(batches) for block_calls in calls):
+        raise RuntimeError(f"{arch.family}: not every decoder block was reached during capture")
+    return hidden, calls
+
+
+def logits_after_blocks(
+    model: nn.Module, arch: ArchSpec, ids: torch.Tensor, last_hidden: torch.Tensor, device: torch.device
+) -> torch.Tensor:
+    """The model's logits on ids (fp32) given what its last block outputs for them: the model's
+    own forward (final norm, head, any logit scaling or soft-capping its family has), with
+    block 0 answering last_hidden and every other block passing its input on."""
+
+    def stand_in(index: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            states = last_hidden if index == 0 else kwargs.get("hidden_states", args[0] if args else None)
+            return (states,) if _LAYERS_RETURN_TUPLES else states
+
+        return forward
+
+    with _blocks_replaced(model, arch, device, stand_in):
+        return model(input_ids=ids.to(device), use_cache=False).logits.float()
+
+
+@contextlib.contextmanager
+def _blocks_replaced(
+    model: nn.Module, arch: ArchSpec, device: torch.device, forward_of: Callable[[int], Callable[..., Any]]
+) -> Iterator[None]:
+    """Every block's forward is forward_of(its index), and what lies outside the blocks is on
+    the device, until the block exits."""
+    blocks = arch.blocks(model)
+    moved = _move_outside_blocks(model, arch, device)
+    try:
+        for index, block in enumerate(blocks):
+            block.forward = forward_of(index)
+        yield
     finally:
         for block in blocks:
             del block.forward
         _restore(moved)
-    if any(len(block_calls) != len(batches) for block_calls in calls):
-        raise RuntimeError(f"{arch.family}: not every decoder block was reached during capture")
-    return hidden, calls
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -1,0 +1,80 @@
+"""Perplexity measured while the model is streamed block by block (streameval.py) equals the
+whole model's, bit for bit; samples keep the whole model while it fits (residency.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from tests.conftest import fixture_path
+from tests.integration.checkpoints import assert_same_checkpoint, saved_tiny_model, tiny_llama
+from worker.gptq import residency
+from worker.gptq.api import quantize
+from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.evaluate import EvalSpec
+from worker.gptq.modelio import skeleton
+
+CALIBRATION = CalibrationSpec("builtin", num_samples=8, seq_length=64)
+CONFIG = QuantizeConfig(bits=4, group_size=32)
+# perplexity only: nothing needs the whole model
+EVAL = EvalSpec(source=str(fixture_path("tinystories", "tinystories_valid_excerpt.txt")),
+                seq_length=64, max_windows=5, prompts=())
+WITH_SAMPLES = dataclasses.replace(EVAL, prompts=("Once upon a time",), max_new_tokens=4)
+
+
+def _source(kind: str, root: Path) -> Path:
+    if kind == "gpt2-trained":  # tied head, Conv1D, a final ln_f; a 50k vocabulary
+        path = root / "gpt2"
+        shutil.copytree(fixture_path("models", "tiny-gpt2-wikitext2"), path)
+        return path
+    if kind == "llama-untied":
+        return tiny_llama(root / "llama", layers=3)
+    return saved_tiny_model(kind, root / kind)
+
+
+@pytest.mark.parametrize("kind", ["llama-untied", "gpt2-trained", "gemma2", "opt", "mixtral"])
+def test_streamed_perplexity_is_the_whole_model_s(kind: str, tmp_path: Path) -> None:
+    """gemma2: final logits soft-capped; opt: a projection after the final norm; mixtral:
+    routed experts (calibrated on every token, evaluated as routed)."""
+    source = _source(kind, tmp_path)
+    whole = quantize(str(source), tmp_path / "whole", CONFIG, CALIBRATION, device="cpu",
+                     evaluate=EVAL, lazy=False)
+    streamed = quantize(str(source), tmp_path / "streamed", CONFIG, CALIBRATION, device="cpu",
+                        evaluate=EVAL)
+    assert streamed.lazy and not whole.lazy
+    assert streamed.perplexity_before == whole.perplexity_before
+    assert streamed.perplexity_after == whole.perplexity_after
+    assert streamed.perplexity_after != streamed.perplexity_before
+    assert streamed.evaluation["windows"] == whole.evaluation["windows"] == 5
+    assert assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed") > 10
+
+
+def test_samples_keep_the_whole_model_while_it_fits(tmp_path: Path, monkeypatch) -> None:
+    source = tiny_llama(tmp_path / "llama", layers=2)
+    fits = quantize(str(source), tmp_path / "fits", CONFIG, CALIBRATION, device="cpu",
+                    evaluate=WITH_SAMPLES)
+    assert not fits.lazy
+    assert fits.evaluation["samples_before"] and fits.evaluation["samples_after"]
+    assert "samples_skipped" not in fits.evaluation
+
+    # the whole model (fp32) would take more than half of what is free: streamed, no samples
+    need = residency.whole_model_bytes(skeleton(AutoConfig.from_pretrained(source)), torch.device("cpu"))
+    monkeypatch.setattr(residency, "available_memory", lambda compute: need * 2 - 1)
+    tight = quantize(str(source), tmp_path / "tight", CONFIG, CALIBRATION, device="cpu",
+                     evaluate=WITH_SAMPLES)
+    assert tight.lazy
+    assert "samples_after" not in tight.evaluation
+    skipped = tight.evaluation["samples_skipped"]
+    assert skipped.startswith("greedy samples need the whole model: the whole model (")
+    assert "GiB available, so it was read block by block" in skipped
+    assert (tight.perplexity_before, tight.perplexity_after) == (fits.perplexity_before, fits.perplexity_after)
+
+    asked = quantize(str(source), tmp_path / "asked", CONFIG, CALIBRATION, device="cpu",
+                     evaluate=WITH_SAMPLES, lazy=True)
+    assert asked.evaluation["samples_skipped"] == "greedy samples need the whole model: lazy loading was asked for"
+

@@ -1,0 +1,69 @@
+"""Whether a run holds the whole model or streams it (worker/gptq/residency.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from worker.gptq import residency
+from worker.gptq.evaluate import EvalSpec
+from worker.gptq.modelio import skeleton
+
+CPU = torch.device("cpu")
+PERPLEXITY_ONLY = EvalSpec("builtin", prompts=())
+SAMPLES = EvalSpec("builtin", prompts=("Once",), max_new_tokens=8)
+
+
+@pytest.fixture
+def shape() -> torch.nn.Module:
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=128, dtype="float16")
+    return skeleton(config)
+
+
+def test_whole_model_bytes_in_the_dtype_it_runs_in(shape) -> None:
+    params = sum(p.numel() for p in shape.parameters())
+    assert residency.whole_model_bytes(shape, CPU) == 4 * params  # fp32 on the CPU
+    assert residency.whole_model_bytes(shape, torch.device("cuda")) == 2 * params  # as stored
+
+
+def test_only_samples_on_a_model_that_fits_keep_it_whole(shape, monkeypatch) -> None:
+    need = residency.whole_model_bytes(shape, CPU)
+    monkeypatch.setattr(residency, "available_memory", lambda compute: 2 * need)
+    assert residency.choose(None, None, shape, CPU) == residency.Residency(True)
+    assert residency.choose(None, PERPLEXITY_ONLY, shape, CPU) == residency.Residency(True)
+    assert residency.choose(None, SAMPLES, shape, CPU) == residency.Residency(False)
+    no_tokens = EvalSpec("builtin", prompts=("Once",), max_new_tokens=0)
+    assert residency.choose(None, no_tokens, shape, CPU).stream
+    assert residency.choose(False, PERPLEXITY_ONLY, shape, CPU) == residency.Residency(False)
+    assert residency.choose(True, SAMPLES, shape, CPU) == residency.Residency(True, "lazy loading was asked for")
+
+    monkeypatch.setattr(residency, "available_memory", lambda compute: 2 * need - 1)
+    tight = residency.choose(None, SAMPLES, shape, CPU)
+    assert tight.stream and "more than 50% of the" in tight.why
+
+
+def _meminfo(tmp_path: Path, kib: int) -> Path:
+    path = tmp_path / "meminfo"
+    path.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {kib} kB\nCached: 1 kB\n")
+    return path
+
+
+@pytest.mark.parametrize(("limit", "current", "expected"), [
+    (None, None, 8 << 30),               # no cgroup files: MemAvailable
+    ("max", str(1 << 30), 8 << 30),      # no limit set
+    (str(3 << 30), str(1 << 30), 2 << 30),  # the container's limit leaves less
+    (str(1 << 30), str(2 << 30), 0),     # over its limit: nothing
+])
+def test_host_memory_is_the_less_of_meminfo_and_the_cgroup_limit(tmp_path, monkeypatch, limit, current, expected) -> None:
+    monkeypatch.setattr(residency, "MEMINFO", _meminfo(tmp_path, 8 << 20))
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    if limit is not None:
+        (cgroup / "memory.max").write_text(limit + "\n")
+        (cgroup / "memory.current").write_text(current + "\n")
+    monkeypatch.setattr(residency, "CGROUP", cgroup)
+    assert residency.host_available() == expected

@@ -1,0 +1,90 @@
+"""Whether a run holds the whole model in memory or reads it block by block.
+
+Streaming (lazyload) needs one block in memory whatever the model's size, and measures
+perplexity on the way (streameval). Only greedy samples need the whole model: every new token
+runs every block. So a run streams unless it was told not to, or it is asked for samples and
+the whole model takes at most WHOLE_MODEL_SHARE of the memory it would live in (the host's
+available memory; on a GPU also the card's free memory, where the evaluation runs it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.gptq.modelio import compute_dtype
+
+WHOLE_MODEL_SHARE = 0.5
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")  # a container's memory limit (cgroup v2), where there is one
+_GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Residency:
+    stream: bool
+    why: str = ""  # why a run asked for samples streams (and so gives none)
+
+
+def choose(lazy: bool | None, evaluate: Any, shape: nn.Module, compute: torch.device,
+           share: float = WHOLE_MODEL_SHARE) -> Residency:
+    """shape: the model's skeleton (meta tensors); evaluate: an EvalSpec or None; share: of
+    the memory free, what a whole model may take (GPTQD_WHOLE_MODEL_SHARE in the service)."""
+    if lazy is not None:
+        return Residency(lazy, "lazy loading was asked for" if lazy else "")
+    if evaluate is None or not wants_samples(evaluate):
+        return Residency(True)
+    need = whole_model_bytes(shape, compute)
+    room = available_memory(compute)
+    if need <= share * room:
+        return Residency(False)
+    return Residency(True, f"the whole model ({need / _GIB:.1f} GiB as run on {compute.type}) "
+                           f"would take more than {share:.0%} of the "
+                           f"{room / _GIB:.1f} GiB available, so it was read block by block")
+
+
+def wants_samples(evaluate: Any) -> bool:
+    return bool(evaluate.prompts) and evaluate.max_new_tokens > 0
+
+
+def whole_model_bytes(shape: nn.Module, compute: torch.device) -> int:
+    """The loaded model's parameters: fp32 on the CPU, the checkpoint's dtype on a GPU."""
+    dtype = compute_dtype(shape.config, compute)
+    return sum(p.numel() for p in shape.parameters()) * dtype.itemsize
+
+
+def available_memory(compute: torch.device) -> int:
+    """Bytes free for a whole model: the host's available memory (within the container's
+    limit), and on a GPU the less of that and the card's free memory."""
+    room = host_available()
+    if compute.type == "cuda":
+        room = min(room, torch.cuda.mem_get_info(compute)[0])
+    return room
+
+
+def host_available() -> int:
+    """MemAvailable, or less where a cgroup v2 limit leaves less."""
+    room = _meminfo_available()
+    limit, used = _read_int(CGROUP / "memory.max"), _read_int(CGROUP / "memory.current")
+    if limit is not None and used is not None:
+        room = min(room, max(0, limit - used))
+    return room
+
+
+def _meminfo_available() -> int:
+    for line in MEMINFO.read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("/proc/meminfo has no MemAvailable")
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None  # "max": no limit

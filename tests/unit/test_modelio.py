@@ -84,3 +84,55 @@ def test_hub_errors_are_mapped_even_when_wrapped(error, expected, words) -> None
         mapped = map_load_error("org/m", "v9", wrapped)
     assert type(mapped) is expected
     assert words in str(mapped)
+
+
+class FakeHub:
+    """snapshot_download over a repository held in memory: writes the files its patterns
+    match into one snapshot directory and records what each call asked for."""
+
+    def __init__(self, root: Path, files: dict[str, str]) -> None:
+        self.snapshot, self.files, self.fetched = root / "snapshot", files, []
+
+    def __call__(self, repo_id: str, *, revision=None, token=None, allow_patterns=()) -> str:
+        import fnmatch
+
+        for name, content in self.files.items():
+            if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
+                path = self.snapshot / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(content)
+                self.fetched.append(name)
+        self.snapshot.mkdir(exist_ok=True)
+        return str(self.snapshot)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_a_hub_snapshot_fetches_only_the_weights_its_index_names(tmp_path, monkeypatch, trust) -> None:
+    import huggingface_hub
+
+    from worker.gptq.modelio import hub_snapshot
+
+    index = '{"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}'
+    fake = FakeHub(tmp_path, {
+        "config.json": "{}", "tokenizer.json": "{}", "tokenizer.model": "", "modeling_x.py": "",
+        "model.safetensors.index.json": index, "model-00001-of-00002.safetensors": "w1",
+        "model-00002-of-00002.safetensors": "w2", "consolidated.safetensors": "copy",
+        "pytorch_model.bin": "old", "original/consolidated.00.pth": "old",
+    })
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert hub_snapshot("org/m", trust_remote_code=trust) == fake.snapshot
+    assert sorted(fake.fetched) == sorted([
+        "config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
+        *(["modeling_x.py"] if trust else []),
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+
+
+def test_a_hub_snapshot_without_safetensors_is_none(tmp_path, monkeypatch) -> None:
+    import huggingface_hub
+
+    from worker.gptq.modelio import hub_snapshot
+
+    fake = FakeHub(tmp_path, {"config.json": "{}", "pytorch_model.bin": "old"})
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert hub_snapshot("org/m") is None
+    assert fake.fetched == ["config.json"]

@@ -36,6 +36,7 @@ from worker.gptq.modelio import (
     LoadedModel,
     compute_dtype,
     config_dtype,
+    hub_snapshot,
     load_config,
     load_model,
     load_tokenizer,
@@ -111,8 +112,8 @@ def quantize(
     emptied once the checkpoint is written.
     lazy: read the weights block by block and stream finished blocks to disk, so memory holds
     one block instead of the model (perplexity is measured on the way; greedy samples need
-    the whole model and are skipped). None (default) = whenever the model is a local
-    directory with safetensors weights, unless samples are asked for and the whole model takes
+    the whole model and are skipped). None (default) = whenever the model has safetensors
+    weights (a local directory, or a hub model's files in the hub cache), unless samples are asked for and the whole model takes
     at most whole_model_share of the memory free (residency.py).
     """
     out_dir = Path(out_dir)
@@ -281,7 +282,12 @@ def _open_lazy(
     from worker.gptq.lazyload import open_lazy
 
     dtype = compute_dtype(hf_config, compute)
-    lazy, why = open_lazy(Path(model).expanduser(), hf_config, arch, dtype,
+    directory = Path(model).expanduser()
+    if not directory.is_dir():  # a hub id (load_config found it): its files in the hub cache
+        directory = hub_snapshot(model, **common)
+        if directory is None:
+            return None, "the hub model has no safetensors weights"
+    lazy, why = open_lazy(directory, hf_config, arch, dtype,
                           trust_remote_code=common["trust_remote_code"],
                           read_ahead=compute.type in READ_AHEAD_DEVICES)
     if lazy is None:

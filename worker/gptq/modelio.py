@@ -111,6 +111,31 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, source=model_id)
 
 
+# what a streamed run needs of a hub repository besides its weights: config, generation
+# config, tokenizer files (and the model's own code, when it is trusted)
+HUB_SIDE_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja")
+
+
+def hub_snapshot(
+    model_id: str, *, revision: str | None = None, token: str | None = None, trust_remote_code: bool = False
+) -> Path | None:
+    """A hub model's files in the local hub cache, to be read block by block: its safetensors
+    weights (only the files its index names, the ones from_pretrained fetches: no duplicate
+    `consolidated.safetensors`), or None when the repository (or, offline, the cache) has none."""
+    from huggingface_hub import snapshot_download
+
+    def fetch(patterns: list[str]) -> Path:
+        return Path(_mapped(model_id, revision, lambda: snapshot_download(
+            model_id, revision=revision, token=token, allow_patterns=patterns)))
+
+    directory = fetch([*HUB_SIDE_FILES, *(["*.py"] if trust_remote_code else [])])
+    index = directory / "model.safetensors.index.json"
+    weights = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
+               if index.is_file() else ["model.safetensors"])
+    directory = fetch(weights)
+    return directory if all((directory / name).is_file() for name in weights) else None
+
+
 def load_tokenizer(
     model_id: str, *, revision: str | None = None, token: str | None = None, trust_remote_code: bool = False
 ) -> Any:

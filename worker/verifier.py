@@ -18,11 +18,14 @@ log = logging.getLogger("gptqd.worker")
 def measure(
     spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings
 ) -> dict[str, Any]:
+    from worker.gptq.api import compute_device
     from worker.gptq.evaluate import generate_samples, load_texts, perplexity
-    from worker.gptq.loader import load_quantized
+    from worker.gptq.residency import load_checkpoint
 
     started = time.monotonic()
-    model, tokenizer = load_quantized(settings.artifacts_dir / request["job_id"])
+    # on the worker's device (a GPU's in its checkpoint dtype, as the job evaluated it)
+    model, tokenizer = load_checkpoint(settings.artifacts_dir / request["job_id"],
+                                       compute_device(settings.device), settings.whole_model_share)
     source, text_field = jobspec.eval_source(spec, request.get("dataset_id"), store, settings)
     seq_length = jobspec.eval_seq_length(spec, request.get("seq_length"))
     texts = load_texts(source, text_field)

@@ -78,3 +78,26 @@ def test_samples_keep_the_whole_model_while_it_fits(tmp_path: Path, monkeypatch)
                      evaluate=WITH_SAMPLES, lazy=True)
     assert asked.evaluation["samples_skipped"] == "greedy samples need the whole model: lazy loading was asked for"
 
+
+
+def test_a_verification_keeps_dequantized_weights_only_while_they_fit(tmp_path: Path, monkeypatch) -> None:
+    """residency.load_checkpoint (what a verification job loads): the same perplexity either
+    way, but a model too large to hold dequantized keeps only its packed weights."""
+    from worker.gptq.evaluate import window_perplexity
+    from worker.gptq.loader import DequantLinear
+
+    source = tiny_llama(tmp_path / "llama", layers=2)
+    quantize(str(source), tmp_path / "ckpt", CONFIG, CALIBRATION, device="cpu")
+    windows = torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(0))
+
+    def loaded_layers() -> tuple[list[DequantLinear], float]:
+        model, tokenizer = residency.load_checkpoint(tmp_path / "ckpt", torch.device("cpu"))
+        assert tokenizer is not None
+        return [m for m in model.modules() if isinstance(m, DequantLinear)], window_perplexity(model, windows)
+
+    roomy, ppl_roomy = loaded_layers()
+    assert len(roomy) == 14 and all(m._cached_weight is not None for m in roomy)
+    monkeypatch.setattr(residency, "available_memory", lambda compute: 1)
+    tight, ppl_tight = loaded_layers()
+    assert len(tight) == 14 and all(m._cached_weight is None for m in tight)
+    assert ppl_tight == ppl_roomy

@@ -120,7 +120,7 @@ def quantize(
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
     run = _Run(progress, should_stop, stage_ends(evaluate is not None))
-    compute = _compute_device(device)
+    compute = compute_device(device)
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
 
@@ -476,7 +476,9 @@ class _Evaluation:
             model.to(home)
 
 
-def _compute_device(device: str | None) -> torch.device:
+def compute_device(device: str | None) -> torch.device:
+    """The torch device a run uses: device as given ('cpu', 'cuda[:N]'), or CUDA when there
+    is one (None); an EngineError naming what is wrong otherwise."""
     if not device:
         return default_device()
     try:

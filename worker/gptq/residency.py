@@ -88,3 +88,18 @@ def _read_int(path: Path) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None  # "max": no limit
+
+
+def load_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL_SHARE) -> tuple[nn.Module, Any]:
+    """A stored GPTQ checkpoint to verify, (model, tokenizer), on device in the dtype a run
+    computes in there: its layers keep their dequantized weights while the whole model takes
+    at most share of the memory free, else they dequantize at every forward (slower; only the
+    packed weights in memory)."""
+    from transformers import AutoConfig
+
+    from worker.gptq.loader import load_quantized
+    from worker.gptq.modelio import skeleton
+
+    config = AutoConfig.from_pretrained(path)
+    cache = whole_model_bytes(skeleton(config), device) <= share * available_memory(device)
+    return load_quantized(path, device, compute_dtype(config, device), cache=cache)

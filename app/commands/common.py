@@ -65,6 +65,14 @@ def eval_text(evaluation: dict) -> str:
     return f" on {evaluation['source']}{same}"
 
 
+def sample_lines(evaluation: dict) -> list[str]:
+    """The quantized model's sample texts, or why there are none (a streamed run)."""
+    lines = [f"sample: {text!r}" for text in evaluation.get("samples_after") or []]
+    if evaluation.get("samples_skipped"):
+        lines.append(f"no samples: {evaluation['samples_skipped']}")
+    return lines
+
+
 def outcome(kind: str, item: dict) -> list[str]:
     """'job ID: status' (or 'verification ...'), then why it failed if it did."""
     lines = [f"{kind} {item['id']}: {item['status']}"]

@@ -11,12 +11,26 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 
+from app.commands.common import sample_lines
+
 T = TypeVar("T")
+
+
+class Load(StrEnum):
+    """--load: how `gptqd quantize` holds the model."""
+
+    auto = "auto"
+    whole = "whole"
+    stream = "stream"
+
+
+LOAD_MODES = {"auto": None, "whole": False, "stream": True}  # api.quantize's lazy
 
 # options whose values the engine's config classes validate: field name -> option
 _FIELD_OPTIONS = {
@@ -170,6 +184,12 @@ def quantize(
         None, "--eval-text", help="Held-out text to measure perplexity before and after."
     ),
     eval_max_windows: int | None = typer.Option(None, "--eval-max-windows", help="Limit the eval windows."),
+    load: Load = typer.Option(
+        Load.auto, "--load",
+        help="Hold the whole model in memory, or stream it block by block (perplexity is "
+             "measured either way; sample text needs the whole model). auto: stream whenever "
+             "the model has safetensors weights, unless samples are wanted and it fits.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
@@ -196,7 +216,7 @@ def quantize(
     tmp = _prepare_out(out, overwrite)
     report = _run_engine(
         lambda bar: _quantize(model, tmp, config, calib, eval_spec, revision,
-                              trust_remote_code, device, bar),
+                              trust_remote_code, device, LOAD_MODES[load.value], bar),
         progress,
         cleanup=tmp,
     )
@@ -207,12 +227,14 @@ def quantize(
     _print_summary(report, out)
 
 
-def _quantize(model, out_dir, config, calib, eval_spec, revision, trust_remote_code, device, bar):
+
+
+def _quantize(model, out_dir, config, calib, eval_spec, revision, trust_remote_code, device, lazy, bar):
     from worker.gptq import api
 
     return api.quantize(
         model, out_dir, config, calib, revision=revision, trust_remote_code=trust_remote_code,
-        device=device, progress=bar, evaluate=eval_spec,
+        device=device, progress=bar, evaluate=eval_spec, lazy=lazy,
     )
 
 
@@ -251,9 +273,12 @@ def _print_summary(report: Any, out: Path) -> None:
     size = (data.get("sizes") or {}).get("checkpoint_bytes")
     if size:
         typer.echo(f"checkpoint size: {size / 2**20:.2f} MiB")
+    typer.echo("model: " + ("read block by block" if data.get("lazy") else "held whole in memory"))
     for key in ("perplexity_before", "perplexity_after"):
         if data.get(key) is not None:
             typer.echo(f"{key.replace('_', ' ')}: {data[key]:.4f}")
+    for line in sample_lines(data.get("evaluation") or {}):
+        typer.echo(line)
 
 
 def evaluate(
@@ -270,11 +295,15 @@ def evaluate(
     max_windows: int | None = typer.Option(None, "--max-windows", min=1, help="Score at most this many windows."),
     text_field: str = typer.Option("text", "--text-field", help="Text column of .jsonl/.parquet files."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
+    device: str | None = typer.Option(
+        None, "--device", help="Compute device (default: cuda if present, else cpu; on a GPU the "
+                               "model runs in its checkpoint dtype)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Print the perplexity of an original or a GPTQ-quantized model on a text."""
     result = _run_engine(
-        lambda _bar: _perplexity(model, text, seq_length, max_windows, text_field, trust_remote_code),
+        lambda _bar: _perplexity(model, text, seq_length, max_windows, text_field, trust_remote_code,
+                                 device),
         progress=False,
     )
     if as_json:
@@ -288,13 +317,15 @@ def evaluate(
 
 def _perplexity(
     model: str, text: str, seq_length: int | None, max_windows: int | None,
-    text_field: str, trust_remote_code: bool,
+    text_field: str, trust_remote_code: bool, device: str | None = None,
 ) -> dict:
+    from worker.gptq.api import compute_device
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts, window_perplexity
 
+    compute = compute_device(device)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
-    loaded, tokenizer, kind = _load_for_eval(model, trust_remote_code)
+    loaded, tokenizer, kind = _load_for_eval(model, trust_remote_code, compute)
     if tokenizer is None:
         raise EngineError(f"{model} has no tokenizer files")
     length = seq_length or context_length(loaded) or 512
@@ -315,14 +346,18 @@ def _perplexity(
     }
 
 
-def _load_for_eval(model: str, trust_remote_code: bool) -> tuple[Any, Any, str]:
-    """A GPTQ checkpoint through our loader, anything else through transformers."""
-    from worker.gptq.loader import is_quantized_dir, load_quantized
-    from worker.gptq.modelio import load_model
+def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[Any, Any, str]:
+    """A GPTQ checkpoint through our loader, anything else through transformers; on compute,
+    in the dtype a run uses there."""
+    from worker.gptq.loader import is_quantized_dir
+    from worker.gptq.modelio import compute_dtype, load_config, load_model
+    from worker.gptq.residency import load_checkpoint
 
     path = Path(model).expanduser()
     if path.is_dir() and is_quantized_dir(path):
-        loaded, tokenizer = load_quantized(path, trust_remote_code=trust_remote_code)
+        loaded, tokenizer = load_checkpoint(path, compute, trust_remote_code=trust_remote_code)
         return loaded, tokenizer, "quantized"
-    result = load_model(model, trust_remote_code=trust_remote_code)
-    return result.model, result.tokenizer, "original"
+    config, _ = load_config(model, trust_remote_code=trust_remote_code)
+    result = load_model(model, trust_remote_code=trust_remote_code, config=config,
+                        dtype=compute_dtype(config, compute))
+    return result.model.to(compute), result.tokenizer, "original"

@@ -15,7 +15,16 @@ from typing import Any
 import typer
 
 from app.client import Client
-from app.commands.common import KEY, URL, age, eval_text, outcome, table, talking_to_server
+from app.commands.common import (
+    KEY,
+    URL,
+    age,
+    eval_text,
+    outcome,
+    sample_lines,
+    table,
+    talking_to_server,
+)
 
 HOST = typer.Option("127.0.0.1", "--host", help="Address to listen on.")
 PORT = typer.Option(8000, "--port", help="Port to listen on.")
@@ -119,11 +128,7 @@ def summary(job: dict) -> str:
     if sizes.get("original_bytes") and sizes.get("checkpoint_bytes"):
         lines.append(f"size: {sizes['original_bytes'] / 1e6:.2f} MB of weights -> "
                      f"{sizes['checkpoint_bytes'] / 1e6:.2f} MB checkpoint")
-    evaluation = metrics.get("evaluation") or {}
-    for text in evaluation.get("samples_after") or []:
-        lines.append(f"sample: {text!r}")
-    if evaluation.get("samples_skipped"):
-        lines.append(f"no samples: {evaluation['samples_skipped']}")
+    lines.extend(sample_lines(metrics.get("evaluation") or {}))
     if job["status"] == "succeeded":
         lines.append(f"artifacts: {len(job['artifacts'])} files, GET {job['links']['archive']}")
     return "\n".join(lines)

@@ -71,9 +71,29 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     assert result["perplexity"] == pytest.approx(report["perplexity_after"], rel=1e-3)
 
     original = gptqd("eval", "--model", str(tiny_model), "--text", str(eval_text),
-                     "--seq-length", "64", "--max-windows", "4")
+                     "--seq-length", "64", "--max-windows", "4", "--device", "cpu")
     assert original.returncode == 0, original.stderr
     assert original.stdout.startswith("perplexity ") and "original model" in original.stdout
+    # the run's own evaluation of the original model used the same windows
+    assert float(original.stdout.split()[1]) == pytest.approx(report["perplexity_before"], rel=1e-4)
+
+
+def test_quantize_streamed_measures_what_the_whole_model_run_measures(tiny_model, eval_text, tmp_path):
+    """--load stream: perplexity measured as the blocks go by (the same numbers); the sample
+    text it cannot make is explained, not silently missing."""
+    runs = {}
+    for load in ("whole", "stream"):
+        run = gptqd(*quantize_args(tiny_model, tmp_path / load, "--eval-text", str(eval_text),
+                                   "--eval-max-windows", "4", "--load", load))
+        assert run.returncode == 0, run.stderr
+        runs[load] = (run.stdout, json.loads((tmp_path / load / "quant_report.json").read_text()))
+    (whole_out, whole), (stream_out, stream) = runs["whole"], runs["stream"]
+    assert (whole["lazy"], stream["lazy"]) == (False, True)
+    assert "model: held whole in memory" in whole_out and "model: read block by block" in stream_out
+    assert (stream["perplexity_before"], stream["perplexity_after"]) == (
+        whole["perplexity_before"], whole["perplexity_after"])
+    assert "sample: 'Once upon a time" in whole_out
+    assert "no samples: greedy samples need the whole model: lazy loading was asked for" in stream_out
 
 
 @pytest.mark.parametrize(
@@ -84,6 +104,7 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
         (["--damp-percent", "2"], "damp_percent must be in"),
         (["--num-samples", "0"], "num_samples must be >= 1"),
         (["--bits", "four"], "'--bits'"),
+        (["--load", "lazy"], "'--load'"),
     ],
 )
 def test_bad_arguments_are_refused_cleanly(tmp_path, args, needle):

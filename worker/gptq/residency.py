@@ -90,7 +90,8 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max": no limit
 
 
-def load_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL_SHARE) -> tuple[nn.Module, Any]:
+def load_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL_SHARE, *,
+                    trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """A stored GPTQ checkpoint to verify, (model, tokenizer), on device in the dtype a run
     computes in there: its layers keep their dequantized weights while the whole model takes
     at most share of the memory free, else they dequantize at every forward (slower; only the
@@ -100,6 +101,8 @@ def load_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL
     from worker.gptq.loader import load_quantized
     from worker.gptq.modelio import skeleton
 
-    config = AutoConfig.from_pretrained(path)
-    cache = whole_model_bytes(skeleton(config), device) <= share * available_memory(device)
-    return load_quantized(path, device, compute_dtype(config, device), cache=cache)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    shape = skeleton(config, trust_remote_code=trust_remote_code)
+    cache = whole_model_bytes(shape, device) <= share * available_memory(device)
+    return load_quantized(path, device, compute_dtype(config, device), cache=cache,
+                          trust_remote_code=trust_remote_code)

@@ -9,12 +9,14 @@ not a sample). Rows:
     within 10% of each other);
   * one model of >= 1 GB of fp16 weights (target: peak RSS < half the model size plus the
     calibration activations);
-  * with --eager, the small pair again with the whole model loaded (quantize(lazy=False)), the
+  * with --eager, the small pair again with the whole model loaded (--load whole), the
     behaviour before lazy loading, for comparison;
+  * with --eval, every run also measures perplexity before and after quantization (streamed
+    runs as the blocks go by, streameval.py);
   * "imports only": the RSS of the interpreter with torch, transformers and the engine
     imported, which every run pays before touching a weight.
 
-    .venv/bin/python bench/memory.py [--big-layers 10] [--no-tinyllama] [--eager] [--keep DIR]
+    .venv/bin/python bench/memory.py [--big-layers 10] [--no-tinyllama] [--eager] [--eval] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 NUM_SAMPLES, SEQ_LENGTH = 16, 256
+EVAL_WINDOWS = 16
 
 
 @dataclass
@@ -136,18 +139,13 @@ def peak_rss(argv: list[str]) -> tuple[int, float]:
 GPTQD = ROOT / ".venv/bin/gptqd"
 
 
-def quantize_argv(model: Path, out: Path, eager: bool, gptqd: Path = GPTQD) -> list[str]:
-    if not eager:
-        return [str(gptqd), "quantize", "--model", str(model), "--out", str(out),
-                "--num-samples", str(NUM_SAMPLES), "--seq-length", str(SEQ_LENGTH),
-                "--device", "cpu", "--no-progress"]
-    code = (
-        "import sys; from pathlib import Path; from worker.gptq.api import quantize; "
-        "from worker.gptq.config import CalibrationSpec, QuantizeConfig; "
-        f"quantize(sys.argv[1], Path(sys.argv[2]), QuantizeConfig(), CalibrationSpec("
-        f"num_samples={NUM_SAMPLES}, seq_length={SEQ_LENGTH}), device='cpu', lazy=False)"
-    )
-    return [sys.executable, "-c", code, str(model), str(out)]
+def quantize_argv(model: Path, out: Path, eager: bool, gptqd: Path = GPTQD, evaluate: bool = False) -> list[str]:
+    """evaluate: perplexity before and after on EVAL_WINDOWS held-out windows (and samples,
+    which only the whole model gives)."""
+    return [str(gptqd), "quantize", "--model", str(model), "--out", str(out),
+            "--num-samples", str(NUM_SAMPLES), "--seq-length", str(SEQ_LENGTH),
+            "--device", "cpu", "--no-progress", "--load", "whole" if eager else "stream",
+            *(["--eval-text", "builtin-heldout", "--eval-max-windows", str(EVAL_WINDOWS)] if evaluate else [])]
 
 
 def activation_bytes(shape: Shape) -> int:
@@ -163,6 +161,8 @@ def main() -> None:
     parser.add_argument("--big-layers", type=int, default=10)
     parser.add_argument("--no-tinyllama", action="store_true", help="skip the 2.2 GB TinyLlama-shaped model")
     parser.add_argument("--eager", action="store_true", help="also run with the whole model loaded")
+    parser.add_argument("--eval", action="store_true",
+                        help=f"measure perplexity before/after too ({EVAL_WINDOWS} held-out windows)")
     parser.add_argument("--keep", type=Path, help="build the models here and keep them")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs per model: each row shows every run and the target is judged "
@@ -178,7 +178,7 @@ def main() -> None:
     shapes = [
         Shape(h, _mlp(h), args.small_layers),
         Shape(h, _mlp(h), 2 * args.small_layers),
-        Shape(b, _mlp(b), args.big_layers),
+        *([Shape(b, _mlp(b), args.big_layers)] if args.big_layers else []),  # 0: none
     ] + ([] if args.no_tinyllama else [TINYLLAMA])
     python = args.gptqd.parent / "python"
     # what every run pays before touching a weight: the engine, transformers' model classes
@@ -196,10 +196,11 @@ def main() -> None:
                 for _ in range(max(1, args.repeat)):
                     out = work / "out"
                     shutil.rmtree(out, ignore_errors=True)
-                    runs.append(peak_rss(quantize_argv(model, out, eager, args.gptqd)))
+                    runs.append(peak_rss(quantize_argv(model, out, eager, args.gptqd, args.eval)))
                     print(f"{shape.name} {'eager' if eager else 'lazy'}: {runs[-1][0] / 2**20:.0f} MiB "
                           f"in {runs[-1][1]:.0f}s", file=sys.stderr, flush=True)
-                rows.append((shape, size, "whole model" if eager else "lazy (gptqd quantize)",
+                mode = "whole model" if eager else "lazy (gptqd quantize)"
+                rows.append((shape, size, mode + (" + evaluation" if args.eval else ""),
                              [rss for rss, _ in runs], max(seconds for _, seconds in runs)))
     finally:
         if not args.keep:
@@ -210,7 +211,8 @@ def main() -> None:
     if any(own >= min(peaks) for _, _, _, peaks, _ in rows):
         print(f"warning: this process peaked at {own / mib:.0f} MiB, which the children's figures "
               "include: rows at or below it are not their own", file=sys.stderr)
-    print(f"calibration: {NUM_SAMPLES} x {SEQ_LENGTH} tokens, 4-bit g128, CPU; gptqd: {args.gptqd}; "
+    evaluation = f"; evaluation: {EVAL_WINDOWS} x {SEQ_LENGTH} tokens before and after" if args.eval else ""
+    print(f"calibration: {NUM_SAMPLES} x {SEQ_LENGTH} tokens, 4-bit g128, CPU{evaluation}; gptqd: {args.gptqd}; "
           f"RSS of the imports alone: {baseline / mib:.0f} MiB; the measuring process's own peak: "
           f"{own / mib:.0f} MiB\n")
     print("| model | layers | fp16 weights | mode | peak RSS (each run) | highest - imports | target | time |")

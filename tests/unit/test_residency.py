@@ -67,3 +67,23 @@ def test_host_memory_is_the_less_of_meminfo_and_the_cgroup_limit(tmp_path, monke
         (cgroup / "memory.current").write_text(current + "\n")
     monkeypatch.setattr(residency, "CGROUP", cgroup)
     assert residency.host_available() == expected
+
+
+def test_an_address_space_limit_leaves_what_is_not_mapped_yet(tmp_path, monkeypatch) -> None:
+    """A worker's GPTQD_JOB_MEMORY_LIMIT_MB is an RLIMIT_AS on its job processes: what is
+    already mapped counts against it."""
+    import os
+    import resource
+
+    monkeypatch.setattr(residency, "MEMINFO", _meminfo(tmp_path, 8 << 20))
+    monkeypatch.setattr(residency, "CGROUP", tmp_path / "no-cgroup")
+    statm = tmp_path / "statm"
+    pages = (1 << 30) // os.sysconf("SC_PAGE_SIZE")
+    statm.write_text(f"{pages} 100 50 1 0 90 0\n")
+    monkeypatch.setattr(residency, "STATM", statm)
+    monkeypatch.setattr(residency.resource, "getrlimit",
+                        lambda which: (3 << 30, resource.RLIM_INFINITY) if which == resource.RLIMIT_AS else (0, 0))
+    assert residency.host_available() == 2 << 30
+    monkeypatch.setattr(residency.resource, "getrlimit",
+                        lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert residency.host_available() == 8 << 30

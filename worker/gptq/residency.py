@@ -9,6 +9,8 @@ available memory; on a GPU also the card's free memory, where the evaluation run
 
 from __future__ import annotations
 
+import os
+import resource
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from worker.gptq.modelio import compute_dtype
 
 WHOLE_MODEL_SHARE = 0.5
 MEMINFO = Path("/proc/meminfo")
+STATM = Path("/proc/self/statm")  # the process's mapped size, what RLIMIT_AS counts
 CGROUP = Path("/sys/fs/cgroup")  # a container's memory limit (cgroup v2), where there is one
 _GIB = 1 << 30
 
@@ -67,11 +70,16 @@ def available_memory(compute: torch.device) -> int:
 
 
 def host_available() -> int:
-    """MemAvailable, or less where a cgroup v2 limit leaves less."""
+    """MemAvailable, or less where a cgroup v2 limit or this process's address-space limit
+    (a worker's GPTQD_JOB_MEMORY_LIMIT_MB) leaves less."""
     room = _meminfo_available()
     limit, used = _read_int(CGROUP / "memory.max"), _read_int(CGROUP / "memory.current")
     if limit is not None and used is not None:
         room = min(room, max(0, limit - used))
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        mapped = int(STATM.read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        room = min(room, max(0, soft - mapped))
     return room
 
 

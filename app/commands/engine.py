@@ -311,7 +311,8 @@ def evaluate(
     else:
         typer.echo(
             f"perplexity {result['perplexity']:.4f} ({result['windows']} windows of "
-            f"{result['seq_length']} tokens, {result['kind']} model {model})"
+            f"{result['seq_length']} tokens, {result['kind']} model {model}"
+            f"{', read block by block' if result['streamed'] else ''})"
         )
 
 
@@ -325,7 +326,7 @@ def _perplexity(
 
     compute = compute_device(device)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
-    loaded, tokenizer, kind = _load_for_eval(model, trust_remote_code, compute)
+    loaded, tokenizer, kind, lazy = _load_for_eval(model, trust_remote_code, compute)
     if tokenizer is None:
         raise EngineError(f"{model} has no tokenizer files")
     length = seq_length or context_length(loaded) or 512
@@ -338,17 +339,26 @@ def _perplexity(
         windows = eval_windows(tokenizer, texts, length, max_windows)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--text'") from exc
+    if lazy is not None:
+        from worker.gptq.streameval import streamed_perplexity
+
+        score = streamed_perplexity(lazy, windows, compute)
+    else:
+        score = window_perplexity(loaded, windows)
     return {
-        "perplexity": window_perplexity(loaded, windows),
+        "perplexity": score,
         "windows": int(windows.shape[0]),
         "seq_length": length,
         "kind": kind,
+        "streamed": lazy is not None,
     }
 
 
-def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[Any, Any, str]:
-    """A GPTQ checkpoint through our loader, anything else through transformers; on compute,
-    in the dtype a run uses there."""
+def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[Any, Any, str, Any]:
+    """(model, tokenizer, kind, lazy): a GPTQ checkpoint through our loader; an original model
+    with safetensors weights as a LazyModel, scored block by block (the same number, in one
+    block's memory), else whole through transformers; on compute, in the dtype a run uses there."""
+    from worker.gptq.api import open_streamed
     from worker.gptq.loader import is_quantized_dir
     from worker.gptq.modelio import compute_dtype, load_config, load_model
     from worker.gptq.residency import load_checkpoint
@@ -356,8 +366,12 @@ def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[A
     path = Path(model).expanduser()
     if path.is_dir() and is_quantized_dir(path):
         loaded, tokenizer = load_checkpoint(path, compute, trust_remote_code=trust_remote_code)
-        return loaded, tokenizer, "quantized"
-    config, _ = load_config(model, trust_remote_code=trust_remote_code)
+        return loaded, tokenizer, "quantized", None
+    config, arch = load_config(model, trust_remote_code=trust_remote_code)
+    common = {"revision": None, "token": None, "trust_remote_code": trust_remote_code}
+    streamed, _ = open_streamed(model, config, arch, compute, common)
+    if streamed is not None:
+        return streamed.model, streamed.tokenizer, "original", streamed.lazy
     result = load_model(model, trust_remote_code=trust_remote_code, config=config,
                         dtype=compute_dtype(config, compute))
-    return result.model.to(compute), result.tokenizer, "original"
+    return result.model.to(compute), result.tokenizer, "original", None

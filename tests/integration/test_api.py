@@ -159,7 +159,7 @@ def test_bad_text_files_are_refused_before_any_weight_is_read(model_dir, tmp_pat
         raise AssertionError("the model was loaded before the text files were checked")
 
     monkeypatch.setattr(api, "load_model", never)
-    monkeypatch.setattr(api, "_open_lazy", never)
+    monkeypatch.setattr(api, "open_streamed", never)
     missing = CalibrationSpec(str(tmp_path / "nope.txt"), num_samples=16, seq_length=64)
     with pytest.raises(CalibrationError, match=r"calibration file .*nope\.txt does not exist"):
         quantize(str(model_dir), tmp_path / "a", CONFIG, missing)

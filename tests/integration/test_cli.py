@@ -70,12 +70,16 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     # the CLI's eval and the run's own after-quantization eval use the same windows
     assert result["perplexity"] == pytest.approx(report["perplexity_after"], rel=1e-3)
 
-    original = gptqd("eval", "--model", str(tiny_model), "--text", str(eval_text),
-                     "--seq-length", "64", "--max-windows", "4", "--device", "cpu")
+    args = ("eval", "--model", str(tiny_model), "--text", str(eval_text), "--seq-length", "64",
+            "--max-windows", "4", "--device", "cpu")
+    original = gptqd(*args)
     assert original.returncode == 0, original.stderr
-    assert original.stdout.startswith("perplexity ") and "original model" in original.stdout
-    # the run's own evaluation of the original model used the same windows
-    assert float(original.stdout.split()[1]) == pytest.approx(report["perplexity_before"], rel=1e-4)
+    assert original.stdout.startswith("perplexity ")
+    assert "original model" in original.stdout and "read block by block" in original.stdout
+    # scored block by block (streameval.streamed_perplexity): the number the run's own
+    # whole-model evaluation of the original gave, on the same windows
+    streamed = json.loads(gptqd(*args, "--json").stdout)
+    assert streamed["streamed"] and streamed["perplexity"] == report["perplexity_before"]
 
 
 def test_quantize_streamed_measures_what_the_whole_model_run_measures(tiny_model, eval_text, tmp_path):

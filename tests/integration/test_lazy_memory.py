@@ -131,7 +131,7 @@ def test_glibc_is_told_before_the_first_weight(tmp_path: Path, monkeypatch, eval
     model = tiny_llama(tmp_path / "m", layers=1)
     told: list[str] = []
     monkeypatch.setattr(api, "return_freed_memory", lambda: told.append("mallopt"))
-    for reader in ("_open_lazy", "load_model"):
+    for reader in ("open_streamed", "load_model"):
         original = getattr(api, reader)
         monkeypatch.setattr(api, reader, lambda *a, _f=original, **k: (told.append("weights"), _f(*a, **k))[1])
     quantize(str(model), tmp_path / "out", QuantizeConfig(bits=4, group_size=32), CALIBRATION,

@@ -101,3 +101,23 @@ def test_a_verification_keeps_dequantized_weights_only_while_they_fit(tmp_path: 
     tight, ppl_tight = loaded_layers()
     assert len(tight) == 14 and all(m._cached_weight is None for m in tight)
     assert ppl_tight == ppl_roomy
+
+
+@pytest.mark.parametrize("kind", ["gpt2-trained", "gemma2", "opt"])
+def test_a_model_scored_block_by_block_gives_the_whole_model_s_perplexity(kind: str, tmp_path: Path) -> None:
+    """streameval.streamed_perplexity (`gptqd eval` on an original model): one block in memory,
+    the number window_perplexity gives on the whole model."""
+    from worker.gptq.evaluate import eval_windows, load_texts, window_perplexity
+    from worker.gptq.lazyload import open_lazy
+    from worker.gptq.modelio import load_config, load_model
+    from worker.gptq.streameval import streamed_perplexity
+
+    source = _source(kind, tmp_path)
+    whole = load_model(str(source))
+    windows = eval_windows(whole.tokenizer, load_texts(EVAL.source), 64, 6)
+    config, arch = load_config(str(source))
+    lazy, why = open_lazy(source, config, arch, torch.float32)
+    assert lazy is not None, why
+    assert streamed_perplexity(lazy, windows, torch.device("cpu")) == window_perplexity(whole.model, windows)
+    blocks = arch.blocks(lazy.model)
+    assert all(p.device.type == "meta" for block in blocks for p in block.parameters())

@@ -146,7 +146,7 @@ def quantize(
         common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
         loaded = None
         if residency.stream:
-            loaded, why = _open_lazy(model, hf_config, arch, compute, common)
+            loaded, why = open_streamed(model, hf_config, arch, compute, common)
             if loaded is None and lazy:
                 raise EngineError(f"lazy loading is not possible for {model}: {why}")
         if loaded is None:
@@ -275,7 +275,7 @@ def _quantize_loaded(
 READ_AHEAD_DEVICES = ("cuda",)
 
 
-def _open_lazy(
+def open_streamed(
     model: str, hf_config: Any, arch: Any, compute: torch.device, common: dict[str, Any]
 ) -> tuple[LoadedModel | None, str]:
     """The model with only embeddings/norms/head read, or None and why that is not possible."""

@@ -1,4 +1,4 @@
-"""Perplexity of the original and of the quantized model, measured during a streamed run.
+"""Perplexity measured while a model is streamed block by block.
 
 A run that reads the model block by block never holds the whole model, so it cannot run it
 on the evaluation windows the usual way (evaluate.window_perplexity). The windows ride along
@@ -7,6 +7,7 @@ through each block before it is quantized (the original model's states) and afte
 quantized model's), and at the end the model's own forward, with the blocks standing in for
 what they computed, turns both into logits. The same windows, batches and arithmetic as
 window_perplexity on the whole model: the same numbers, at one block's memory.
+`streamed_perplexity` does the same for a model that is only scored (`gptqd eval`).
 
 Greedy samples cannot ride along: every new token needs every block once more.
 """
@@ -19,50 +20,76 @@ import torch
 from torch import nn
 
 from worker.gptq.arch import ArchSpec
-from worker.gptq.evaluate import token_nll
+from worker.gptq.evaluate import logits_batch, token_nll
+from worker.gptq.lazyload import LazyModel, release
+from worker.gptq.memory import trim
 from worker.gptq.pipeline import BlockCall, capture_inputs, logits_after_blocks, run_block
+
+ORIGINAL, QUANTIZED = "before", "after"
 
 
 class EvalPassengers:
-    """The evaluation windows' hidden states through the original and the quantized blocks."""
+    """The evaluation windows' hidden states through the blocks: for each stream, the
+    original blocks ("before") or the quantized ones ("after")."""
 
-    def __init__(self, windows: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, windows: torch.Tensor, batch_size: int,
+                 streams: tuple[str, ...] = (ORIGINAL, QUANTIZED)) -> None:
         self.windows = windows
         self.batches = windows.split(batch_size)
         self.calls: list[list[BlockCall]] = []
-        self.original: list[torch.Tensor] = []
-        self.quantized: list[torch.Tensor] = []
+        self.streams = streams
+        self.states_of: dict[str, list[torch.Tensor]] = {}
 
     # --- pipeline.Passengers -------------------------------------------------------------
 
     def capture(self, model: nn.Module, arch: ArchSpec, device: torch.device) -> None:
         hidden, self.calls = capture_inputs(model, arch, self.batches, device)
-        self.original, self.quantized = list(hidden), list(hidden)
+        self.states_of = {stream: list(hidden) for stream in self.streams}
 
     def through(self, index: int, block: nn.Module, quantized: bool) -> None:
-        if quantized:
-            self.quantized = run_block(block, self.quantized, self.calls[index])
-        else:
-            self.original = run_block(block, self.original, self.calls[index])
+        stream = QUANTIZED if quantized else ORIGINAL
+        if stream in self.states_of:
+            self.states_of[stream] = run_block(block, self.states_of[stream], self.calls[index])
 
     def states(self) -> list[torch.Tensor]:
-        return [*self.original, *self.quantized]
+        return [t for stream in self.streams for t in self.states_of[stream]]
 
     def restore(self, states: list[torch.Tensor]) -> None:
         n = len(self.batches)
-        if len(states) != 2 * n:
-            raise ValueError(f"expected {2 * n} saved evaluation states, found {len(states)}")
-        self.original, self.quantized = list(states[:n]), list(states[n:])
+        if len(states) != len(self.streams) * n:
+            raise ValueError(f"expected {len(self.streams) * n} saved evaluation states, found {len(states)}")
+        self.states_of = {stream: list(states[i * n:(i + 1) * n]) for i, stream in enumerate(self.streams)}
 
     # --- the scores ------------------------------------------------------------------------
 
     @torch.inference_mode()
     def perplexities(self, model: nn.Module, arch: ArchSpec, device: torch.device) -> dict[str, float]:
-        """{"before", "after"}: once every block is done; needs what lies after the blocks
-        (final norm, head) loaded."""
+        """Each stream's perplexity ({"before", "after"}): once every block is done; needs what
+        lies after the blocks (final norm, head) loaded."""
         tokens = self.windows.shape[0] * (self.windows.shape[1] - 1)
         return {
-            when: math.exp(sum(token_nll(logits_after_blocks(model, arch, ids, last, device), ids)
-                               for ids, last in zip(self.batches, states, strict=True)) / tokens)
-            for when, states in (("before", self.original), ("after", self.quantized))
+            stream: math.exp(sum(token_nll(logits_after_blocks(model, arch, ids, last, device), ids)
+                                 for ids, last in zip(self.batches, states, strict=True)) / tokens)
+            for stream, states in self.states_of.items()
         }
+
+
+@torch.inference_mode()
+def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.device) -> float:
+    """window_perplexity of a lazily loaded model, reading one block at a time (the same number)."""
+    model, arch = lazy.model, lazy.arch
+    passengers = EvalPassengers(windows, logits_batch(model, windows.shape[1]), streams=(ORIGINAL,))
+    passengers.capture(model, arch, device)
+    lazy.release_outside_blocks()
+    for index, block in enumerate(arch.blocks(model)):
+        lazy.load_block(index, block)
+        block.to(device)
+        passengers.through(index, block, quantized=False)
+        release(block)
+        trim()
+    lazy.close()  # no read ahead of a block after the last
+    lazy.load_outside_blocks(head=True)
+    try:
+        return passengers.perplexities(model, arch, device)[ORIGINAL]
+    finally:
+        lazy.release_outside_blocks()

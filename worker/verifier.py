@@ -19,27 +19,45 @@ def measure(
     spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings
 ) -> dict[str, Any]:
     from worker.gptq.api import compute_device
-    from worker.gptq.evaluate import generate_samples, load_texts, perplexity
-    from worker.gptq.residency import load_checkpoint
+    from worker.gptq.evaluate import (
+        check_fits,
+        eval_windows,
+        generate_samples,
+        load_texts,
+        window_perplexity,
+    )
+    from worker.gptq.residency import open_checkpoint
+    from worker.gptq.streameval import streamed_perplexity
 
     started = time.monotonic()
-    # on the worker's device (a GPU's in its checkpoint dtype, as the job evaluated it)
-    model, tokenizer = load_checkpoint(settings.artifacts_dir / request["job_id"],
-                                       compute_device(settings.device), settings.whole_model_share)
     source, text_field = jobspec.eval_source(spec, request.get("dataset_id"), store, settings)
     seq_length = jobspec.eval_seq_length(spec, request.get("seq_length"))
     texts = load_texts(source, text_field)
-    ppl = perplexity(model, tokenizer, texts, seq_length, request.get("max_windows"))
     prompts = request.get("prompts") or []
-    samples = generate_samples(model, tokenizer, prompts, request["max_new_tokens"]) if (
-        prompts and request["max_new_tokens"] > 0) else []
+    wants_samples = bool(prompts) and request["max_new_tokens"] > 0
+    # on the worker's device (a GPU's in its checkpoint dtype, as the job evaluated it); block
+    # by block unless samples are wanted and it fits
+    compute = compute_device(settings.device)
+    held = open_checkpoint(settings.artifacts_dir / request["job_id"], compute,
+                           settings.whole_model_share, samples=wants_samples)
+    check_fits(held.model, seq_length)
+    windows = eval_windows(held.tokenizer, texts, seq_length, request.get("max_windows"))
+    if held.lazy is not None:
+        ppl = streamed_perplexity(held.lazy, windows, compute)
+    else:
+        ppl = window_perplexity(held.model, windows)
+    samples = generate_samples(held.model, held.tokenizer, prompts, request["max_new_tokens"]) if (
+        wants_samples and held.lazy is None) else []
+    skipped = {"samples_skipped": f"greedy samples need the whole model: {held.why}"} if (
+        wants_samples and held.lazy is not None) else {}
     return {
         "perplexity": ppl,
         "eval_source": request.get("dataset_id") or public_source(source),
         "held_out": jobspec.held_out(source, spec, store, settings),
         "seq_length": seq_length,
         "max_windows": request.get("max_windows"),
-        "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, samples, strict=True)],
+        "samples": [{"prompt": p, "text": t} for p, t in zip(prompts, samples, strict=True)] if samples else [],
+        **skipped,
         "seconds": round(time.monotonic() - started, 3),
     }
 

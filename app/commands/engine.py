@@ -361,12 +361,12 @@ def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[A
     from worker.gptq.api import open_streamed
     from worker.gptq.loader import is_quantized_dir
     from worker.gptq.modelio import compute_dtype, load_config, load_model
-    from worker.gptq.residency import load_checkpoint
+    from worker.gptq.residency import open_checkpoint
 
     path = Path(model).expanduser()
     if path.is_dir() and is_quantized_dir(path):
-        loaded, tokenizer = load_checkpoint(path, compute, trust_remote_code=trust_remote_code)
-        return loaded, tokenizer, "quantized", None
+        held = open_checkpoint(path, compute, trust_remote_code=trust_remote_code)
+        return held.model, held.tokenizer, "quantized", held.lazy
     config, arch = load_config(model, trust_remote_code=trust_remote_code)
     common = {"revision": None, "token": None, "trust_remote_code": trust_remote_code}
     streamed, _ = open_streamed(model, config, arch, compute, common)

@@ -121,3 +121,23 @@ def test_a_model_scored_block_by_block_gives_the_whole_model_s_perplexity(kind: 
     assert streamed_perplexity(lazy, windows, torch.device("cpu")) == window_perplexity(whole.model, windows)
     blocks = arch.blocks(lazy.model)
     assert all(p.device.type == "meta" for block in blocks for p in block.parameters())
+
+
+@pytest.mark.parametrize("kind", ["llama-untied", "gpt2-trained", "gemma2", "mixtral"])
+def test_a_checkpoint_scored_block_by_block_gives_the_whole_checkpoint_s_perplexity(
+        kind: str, tmp_path: Path) -> None:
+    """lazycheckpoint.py (`gptqd eval` on a GPTQ checkpoint; a verification of a model too
+    large to hold): the number our loader's whole model gives, one block in memory."""
+    from worker.gptq.evaluate import eval_windows, load_texts, window_perplexity
+    from worker.gptq.lazycheckpoint import open_lazy_checkpoint
+    from worker.gptq.loader import load_quantized
+    from worker.gptq.streameval import streamed_perplexity
+
+    quantize(str(_source(kind, tmp_path)), tmp_path / "ckpt", CONFIG, CALIBRATION, device="cpu")
+    whole, tokenizer = load_quantized(tmp_path / "ckpt")
+    windows = eval_windows(tokenizer, load_texts(EVAL.source), 64, 6)
+    lazy = open_lazy_checkpoint(tmp_path / "ckpt", torch.device("cpu"))
+    assert lazy is not None
+    assert streamed_perplexity(lazy, windows, torch.device("cpu")) == window_perplexity(whole, windows)
+    assert all(t.device.type == "meta" for block in lazy.arch.blocks(lazy.model)
+               for t in [*block.parameters(), *block.buffers()])

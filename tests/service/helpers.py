@@ -22,6 +22,28 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 RANK = {"queued": 0, "running": 1, "succeeded": 2, "failed": 2, "cancelled": 2}
 
 
+def wait_verification(http: httpx.Client, job_id: str, verification_id: str) -> dict:
+    deadline = time.monotonic() + 180
+    while True:
+        v = http.get(f"/jobs/{job_id}/verifications/{verification_id}").json()
+        if v["status"] in TERMINAL or time.monotonic() > deadline:
+            return v
+        time.sleep(0.1)
+
+
+def verify_stored(http: httpx.Client, job: dict) -> dict:
+    """A verification of the job's stored checkpoint (4 windows, one prompt): it succeeds with
+    the perplexity the job reported after quantizing; returns its result."""
+    r = http.post(f"/jobs/{job['id']}/verifications",
+                  json={"max_windows": 4, "prompts": ["Return the"], "max_new_tokens": 6})
+    assert r.status_code == 202, r.text
+    v = wait_verification(http, job["id"], r.json()["id"])
+    assert v["status"] == "succeeded", v
+    reported = job["metrics"]["perplexity_after"]
+    assert abs(v["result"]["perplexity"] - reported) <= 1e-3 * reported
+    return {**v["result"], "id": v["id"]}
+
+
 def read_events(url: str, job_id: str, last_event_id: int | None = None,
                 limit: int | None = None) -> list[dict]:
     """Events from one connection: all of them until the stream ends, or the first `limit`

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.service.conftest import NO_VERIFY, TERMINAL, Box, start_box, tiny_spec, wait_status
+from tests.service.helpers import verify_stored
 
 pytestmark = pytest.mark.service
 
@@ -209,3 +210,8 @@ def test_a_streamed_job_scores_perplexity_and_says_why_it_has_no_samples(streami
     page.wait_for_selector("#samples-panel:not([hidden])")
     assert page.locator("#samples").inner_text() == f"No samples: {why}."
     assert "perplexity after" in page.locator("#job-metrics").inner_text()
+
+    # a verification of the stored checkpoint reads it block by block too, to the same number
+    result = verify_stored(http, job)
+    assert result["samples"] == []
+    assert result["samples_skipped"].startswith("greedy samples need the whole model: the checkpoint (")

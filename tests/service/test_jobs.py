@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from datetime import datetime
 from pathlib import Path
 
@@ -12,18 +11,9 @@ import pytest
 
 from app.client import parse_sse
 from tests.service.conftest import DEEP, NO_VERIFY, TERMINAL, TINY, Box, tiny_spec, wait_status
-from tests.service.helpers import check_events, read_events, run_full_job
+from tests.service.helpers import check_events, read_events, run_full_job, verify_stored
 
 pytestmark = pytest.mark.service
-
-
-def wait_verification(http: httpx.Client, job_id: str, verification_id: str) -> dict:
-    deadline = time.monotonic() + 180
-    while True:
-        v = http.get(f"/jobs/{job_id}/verifications/{verification_id}").json()
-        if v["status"] in TERMINAL or time.monotonic() > deadline:
-            return v
-        time.sleep(0.1)
 
 
 def test_job_runs_to_a_verified_checkpoint(team_box: Box, tmp_path: Path) -> None:
@@ -34,20 +24,13 @@ def test_job_runs_to_a_verified_checkpoint(team_box: Box, tmp_path: Path) -> Non
     assert not (team_box.data_dir / "artifacts" / f"{job['id']}.partial").exists()
 
     # a verification runs on a worker against the stored checkpoint
-    r = http.post(f"/jobs/{job['id']}/verifications",
-                  json={"max_windows": 4, "prompts": ["Return the"], "max_new_tokens": 6})
-    assert r.status_code == 202, r.text
-    v = wait_verification(http, job["id"], r.json()["id"])
-    assert v["status"] == "succeeded", v
-    result = v["result"]
-    reported = job["metrics"]["perplexity_after"]
-    assert abs(result["perplexity"] - reported) <= 1e-3 * reported
+    result = verify_stored(http, job)
     assert (result["eval_source"], result["held_out"]) == ("builtin-heldout", True)
     assert result["samples"][0]["prompt"] == "Return the"
     assert result["samples"][0]["text"].startswith("Return the")
     assert len(result["samples"][0]["text"]) > len("Return the")
     page = http.get(f"/jobs/{job['id']}/verifications").json()  # one shape for every list
-    assert [x["id"] for x in page["items"]] == [v["id"]] and page["next_cursor"] is None
+    assert [x["id"] for x in page["items"]] == [result["id"]] and page["next_cursor"] is None
 
     # listing: newest first, filtered, paginated with a cursor
     page = http.get("/jobs", params={"status": "succeeded", "limit": 1}).json()

@@ -114,7 +114,8 @@ def eval_windows(
     return ids[: n * seq_length].view(n, seq_length)
 
 
-def _check_fits(model: torch.nn.Module, seq_length: int) -> None:
+def check_fits(model: torch.nn.Module, seq_length: int) -> None:
+    """ValueError when windows of seq_length exceed the model's context length."""
     limit = context_length(model)
     if limit is not None and seq_length > limit:
         raise ValueError(f"seq_length={seq_length} exceeds the model's context length {limit}")
@@ -146,7 +147,7 @@ def perplexity(
     batch_size: int | None = None,
 ) -> float:
     """Perplexity of `model` on `texts` under the module's protocol."""
-    _check_fits(model, seq_length)
+    check_fits(model, seq_length)
     return window_perplexity(model, eval_windows(tokenizer, texts, seq_length, max_windows), batch_size)
 
 
@@ -154,7 +155,7 @@ def perplexity(
 def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int | None = None) -> float:
     """exp(mean NLL) over every predicted token of windows ([n, seq_length] long), each scored
     alone; batch_size windows per forward (default: logits_batch)."""
-    _check_fits(model, windows.shape[1])
+    check_fits(model, windows.shape[1])
     return math.exp(sum(token_nll(_logits(model, batch), batch)
                         for batch in windows.split(batch_size or logits_batch(model, windows.shape[1])))
                     / (windows.shape[0] * (windows.shape[1] - 1)))
@@ -213,7 +214,7 @@ def generate_samples(
 def evaluate_model(model: torch.nn.Module, tokenizer, spec: EvalSpec) -> dict:
     """Perplexity on the spec's text and greedy samples: what a report shows for one model."""
     texts = load_texts(spec.source, spec.text_field)
-    _check_fits(model, spec.seq_length)
+    check_fits(model, spec.seq_length)
     windows = eval_windows(tokenizer, texts, spec.seq_length, spec.max_windows)
     return {
         "perplexity": window_perplexity(model, windows),

@@ -100,7 +100,7 @@ class ReadAhead:
 
 
 @contextmanager
-def _parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta() -> Iterator[None]:
     """Every parameter registered inside goes to the meta device; buffers stay real."""
     original = nn.Module.register_parameter
 
@@ -279,7 +279,7 @@ def open_lazy(
         return None, "the model is not a local directory"
     if not WeightFiles.present(directory):
         return None, "the model directory has no safetensors weights"
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     if arch.moe is not None:
         # one linear per expert, as the files store them (transformers fuses them in memory)

@@ -269,7 +269,7 @@ def load_quantized(
         model.tie_weights()
     _load_generation_config(model, path)
     model.eval().to(device)
-    return model, _load_tokenizer(path, trust_remote_code)
+    return model, checkpoint_tokenizer(path, trust_remote_code)
 
 
 def _load_generation_config(model: nn.Module, path: Path) -> None:
@@ -281,7 +281,8 @@ def _load_generation_config(model: nn.Module, path: Path) -> None:
         model.generation_config = GenerationConfig.from_pretrained(path)
 
 
-def _load_tokenizer(path: Path, trust_remote_code: bool) -> Any:
+def checkpoint_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved with a checkpoint, or None."""
     from transformers import AutoTokenizer
 
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):

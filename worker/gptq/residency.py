@@ -98,6 +98,40 @@ def _read_int(path: Path) -> int | None:
     return int(text) if text.isdigit() else None  # "max": no limit
 
 
+@dataclass
+class HeldCheckpoint:
+    """A stored checkpoint opened to be scored: whole (model) or block by block (lazy)."""
+
+    model: nn.Module
+    tokenizer: Any
+    lazy: Any = None  # lazycheckpoint.LazyCheckpoint when it is read block by block
+    why: str = ""  # why a checkpoint asked for samples is read block by block (so gives none)
+
+
+def open_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL_SHARE, *,
+                    samples: bool = False, trust_remote_code: bool = False) -> HeldCheckpoint:
+    """Block by block (lazycheckpoint.py: one block in memory), unless samples are wanted and
+    its packed weights take at most share of the memory free (or it cannot be: a quantized
+    head); whole, through load_checkpoint, otherwise."""
+    from worker.gptq.lazycheckpoint import open_lazy_checkpoint
+    from worker.gptq.loader import checkpoint_tokenizer, weight_files
+
+    path = Path(path)
+    why = ""
+    if samples:
+        # packed weights as stored; on the CPU the unquantized ones (fp16) double in fp32
+        need = sum(f.stat().st_size for f in weight_files(path)) * (2 if device.type == "cpu" else 1)
+        room = available_memory(device)
+        if need <= share * room:
+            return HeldCheckpoint(*load_checkpoint(path, device, share, trust_remote_code=trust_remote_code))
+        why = (f"the checkpoint ({need / _GIB:.1f} GiB as run on {device.type}) would take more "
+               f"than {share:.0%} of the {room / _GIB:.1f} GiB available, so it was read block by block")
+    lazy = open_lazy_checkpoint(path, device, trust_remote_code=trust_remote_code)
+    if lazy is None:
+        return HeldCheckpoint(*load_checkpoint(path, device, share, trust_remote_code=trust_remote_code))
+    return HeldCheckpoint(lazy.model, checkpoint_tokenizer(path, trust_remote_code), lazy, why)
+
+
 def load_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL_SHARE, *,
                     trust_remote_code: bool = False) -> tuple[nn.Module, Any]:
     """A stored GPTQ checkpoint to verify, (model, tokenizer), on device in the dtype a run

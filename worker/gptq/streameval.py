@@ -21,7 +21,7 @@ from torch import nn
 
 from worker.gptq.arch import ArchSpec
 from worker.gptq.evaluate import logits_batch, token_nll
-from worker.gptq.lazyload import LazyModel, release
+from worker.gptq.lazyload import LazyModel
 from worker.gptq.memory import trim
 from worker.gptq.pipeline import BlockCall, capture_inputs, logits_after_blocks, run_block
 
@@ -76,7 +76,8 @@ class EvalPassengers:
 
 @torch.inference_mode()
 def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.device) -> float:
-    """window_perplexity of a lazily loaded model, reading one block at a time (the same number)."""
+    """window_perplexity of a lazily loaded model (an original one, or a GPTQ checkpoint:
+    lazycheckpoint.py), reading one block at a time (the same number)."""
     model, arch = lazy.model, lazy.arch
     passengers = EvalPassengers(windows, logits_batch(model, windows.shape[1]), streams=(ORIGINAL,))
     passengers.capture(model, arch, device)
@@ -85,7 +86,7 @@ def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.de
         lazy.load_block(index, block)
         block.to(device)
         passengers.through(index, block, quantized=False)
-        release(block)
+        block.to("meta")  # parameters and buffers (a checkpoint's packed layers) let go
         trim()
     lazy.close()  # no read ahead of a block after the last
     lazy.load_outside_blocks(head=True)

@@ -1,10 +1,10 @@
-"""Whether a run holds the whole model in memory or reads it block by block.
+"""Whether a run (or a verification) holds the whole model in memory or reads it block by block.
 
-Streaming (lazyload) needs one block in memory whatever the model's size, and measures
-perplexity on the way (streameval). Only greedy samples need the whole model: every new token
-runs every block. So a run streams unless it was told not to, or it is asked for samples and
-the whole model takes at most WHOLE_MODEL_SHARE of the memory it would live in (the host's
-available memory; on a GPU also the card's free memory, where the evaluation runs it).
+Streaming (lazyload, lazycheckpoint) needs one block in memory whatever the model's size, and
+measures perplexity on the way (streameval). Only greedy samples need the whole model: every
+new token runs every block. So a run streams unless it was told not to, or it is asked for
+samples and the whole model takes at most WHOLE_MODEL_SHARE of the memory it would live in (the
+host's available memory; on a GPU also the card's free memory, where the evaluation runs it).
 """
 
 from __future__ import annotations
@@ -41,13 +41,18 @@ def choose(lazy: bool | None, evaluate: Any, shape: nn.Module, compute: torch.de
         return Residency(lazy, "lazy loading was asked for" if lazy else "")
     if evaluate is None or not wants_samples(evaluate):
         return Residency(True)
-    need = whole_model_bytes(shape, compute)
-    room = available_memory(compute)
+    why = _too_large("the whole model", whole_model_bytes(shape, compute), compute, share)
+    return Residency(bool(why), why)
+
+
+def _too_large(what: str, need: int, device: torch.device, share: float) -> str:
+    """Why need bytes cannot be held on device (for samples_skipped), or "" when they fit in
+    share of the memory free."""
+    room = available_memory(device)
     if need <= share * room:
-        return Residency(False)
-    return Residency(True, f"the whole model ({need / _GIB:.1f} GiB as run on {compute.type}) "
-                           f"would take more than {share:.0%} of the "
-                           f"{room / _GIB:.1f} GiB available, so it was read block by block")
+        return ""
+    return (f"{what} ({need / _GIB:.1f} GiB as run on {device.type}) would take more than "
+            f"{share:.0%} of the {room / _GIB:.1f} GiB available, so it was read block by block")
 
 
 def wants_samples(evaluate: Any) -> bool:
@@ -121,11 +126,9 @@ def open_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL
     if samples:
         # packed weights as stored; on the CPU the unquantized ones (fp16) double in fp32
         need = sum(f.stat().st_size for f in weight_files(path)) * (2 if device.type == "cpu" else 1)
-        room = available_memory(device)
-        if need <= share * room:
+        why = _too_large("the checkpoint", need, device, share)
+        if not why:
             return HeldCheckpoint(*load_checkpoint(path, device, share, trust_remote_code=trust_remote_code))
-        why = (f"the checkpoint ({need / _GIB:.1f} GiB as run on {device.type}) would take more "
-               f"than {share:.0%} of the {room / _GIB:.1f} GiB available, so it was read block by block")
     lazy = open_lazy_checkpoint(path, device, trust_remote_code=trust_remote_code)
     if lazy is None:
         return HeldCheckpoint(*load_checkpoint(path, device, share, trust_remote_code=trust_remote_code))

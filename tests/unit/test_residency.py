@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -46,20 +46,19 @@ def test_only_samples_on_a_model_that_fits_keep_it_whole(shape, monkeypatch) -> 
     assert tight.stream and "more than 50% of the" in tight.why
 
 
-def _meminfo(tmp_path: Path, kib: int) -> Path:
-    path = tmp_path / "meminfo"
-    path.write_text(f"MemTotal:       99999999 kB\nMemAvailable:   {kib} kB\nCached: 1 kB\n")
-    return path
+def _available(monkeypatch, size: int) -> None:
+    """What psutil says the system has available."""
+    monkeypatch.setattr(residency.psutil, "virtual_memory", lambda: SimpleNamespace(available=size))
 
 
 @pytest.mark.parametrize(("limit", "current", "expected"), [
-    (None, None, 8 << 30),               # no cgroup files: MemAvailable
+    (None, None, 8 << 30),               # no cgroup files: what psutil says
     ("max", str(1 << 30), 8 << 30),      # no limit set
     (str(3 << 30), str(1 << 30), 2 << 30),  # the container's limit leaves less
     (str(1 << 30), str(2 << 30), 0),     # over its limit: nothing
 ])
-def test_host_memory_is_the_less_of_meminfo_and_the_cgroup_limit(tmp_path, monkeypatch, limit, current, expected) -> None:
-    monkeypatch.setattr(residency, "MEMINFO", _meminfo(tmp_path, 8 << 20))
+def test_host_memory_is_the_less_of_what_is_available_and_the_cgroup_limit(tmp_path, monkeypatch, limit, current, expected) -> None:
+    _available(monkeypatch, 8 << 30)
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
     if limit is not None:
@@ -75,7 +74,7 @@ def test_an_address_space_limit_leaves_what_is_not_mapped_yet(tmp_path, monkeypa
     import os
     import resource
 
-    monkeypatch.setattr(residency, "MEMINFO", _meminfo(tmp_path, 8 << 20))
+    _available(monkeypatch, 8 << 30)
     monkeypatch.setattr(residency, "CGROUP", tmp_path / "no-cgroup")
     statm = tmp_path / "statm"
     pages = (1 << 30) // os.sysconf("SC_PAGE_SIZE")

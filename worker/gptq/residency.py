@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from torch import nn
 
 from worker.gptq.modelio import compute_dtype
 
 WHOLE_MODEL_SHARE = 0.5
-MEMINFO = Path("/proc/meminfo")
 STATM = Path("/proc/self/statm")  # the process's mapped size, what RLIMIT_AS counts
 CGROUP = Path("/sys/fs/cgroup")  # a container's memory limit (cgroup v2), where there is one
 _GIB = 1 << 30
@@ -75,24 +75,17 @@ def available_memory(compute: torch.device) -> int:
 
 
 def host_available() -> int:
-    """MemAvailable, or less where a cgroup v2 limit or this process's address-space limit
-    (a worker's GPTQD_JOB_MEMORY_LIMIT_MB) leaves less."""
-    room = _meminfo_available()
+    """The system's available memory, or less where a cgroup v2 limit or this process's
+    address-space limit (a worker's GPTQD_JOB_MEMORY_LIMIT_MB) leaves less."""
+    room = psutil.virtual_memory().available  # MemAvailable on Linux
     limit, used = _read_int(CGROUP / "memory.max"), _read_int(CGROUP / "memory.current")
     if limit is not None and used is not None:
         room = min(room, max(0, limit - used))
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY:
+    if soft != resource.RLIM_INFINITY and STATM.is_file():
         mapped = int(STATM.read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
         room = min(room, max(0, soft - mapped))
     return room
-
-
-def _meminfo_available() -> int:
-    for line in MEMINFO.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("/proc/meminfo has no MemAvailable")
 
 
 def _read_int(path: Path) -> int | None:

@@ -19,15 +19,9 @@ def measure(
     spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings
 ) -> dict[str, Any]:
     from worker.gptq.api import compute_device
-    from worker.gptq.evaluate import (
-        check_fits,
-        eval_windows,
-        generate_samples,
-        load_texts,
-        window_perplexity,
-    )
-    from worker.gptq.residency import open_checkpoint
-    from worker.gptq.streameval import streamed_perplexity
+    from worker.gptq.evaluate import check_fits, eval_windows, generate_samples, load_texts
+    from worker.gptq.residency import open_checkpoint, samples_skipped
+    from worker.gptq.streameval import perplexity_of
 
     started = time.monotonic()
     source, text_field = jobspec.eval_source(spec, request.get("dataset_id"), store, settings)
@@ -42,13 +36,10 @@ def measure(
                            settings.whole_model_share, samples=wants_samples)
     check_fits(held.model, seq_length)
     windows = eval_windows(held.tokenizer, texts, seq_length, request.get("max_windows"))
-    if held.lazy is not None:
-        ppl = streamed_perplexity(held.lazy, windows, compute)
-    else:
-        ppl = window_perplexity(held.model, windows)
+    ppl = perplexity_of(held.model, held.lazy, windows, compute)
     samples = generate_samples(held.model, held.tokenizer, prompts, request["max_new_tokens"]) if (
         wants_samples and held.lazy is None) else []
-    skipped = {"samples_skipped": f"greedy samples need the whole model: {held.why}"} if (
+    skipped = {"samples_skipped": samples_skipped(held.why)} if (
         wants_samples and held.lazy is not None) else {}
     return {
         "perplexity": ppl,

@@ -30,7 +30,7 @@ class Load(StrEnum):
     stream = "stream"
 
 
-LOAD_MODES = {"auto": None, "whole": False, "stream": True}  # api.quantize's lazy
+LOAD_MODES = {Load.auto: None, Load.whole: False, Load.stream: True}  # api.quantize's lazy
 
 # options whose values the engine's config classes validate: field name -> option
 _FIELD_OPTIONS = {
@@ -216,7 +216,7 @@ def quantize(
     tmp = _prepare_out(out, overwrite)
     report = _run_engine(
         lambda bar: _quantize(model, tmp, config, calib, eval_spec, revision,
-                              trust_remote_code, device, LOAD_MODES[load.value], bar),
+                              trust_remote_code, device, LOAD_MODES[load], bar),
         progress,
         cleanup=tmp,
     )
@@ -225,8 +225,6 @@ def quantize(
     publish_atomically(tmp, out, overwrite=overwrite)
     report.out_dir = str(out)
     _print_summary(report, out)
-
-
 
 
 def _quantize(model, out_dir, config, calib, eval_spec, revision, trust_remote_code, device, lazy, bar):
@@ -322,7 +320,8 @@ def _perplexity(
 ) -> dict:
     from worker.gptq.api import compute_device
     from worker.gptq.errors import EngineError
-    from worker.gptq.evaluate import context_length, eval_windows, load_texts, window_perplexity
+    from worker.gptq.evaluate import context_length, eval_windows, load_texts
+    from worker.gptq.streameval import perplexity_of
 
     compute = compute_device(device)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
@@ -339,14 +338,8 @@ def _perplexity(
         windows = eval_windows(tokenizer, texts, length, max_windows)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--text'") from exc
-    if lazy is not None:
-        from worker.gptq.streameval import streamed_perplexity
-
-        score = streamed_perplexity(lazy, windows, compute)
-    else:
-        score = window_perplexity(loaded, windows)
     return {
-        "perplexity": score,
+        "perplexity": perplexity_of(loaded, lazy, windows, compute),
         "windows": int(windows.shape[0]),
         "seq_length": length,
         "kind": kind,

@@ -44,7 +44,7 @@ from worker.gptq.modelio import (
 )
 from worker.gptq.pipeline import default_device, quantize_model
 from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
-from worker.gptq.residency import WHOLE_MODEL_SHARE, wants_samples
+from worker.gptq.residency import WHOLE_MODEL_SHARE, samples_skipped, wants_samples
 from worker.gptq.residency import choose as choose_residency
 
 # rough share of a run's time per stage, for the whole-run fraction in progress events
@@ -113,8 +113,9 @@ def quantize(
     lazy: read the weights block by block and stream finished blocks to disk, so memory holds
     one block instead of the model (perplexity is measured on the way; greedy samples need
     the whole model and are skipped). None (default) = whenever the model has safetensors
-    weights (a local directory, or a hub model's files in the hub cache), unless samples are asked for and the whole model takes
-    at most whole_model_share of the memory free (residency.py).
+    weights (a local directory, or a hub model's files in the hub cache), unless samples are
+    asked for and the whole model takes at most whole_model_share of the memory free
+    (residency.py).
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
@@ -216,8 +217,7 @@ def _quantize_loaded(
     streamed = loaded.lazy is not None
     evaluation = None
     if evaluate is not None:
-        evaluation = _Evaluation(evaluate, loaded.tokenizer, loaded.model,
-                                 streamed=why_streamed or "the model was read block by block" if streamed else "")
+        evaluation = _Evaluation(evaluate, loaded.tokenizer, loaded.model, streamed, why_streamed)
     if evaluation is not None and not streamed:
         with run.stage("evaluating", "evaluating_before", message="original model"):
             evaluation.measure(loaded.model, "before", compute)
@@ -240,7 +240,7 @@ def _quantize_loaded(
     if evaluation is not None:
         with run.stage("evaluating", "evaluating_after", message="quantized model"):
             if streamed:
-                evaluation.score_streamed(loaded.lazy, arch, compute)
+                evaluation.score_streamed(loaded.lazy, compute)
             else:
                 evaluation.measure(loaded.model, "after", compute)
         # whether the score is on text the Hessians never saw (say so when it is not)
@@ -420,9 +420,11 @@ def _device_numbers(text: str) -> str:
 
 class _Evaluation:
     """Perplexity and sample text of the original and the quantized model on one eval text;
-    for a streamed run (streamed: why it streamed), perplexity measured as the blocks go by."""
+    for a streamed run, perplexity measured as the blocks go by (why_streamed: why it streamed,
+    for the samples it cannot give)."""
 
-    def __init__(self, spec: Any, tokenizer: Any, model: torch.nn.Module, streamed: str = "") -> None:
+    def __init__(self, spec: Any, tokenizer: Any, model: torch.nn.Module, streamed: bool = False,
+                 why_streamed: str = "") -> None:
         from worker.gptq.evaluate import eval_windows, load_texts, logits_batch
         from worker.gptq.streameval import EvalPassengers
 
@@ -445,18 +447,13 @@ class _Evaluation:
             if self.windows is not None:
                 self.passengers = EvalPassengers(self.windows, logits_batch(model, spec.seq_length))
             if wants_samples(spec):
-                self.summary["samples_skipped"] = f"greedy samples need the whole model: {streamed}"
+                self.summary["samples_skipped"] = samples_skipped(why_streamed)
 
-    def score_streamed(self, lazy: Any, arch: Any, device: torch.device) -> None:
-        """Perplexity before and after from the windows' last hidden states (the head and
-        final norm read for it, then let go)."""
+    def score_streamed(self, lazy: Any, device: torch.device) -> None:
+        """Perplexity before and after from the windows' last hidden states."""
         if self.passengers is None:
             return
-        lazy.load_outside_blocks(head=True)
-        try:
-            scores = self.passengers.perplexities(lazy.model, arch, device)
-        finally:
-            lazy.release_outside_blocks()
+        scores = self.passengers.scores(lazy, device)
         self.summary["perplexity_before"] = scores["before"]
         self.summary["perplexity_after"] = scores["after"]
 

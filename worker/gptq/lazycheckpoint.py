@@ -17,8 +17,7 @@ from torch import nn
 
 from worker.gptq.arch import get_arch
 from worker.gptq.errors import InvalidCheckpoint
-from worker.gptq.experts import unfuse_experts
-from worker.gptq.lazyload import LazyModel, WeightFiles, parameters_on_meta
+from worker.gptq.lazyload import LazyModel, WeightFiles, meta_model
 
 
 class LazyCheckpoint(LazyModel):
@@ -26,7 +25,7 @@ class LazyCheckpoint(LazyModel):
 
     def __init__(self, path: Path, device: torch.device, *, trust_remote_code: bool = False) -> None:
         """Weights in the dtype a run computes in on device (fp32 on the CPU)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         from worker.gptq.loader import read_quantization_config
         from worker.gptq.modelio import compute_dtype
@@ -35,10 +34,7 @@ class LazyCheckpoint(LazyModel):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the layers are replaced here, block by block
-        with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        unfuse_experts(model)
-        model.eval()
+        model = meta_model(config, trust_remote_code=trust_remote_code)
         super().__init__(model, WeightFiles(path), get_arch(model), compute_dtype(config, device))
 
     def load_block(self, index: int, block: nn.Module, as_stored: Any = (),

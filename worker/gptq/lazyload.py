@@ -267,23 +267,31 @@ def release(module: nn.Module, keep: Collection[int] = ()) -> None:
             sub._parameters[attr] = on_meta[id(param)]
 
 
+def meta_model(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
+    """The model built with every parameter on the meta device (buffers real), in eval mode,
+    a mixture's experts one linear per expert as checkpoints store them (transformers fuses
+    them in memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    unfuse_experts(model)  # (none in a dense model)
+    return model.eval()
+
+
 def open_lazy(
     directory: Path, config: Any, arch: ArchSpec, dtype: torch.dtype, *,
     trust_remote_code: bool = False, read_ahead: bool = False,
 ) -> tuple[LazyModel | None, str]:
     """A LazyModel for a local checkpoint directory, or None and the reason it cannot be one."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     directory = Path(directory)
     if not directory.is_dir():
         return None, "the model is not a local directory"
     if not WeightFiles.present(directory):
         return None, "the model directory has no safetensors weights"
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    if arch.moe is not None:
-        # one linear per expert, as the files store them (transformers fuses them in memory)
-        unfuse_experts(model)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
     lazy = LazyModel(model, WeightFiles(directory), arch, dtype, read_ahead=read_ahead)
     missing = lazy.missing()
     if missing:
@@ -291,6 +299,5 @@ def open_lazy(
     if (directory / "generation_config.json").is_file():
         # what from_pretrained does: the directory's generation config, not one from the config
         model.generation_config = GenerationConfig.from_pretrained(directory)
-    model.eval()
     lazy.load_outside_blocks()
     return lazy, ""

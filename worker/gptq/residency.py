@@ -55,6 +55,11 @@ def _too_large(what: str, need: int, device: torch.device, share: float) -> str:
             f"{share:.0%} of the {room / _GIB:.1f} GiB available, so it was read block by block")
 
 
+def samples_skipped(why: str) -> str:
+    """What a streamed run or verification says in place of the samples it was asked for."""
+    return f"greedy samples need the whole model: {why}"
+
+
 def wants_samples(evaluate: Any) -> bool:
     return bool(evaluate.prompts) and evaluate.max_new_tokens > 0
 

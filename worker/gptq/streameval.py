@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from worker.gptq.arch import ArchSpec
-from worker.gptq.evaluate import logits_batch, token_nll
+from worker.gptq.evaluate import logits_batch, token_nll, window_perplexity
 from worker.gptq.lazyload import LazyModel
 from worker.gptq.memory import trim
 from worker.gptq.pipeline import BlockCall, capture_inputs, logits_after_blocks, run_block
@@ -63,15 +63,20 @@ class EvalPassengers:
     # --- the scores ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def perplexities(self, model: nn.Module, arch: ArchSpec, device: torch.device) -> dict[str, float]:
-        """Each stream's perplexity ({"before", "after"}): once every block is done; needs what
-        lies after the blocks (final norm, head) loaded."""
+    def scores(self, lazy: LazyModel, device: torch.device) -> dict[str, float]:
+        """Each stream's perplexity ({"before", "after"}), once every block is done: the final
+        norm and head are read for it, then let go."""
+        model, arch = lazy.model, lazy.arch
         tokens = self.windows.shape[0] * (self.windows.shape[1] - 1)
-        return {
-            stream: math.exp(sum(token_nll(logits_after_blocks(model, arch, ids, last, device), ids)
-                                 for ids, last in zip(self.batches, states, strict=True)) / tokens)
-            for stream, states in self.states_of.items()
-        }
+        lazy.load_outside_blocks(head=True)
+        try:
+            return {
+                stream: math.exp(sum(token_nll(logits_after_blocks(model, arch, ids, last, device), ids)
+                                     for ids, last in zip(self.batches, states, strict=True)) / tokens)
+                for stream, states in self.states_of.items()
+            }
+        finally:
+            lazy.release_outside_blocks()
 
 
 @torch.inference_mode()
@@ -89,8 +94,10 @@ def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.de
         block.to("meta")  # parameters and buffers (a checkpoint's packed layers) let go
         trim()
     lazy.close()  # no read ahead of a block after the last
-    lazy.load_outside_blocks(head=True)
-    try:
-        return passengers.perplexities(model, arch, device)[ORIGINAL]
-    finally:
-        lazy.release_outside_blocks()
+    return passengers.scores(lazy, device)[ORIGINAL]
+
+
+def perplexity_of(model: nn.Module, lazy: LazyModel | None, windows: torch.Tensor,
+                  device: torch.device) -> float:
+    """window_perplexity of a model held whole (lazy None) or read block by block (lazy)."""
+    return streamed_perplexity(lazy, windows, device) if lazy is not None else window_perplexity(model, windows)

@@ -7,9 +7,9 @@ no act-order, true-sequential):
   * gptqd: worker.gptq.api.quantize (the CLI's call), its stage_seconds, and the ETA of every
     progress event after the first quarter of the blocks against the time the run really
     took from then on (target: within 25%);
-  * the FLOPs of the Hessian accumulation (2·T·K² per XᵀX accumulated) and of the solver
-    (about N·K² for the lazy block updates plus ~(4/3)·K³ for the Cholesky steps), as a
-    fraction of the machine's measured fp32 matmul throughput (a 2048³ matmul, same threads);
+  * the FLOPs of the Hessian accumulation and of the solver, counted as they happen
+    (bench/flops.py), as a fraction of the machine's measured fp32 matmul throughput (a 2048³
+    matmul, same threads);
   * GPTQModel (if importable), load + quantize + save of the same model on the same windows,
     in a child process so each gets the machine to itself.
 
@@ -26,7 +26,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,52 +34,21 @@ sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
 
-def matmul_gflops(n: int = 2048, repeat: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):  # warm up: thread pool, caches, clock
-        a @ b
-    best = float("inf")
-    for _ in range(repeat):
-        began = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - began)
-    return 2 * n**3 / best / 1e9
-
-
-def solver_flops(report: dict) -> float:
-    """About N·K² for the lazy block updates plus ~(4/3)·K³ for the Cholesky steps, per module."""
-    return sum(m["out_features"] * m["in_features"] ** 2 + 4.0 / 3.0 * m["in_features"] ** 3
-               for m in report["modules"])
-
-
 def run_ours(model: str, num_samples: int, seq_length: int, out: Path) -> dict:
+    from flops import counted
+
     from worker.gptq.api import quantize
     from worker.gptq.config import CalibrationSpec, QuantizeConfig
-    from worker.gptq.gptq import GPTQ
 
-    # the Hessian FLOPs as they happen: 2·T·K² per XᵀX accumulation (layers sharing an input
-    # share one accumulation, so counting from the module list would overstate them)
-    hessian_flops = [0.0]
-    add_batch = GPTQ.add_batch
-
-    def counted(self: GPTQ, inp: Any) -> None:
-        hessian_flops[0] += 2.0 * (inp.numel() // self.columns) * self.columns**2
-        add_batch(self, inp)
-
-    GPTQ.add_batch = counted  # type: ignore[method-assign]
     events = []
     began = time.perf_counter()
-    try:
+    with counted() as flops:
         report = quantize(model, out, QuantizeConfig(bits=4, group_size=128),
                           CalibrationSpec("builtin", num_samples=num_samples, seq_length=seq_length),
                           device="cpu", progress=events.append)
-    finally:
-        GPTQ.add_batch = add_batch  # type: ignore[method-assign]
     total = time.perf_counter() - began
     data = report.to_dict()
-    data["flops"] = {"hessian": hessian_flops[0], "solve": solver_flops(data)}
+    data["flops"] = flops
     data["wall_seconds"] = total
     data["eta_errors"] = eta_errors(events, report.num_blocks, report.duration_seconds)
     return data
@@ -153,11 +121,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from flops import matmul_rate
     from memory import Shape, _mlp, build_model
 
     from tests.conftest import fixture_path
 
-    peak = matmul_gflops()
+    peak = matmul_rate() / 1e9
     work = Path(tempfile.mkdtemp(prefix="gptqd-speed-"))
     shape = Shape(args.hidden, _mlp(args.hidden), args.layers)
     synthetic = work / "synthetic"

@@ -3,7 +3,8 @@
 Each step is a child process with its own timeout (steprun.run); a step that fails or runs out
 of time is recorded with the reason and the next one runs. After every step the table and the
 JSON of all figures are rewritten (to $OUT when set), so a run cut short still reports.
-Steps: env, build, quantize, gptqmodel, ratio, quality, service, service_poisoned.
+Steps: env, rates, build, quantize, gptqmodel, ratio, triton, memory8b, quality, service,
+service_poisoned.
 """
 
 from __future__ import annotations
@@ -25,22 +26,25 @@ import steprun
 
 ROOT = Path(__file__).resolve().parents[2]
 RESERVE_S = 8  # kept back from every step for writing the table at the end
-# in this order: the cheap checks before the service runs, which may hang until their timeout
+# in this order: issue 12's figures first (speed, the Triton kernel, the 8B model's memory),
+# then the checks that have passed on the CPU (quality, the service runs, which may hang until
+# their timeout) in what the budget leaves
 STEPS = {
     "env": "environment",
+    "rates": "matmul rates",
     "build": "build random Llama",
     "quantize": "gptqd quantize",
     "gptqmodel": "GPTQModel quantize",
     "ratio": "time ratio",
+    "triton": "gptqd quantize, Triton column kernel",
+    "memory8b": "8B-shaped Llama, peak memory",
     "quality": "fixture quality, device vs CPU",
     "service": "service job (gptqd up)",
     "service_poisoned": "service job, CUDA-touching preload",
-    # last: it only uses what the steps above left of the budget
-    "triton": "gptqd quantize, Triton column kernel",
 }
 # each step's own limit on a GPU (seconds); CPU mode multiplies them by CPU_SLOWER
-LIMITS = {"env": 60, "build": 120, "quantize": 200, "gptqmodel": 200, "quality": 70,
-          "service": 150, "service_poisoned": 150, "triton": 200}
+LIMITS = {"env": 60, "rates": 60, "build": 120, "quantize": 200, "gptqmodel": 200, "triton": 200,
+          "memory8b": 150, "quality": 70, "service": 150, "service_poisoned": 150}
 # the Triton kernel against the torch loop: their summed GPTQ losses may differ by this much
 # (float sums in another order round a code the other way now and then, and the error
 # feedback carries that on: equal codes are reported, not required)
@@ -49,6 +53,14 @@ CPU_SLOWER = 4
 FULL = {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4}
 # intermediate 768, not 688: a 688-wide down_proj cannot be cut into groups of 128
 SMALL = {"hidden": 256, "intermediate": 768, "layers": 2, "heads": 4, "kv_heads": 2}
+# Llama-3-8B's shape (the issue: it must fit a 24 GB card); two of its 32 blocks, as a streamed
+# run holds one block at a time whatever the depth (bench/memory.py: peak within 10% at 2x depth).
+# The small run (CPU dry run) scales it down 8x.
+LLAMA_8B = {"hidden": 4096, "intermediate": 14336, "layers": 2, "heads": 32, "kv_heads": 8}
+LLAMA_8B_SMALL = {"hidden": 512, "intermediate": 1792, "layers": 2, "heads": 4, "kv_heads": 1}
+# what a 24 GiB card (RTX 3090/4090, L4, A10) leaves to the caching allocator: 2 GiB kept for the
+# CUDA context, cuBLAS' workspaces and the display
+CARD_24GB_USABLE = 22 * 2**30
 STAGES = ("loading", "calibration", "quantizing", "saving")
 SUBSTAGES = ("forward", "hessian", "solve", "packing", "storing")
 QUALITY_TOLERANCE = 0.005  # perplexity after quantization, device vs CPU
@@ -77,6 +89,12 @@ class Row:
 
 def gib(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def flop(n: float, per_second: bool = False) -> str:
+    """FLOPs (or FLOP/s) in T or G, whichever reads better."""
+    unit = "TFLOP" if n >= 1e12 else "GFLOP"
+    return f"{n / (1e12 if unit == 'TFLOP' else 1e9):.2f} {unit}" + ("/s" if per_second else "")
 
 
 def marked_json(log: Path, mark: str) -> dict | None:
@@ -157,9 +175,12 @@ class Check:
         print(f"    {name}: rc={outcome.rc} in {outcome.seconds:.1f} s", flush=True)
         return outcome
 
-    def quantize_cli(self, model: Path, out: Path, device: str, *options: str) -> list[str]:
+    def quantize_cli(self, model: Path, out: Path, device: str, *options: str,
+                     counted: bool = False) -> list[str]:
+        """`gptqd quantize`; counted: with its FLOPs counted (bench/gpu/counted_cli.py)."""
         shutil.rmtree(out, ignore_errors=True)
-        return [sys.executable, "-m", "app.cli", "quantize", "--model", str(model),
+        cli = [str(ROOT / "bench/gpu/counted_cli.py")] if counted else ["-m", "app.cli"]
+        return [sys.executable, *cli, "quantize", "--model", str(model),
                 # progress lines in the log say where a step that ran out of time was
                 "--out", str(out), "--device", device, "--damp-percent", "0.01",
                 *options]
@@ -193,18 +214,40 @@ class Check:
             return row.fail("torch sees no CUDA device (" + row.summary + ")")
         row.status = "PASS"
 
-    def step_build(self, row: Row) -> None:
-        shutil.rmtree(self.model, ignore_errors=True)
-        s = self.shape
-        cmd = [sys.executable, str(ROOT / "bench/gpu/make_model.py"), "--out", str(self.model),
-               "--tokenizer", str(self.fixtures / "tokenizers/gpt2"), "--device", self.device,
-               "--hidden", str(s["hidden"]), "--intermediate", str(s["intermediate"]),
-               "--layers", str(s["layers"]), "--heads", str(s["heads"]),
-               "--kv-heads", str(s["kv_heads"])]
-        outcome = self.run(row, "build", cmd)
-        info = outcome and marked_json(outcome.log, "MODEL_JSON:")
+    def step_rates(self, row: Row) -> None:
+        """The device's fp32 (TF32 off, as the solver runs) and fp16 matmul rates: what the
+        quantize rows' FLOP rates are measured against."""
+        cmd = [sys.executable, str(ROOT / "bench/flops.py"), "--device", self.device]
+        outcome = self.run(row, "rates", cmd)
+        info = outcome and marked_json(outcome.log, "RATES_JSON:")
         if not info or outcome.rc != 0:
             return row.failed_run(outcome)
+        row.figures = info
+        row.status = "INFO"
+        row.summary = (f"fp32 {flop(info['fp32'], True)} (TF32 {'on' if info['tf32'] else 'off'}), "
+                       f"fp16 {flop(info['fp16'], True)} ({'8192' if self.cuda else '2048/1024'}"
+                       "-wide square matmuls, best of 10)")
+
+    def build_model(self, row: Row, name: str, shape: dict, path: Path) -> dict | None:
+        """A random fp16 Llama of this shape at path (bench/gpu/make_model.py); its figures,
+        or None with the row failed."""
+        shutil.rmtree(path, ignore_errors=True)
+        cmd = [sys.executable, str(ROOT / "bench/gpu/make_model.py"), "--out", str(path),
+               "--tokenizer", str(self.fixtures / "tokenizers/gpt2"), "--device", self.device,
+               "--hidden", str(shape["hidden"]), "--intermediate", str(shape["intermediate"]),
+               "--layers", str(shape["layers"]), "--heads", str(shape["heads"]),
+               "--kv-heads", str(shape["kv_heads"])]
+        outcome = self.run(row, name, cmd)
+        info = outcome and marked_json(outcome.log, "MODEL_JSON:")
+        if not info or outcome.rc != 0:
+            row.failed_run(outcome, "building the model: ")
+            return None
+        return info
+
+    def step_build(self, row: Row) -> None:
+        info = self.build_model(row, "build", self.shape, self.model)
+        if info is None:
+            return
         row.figures = info
         row.status = "PASS"
         row.summary = (f"{info['params_m']:.0f}M params, {gib(info['bytes'])} on disk, "
@@ -216,12 +259,37 @@ class Check:
         row.fail("no model: the build step failed")
         return False
 
-    def gptqd_job(self, out: Path) -> list[str]:
-        """The issue's job: the built model, 4-bit g128, the calibration windows asked for."""
+    def gptqd_job(self, out: Path, model: Path | None = None) -> list[str]:
+        """The issue's job: the built model (or another), 4-bit g128, the calibration windows
+        asked for, its FLOPs counted."""
         return self.quantize_cli(
-            self.model, out, self.device, "--bits", "4", "--group-size", "128",
+            model or self.model, out, self.device, "--bits", "4", "--group-size", "128",
             "--calibration", str(self.fixtures / "wikitext-2/valid.txt"),
-            "--num-samples", str(self.args.num_samples), "--seq-length", str(self.args.seq_length))
+            "--num-samples", str(self.args.num_samples), "--seq-length", str(self.args.seq_length),
+            counted=True)
+
+    def flop_rates(self, row: Row, log: Path, stages: dict) -> str:
+        """The run's forward, Hessian and solve FLOP/s against the device's matmul rates (the
+        forward in the model's dtype on a GPU, fp32 on the CPU; the other two in fp32)."""
+        flops = marked_json(log, "FLOPS_JSON:")
+        rates = self.row("rates").figures
+        if not flops:
+            return "FLOPs not counted"
+        row.figures["flops"] = flops
+        parts, shares = [], {}
+        for stage, dtype in (("forward", "fp16" if self.cuda else "fp32"), ("hessian", "fp32"),
+                             ("solve", "fp32")):
+            seconds = stages.get(f"quantizing.{stage}") or 0.0
+            if not seconds or not flops.get(stage):
+                continue
+            rate = flops[stage] / seconds
+            text = f"{stage} {flop(flops[stage])} in {seconds:.2f} s = {flop(rate, True)}"
+            if rates.get(dtype):
+                shares[stage] = rate / rates[dtype]
+                text += f" ({shares[stage]:.1%} of {dtype} matmul)"
+            parts.append(text)
+        row.figures["matmul_share"] = shares
+        return "; ".join(parts)
 
     def step_quantize(self, row: Row) -> None:
         if not self.need_model(row):
@@ -250,10 +318,52 @@ class Check:
                          f"({gpu['samples']} samples)")
         elif self.cuda:
             parts.append("GPU util not sampled (no nvidia-smi)")
+        parts.append(self.flop_rates(row, outcome.log, stages))
         row.summary = "; ".join(parts)
         if not str(report["device"]).startswith(self.device):
             return row.fail(f"report says device {report['device']}, expected {self.device}; "
                             + row.summary)
+        row.status = "PASS"
+
+    def step_memory8b(self, row: Row) -> None:
+        """Peak memory of the issue's job on an 8B-shaped Llama (two of its blocks, streamed):
+        whether it fits a 24 GB card."""
+        shape = LLAMA_8B_SMALL if self.args.small else LLAMA_8B
+        model = self.models_dir / ("llama-8b-shape" + ("-small" if self.args.small else ""))
+        built = self.build_model(row, "memory8b-build", shape, model)
+        if built is None:
+            return
+        out = self.work / "q-8b"
+        outcome = self.run(row, "memory8b", [*self.gptqd_job(out, model), "--load", "stream"],
+                           sample=True)
+        report = read_report(out) if outcome and outcome.rc == 0 else None
+        shutil.rmtree(model, ignore_errors=True)  # a few GB of disk; the figures are kept
+        shutil.rmtree(out, ignore_errors=True)
+        if report is None:
+            return row.failed_run(outcome)
+        peak = report.get("peak_memory") or {}
+        stages = report["stage_seconds"]
+        quantizing = stages.get("quantizing", 0.0)
+        allocated, reserved = peak.get("cuda_bytes"), peak.get("cuda_reserved_bytes")
+        row.figures.update({"shape": shape, "params_m": built["params_m"],
+                            "peak_cuda_bytes": allocated, "peak_cuda_reserved_bytes": reserved,
+                            "peak_rss_bytes": peak.get("rss_bytes"), "quantizing_s": quantizing,
+                            "duration_s": report["duration_seconds"]})
+        per_block = quantizing / shape["layers"]
+        row.summary = (f"h{shape['hidden']} i{shape['intermediate']} GQA {shape['heads']}/"
+                       f"{shape['kv_heads']}, {shape['layers']} of 32 blocks streamed, "
+                       f"{self.args.num_samples} x {self.args.seq_length} calibration: peak CUDA "
+                       f"{gib(allocated)} allocated, {gib(reserved)} reserved, RSS "
+                       f"{gib(peak.get('rss_bytes'))}; quantizing {per_block:.1f} s per block "
+                       f"(32 blocks: ~{32 * per_block:.0f} s); "
+                       + self.flop_rates(row, outcome.log, stages))
+        if not self.cuda:
+            row.status = "INFO"  # the CPU's figures say nothing about a card
+            return
+        if reserved is None or reserved > CARD_24GB_USABLE:
+            return row.fail(f"does not fit a 24 GB card ({gib(CARD_24GB_USABLE)} usable); "
+                            + row.summary)
+        row.summary = f"fits a 24 GB card ({gib(CARD_24GB_USABLE)} usable); " + row.summary
         row.status = "PASS"
 
     def step_gptqmodel(self, row: Row) -> None:
@@ -421,6 +531,7 @@ class Check:
                        f"{torch_solve:.1f} s); summed GPTQ loss {loss:.4g} vs {torch_loss:.4g} "
                        f"({gap:.2%}, limit {TRITON_LOSS_TOLERANCE:.0%}); qweight words equal to "
                        f"the torch loop's: {same / max(1, words):.2%}")
+        row.summary += "; " + self.flop_rates(row, outcome.log, report["stage_seconds"])
         row.status = "PASS" if gap <= TRITON_LOSS_TOLERANCE else "FAIL"
 
     # --- the whole run --------------------------------------------------------------------

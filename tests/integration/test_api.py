@@ -14,7 +14,7 @@ import transformers as tf
 from transformers import AutoTokenizer
 
 from tests.conftest import fixture_path
-from worker.gptq import api, export
+from worker.gptq import api, export, pipeline
 from worker.gptq.api import quantize
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, LayerShapeError, OutOfMemory
@@ -53,6 +53,29 @@ def _stages(events: list[ProgressEvent]) -> list[str]:
         if not names or names[-1] != event.stage:
             names.append(event.stage)
     return names
+
+
+def test_stage_times_wait_for_an_asynchronous_device(model_dir, tmp_path, monkeypatch) -> None:
+    """On CUDA a call returns before its kernels run: unless a stage's clock waits for the
+    device (pipeline.settle), its time lands on whichever later stage waits first. Simulated
+    on the CPU by a clock that moves only while the host waits for the device: every stage
+    must have waited for its own work."""
+
+    class DeviceClock:
+        now = 0.0
+
+        def perf_counter(self) -> float:
+            return self.now
+
+        def wait(self, device: torch.device) -> None:
+            self.now += 1.0
+
+    clock = DeviceClock()
+    monkeypatch.setattr(pipeline, "time", clock)
+    monkeypatch.setattr(pipeline, "settle", clock.wait)
+    report = quantize(str(model_dir), tmp_path / "out", CONFIG, CALIBRATION, device="cpu", lazy=True)
+    for stage in ("capture", "loading", "forward", "hessian", "solve", "packing", "storing"):
+        assert report.stage_seconds[f"quantizing.{stage}"] > 0, stage
 
 
 def test_quantize_writes_a_checkpoint_and_an_honest_report(model_dir, eval_spec, tmp_path) -> None:

@@ -519,6 +519,8 @@ def _peak_memory(device: torch.device) -> dict[str, int]:
     peak = {"rss_bytes": rss if sys.platform == "darwin" else rss * 1024}
     if device.type == "cuda":
         peak["cuda_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        # what the caching allocator held at most: what the card must have free
+        peak["cuda_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device))
     return peak
 
 

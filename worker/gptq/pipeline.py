@@ -287,6 +287,7 @@ class _Run:
         hidden, calls = capture_inputs(self.model, self.arch, calib_ids.split(batch_size), self.device)
         if self.passengers is not None:
             self.passengers.capture(self.model, self.arch, self.device)
+        settle(self.device)
         self.stage_seconds["capture"] += time.perf_counter() - began
         if self.hooks is not None:
             self.hooks.captured()
@@ -315,7 +316,8 @@ class _Run:
                     self.hooks.load(index, block)
             home = _device_of(block)
             if home != self.device:  # (a streamed block may hold meta stand-ins: never moved)
-                block.to(self.device)
+                with self._timed("loading"):
+                    block.to(self.device)
             children = self.finished_children = FinishedChildren(block, self.groups)
             try:
                 self._carry(index, block, quantized=False)
@@ -361,7 +363,9 @@ class _Run:
         try:
             yield
         finally:
+            settle(self.device)
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - began
+
 
     def _quantize_block(
         self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
@@ -411,6 +415,7 @@ class _Run:
             layer = next(layers)  # made one at a time: one layer's copies in memory at once
             solvers[name].free()
             set_weight(linears[name], layer.weight)
+            settle(self.device)
             self.stage_seconds["solve"] += time.perf_counter() - began
             self._record(index, name, linears[name], layer)
             del layer  # before the next one is made
@@ -449,9 +454,11 @@ class _Run:
     ) -> Callable[..., None]:
         # a pre-hook: the batch stops before the group's last layer computes its output
         def hook(module: nn.Module, args: tuple) -> None:
+            settle(self.device)  # the forward's kernels so far are the forward's time
             began = time.perf_counter()
             seen.update(shared.add(name, solver, args[0]))
             seen.add(name)
+            settle(self.device)
             self.stage_seconds["hessian"] += time.perf_counter() - began
             if len(seen) == len(group):
                 seen.clear()
@@ -483,6 +490,7 @@ class _Run:
             # a batch's intermediates are freed: give back any pages glibc kept of them (up
             # to ~100 MiB measured, on top of the next batch's)
             trim()
+        settle(self.device)
         hook_time = self.stage_seconds["hessian"] - hessian_before
         self.stage_seconds["forward"] += time.perf_counter() - began - hook_time
         return outputs
@@ -535,6 +543,15 @@ class _Run:
         if fraction <= 0:
             return None
         return elapsed / fraction * (1 - fraction)
+
+
+def settle(device: torch.device) -> None:
+    """Wait for the work queued on the device before a stage's clock stops. CUDA calls return
+    before their kernels run, so without it a stage's time lands on whichever later stage first
+    waits for a result (the Hessian sums' showed up as solve time). A few waits per group and
+    layer: the device idles only while the next launch is issued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_block(block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]) -> list[torch.Tensor]:

@@ -78,6 +78,16 @@ def test_stage_times_wait_for_an_asynchronous_device(model_dir, tmp_path, monkey
         assert report.stage_seconds[f"quantizing.{stage}"] > 0, stage
 
 
+def test_a_misspelt_column_kernel_is_refused_before_any_weight_is_read(
+    model_dir, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("GPTQD_COLUMN_KERNEL", "fast")
+    monkeypatch.setattr(api, "load_config", lambda *a, **k: pytest.fail("the model was opened"))
+    with pytest.raises(EngineError, match="GPTQD_COLUMN_KERNEL='fast' is not a column kernel"):
+        quantize(str(model_dir), tmp_path / "out", CONFIG, CALIBRATION, device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_quantize_writes_a_checkpoint_and_an_honest_report(model_dir, eval_spec, tmp_path) -> None:
     out = tmp_path / "out"
     events: list[ProgressEvent] = []
@@ -105,6 +115,7 @@ def test_quantize_writes_a_checkpoint_and_an_honest_report(model_dir, eval_spec,
         v for k, v in data["stage_seconds"].items() if "." not in k
     ) * 0.99
     assert data["peak_memory"]["rss_bytes"] > 10 * 2**20
+    assert data["column_kernel"] == "torch"  # the CPU's path
 
     assert _stages(events) == ["loading", "calibration", "evaluating", "quantizing",
                                "evaluating", "saving", "done"]

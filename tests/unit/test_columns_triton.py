@@ -22,7 +22,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from tests.unit.test_stacked_solve import SETTINGS, inputs, sharing  # noqa: E402
-from worker.gptq import gptq  # noqa: E402
+from worker.gptq import columnkernel, columns_triton  # noqa: E402
 from worker.gptq.columns_triton import _round_half_even  # noqa: E402
 from worker.gptq.config import QuantizeConfig  # noqa: E402
 from worker.gptq.gptq import LayerQuantResult, solve_together  # noqa: E402
@@ -43,10 +43,9 @@ def assert_close_solution(a: LayerQuantResult, b: LayerQuantResult) -> None:
     assert a.loss == pytest.approx(b.loss, rel=1e-4)
 
 
-def solve_with(kernel: str, weights: list[torch.Tensor], x: torch.Tensor, config: QuantizeConfig,
-               monkeypatch: pytest.MonkeyPatch) -> list[LayerQuantResult]:
-    monkeypatch.setattr(gptq, "COLUMN_KERNEL", kernel)
-    return list(solve_together(sharing(weights, x), config, consume=True))
+def solve_with(kernel: str, weights: list[torch.Tensor], x: torch.Tensor,
+               config: QuantizeConfig) -> list[LayerQuantResult]:
+    return list(solve_together(sharing(weights, x), config, consume=True, kernel=kernel == "triton"))
 
 
 # the interpreter runs the kernel in Python (~3 s a case): every value of every setting, each
@@ -63,30 +62,30 @@ assert all(s in SETTINGS for s in KERNEL_SETTINGS)
 
 @pytest.mark.parametrize("settings", KERNEL_SETTINGS,
                          ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
-def test_kernel_equals_torch_loop(settings: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_kernel_equals_torch_loop(settings: dict) -> None:
     # blocks of 32 columns, groups of 32 or all 80 columns (a run ends at a block's end), an
     # incomplete last block, 72 output channels: two tiles, the second partly masked
     config = QuantizeConfig(block_size=32, **settings)
     torch.manual_seed(0)
     weights = [torch.randn(48, 80), torch.randn(24, 80)]
     x = inputs(400, 80)  # with dead inputs
-    kernel = solve_with("triton", weights, x, config, monkeypatch)
-    loop = solve_with("torch", weights, x, config, monkeypatch)
+    kernel = solve_with("triton", weights, x, config)
+    loop = solve_with("torch", weights, x, config)
     for a, b in zip(kernel, loop, strict=True):
         assert_close_solution(a, b)
         assert torch.all(a.weight[:, 3] == 0)
 
 
 @pytest.mark.parametrize("group_size", [16, 64])
-def test_groups_narrower_and_wider_than_a_block(group_size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_groups_narrower_and_wider_than_a_block(group_size: int) -> None:
     """Groups of 16 make two runs per 32-column block; groups of 64 span two blocks (the
     group's parameters come from columns the next block's update has not reached yet)."""
     config = QuantizeConfig(bits=4, group_size=group_size, block_size=32, desc_act=True, mse=True)
     torch.manual_seed(1)
     weights = [torch.randn(40, 128)]
     x = inputs(512, 128, seed=1)
-    [kernel] = solve_with("triton", weights, x, config, monkeypatch)
-    [loop] = solve_with("torch", weights, x, config, monkeypatch)
+    [kernel] = solve_with("triton", weights, x, config)
+    [loop] = solve_with("torch", weights, x, config)
     assert_close_solution(kernel, loop)
 
 
@@ -102,3 +101,22 @@ def test_round_half_even_matches_torch() -> None:
     y = torch.empty_like(x)
     _rounding[(1,)](x, y, x.numel(), BLOCK=16)
     assert torch.equal(y, torch.round(x))
+
+
+def test_the_device_check_passes_the_kernel() -> None:
+    """columnkernel's check, which `auto` runs before using the kernel on a GPU: here on CPU
+    tensors in the interpreter."""
+    assert columnkernel.disagreement(torch.device("cpu")) is None
+
+
+def test_the_device_check_catches_a_kernel_without_error_feedback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel that forgets to carry each column's error to the block's later columns (U's
+    off-diagonal ignored) still quantizes onto the grid: only the comparison catches it."""
+    right = columns_triton.quantize_columns
+
+    def no_feedback(W1, U1, *args, **kwargs):
+        return right(W1, torch.diag(torch.diagonal(U1)), *args, **kwargs)
+
+    monkeypatch.setattr(columns_triton, "quantize_columns", no_feedback)
+    reason = columnkernel.disagreement(torch.device("cpu"))
+    assert reason is not None and "of the loop's codes" in reason

@@ -13,7 +13,7 @@ from worker.gptq.config import QuantizeConfig
 from worker.gptq.pipeline import quantize_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from flops import counted  # noqa: E402
+from flops import counted
 
 
 def test_counted_sees_every_hessian_solve_and_linear_call() -> None:

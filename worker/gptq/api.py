@@ -29,6 +29,8 @@ from worker.gptq import __version__
 from worker.gptq.arch import validate_layers
 from worker.gptq.blockstore import BlockStore
 from worker.gptq.calibration import build_calibration, check_source
+from worker.gptq.columnkernel import choice as column_kernel_choice
+from worker.gptq.columnkernel import describe as describe_column_kernel
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
 from worker.gptq.memory import return_freed_memory
@@ -83,6 +85,7 @@ class QuantizeReport:
     files: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     lazy: bool = False  # weights were read block by block and finished blocks streamed to disk
+    column_kernel: str = ""  # what ran the per-column steps: "torch" or "triton" (columnkernel.py)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -122,6 +125,7 @@ def quantize(
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
     run = _Run(progress, should_stop, stage_ends(evaluate is not None))
     compute = compute_device(device)
+    column_kernel_choice()  # a misspelt GPTQD_COLUMN_KERNEL fails here, not at the first solve
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
 
@@ -236,6 +240,7 @@ def _quantize_loaded(
         )
     report.num_blocks = result.num_blocks
     report.modules = [m.to_dict() for m in result.modules]
+    report.column_kernel = describe_column_kernel(compute)
 
     if evaluation is not None:
         with run.stage("evaluating", "evaluating_after", message="quantized model"):

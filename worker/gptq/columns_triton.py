@@ -2,10 +2,12 @@
 
 The torch loop in gptq.py launches about a dozen small kernels per column; on a GPU the solve is
 then bound by launches, not arithmetic. Here one launch runs a run of columns that share their
-group parameters: each program owns a tile of output channels (columns of Wᵀ) and walks the
-block's columns in order: quantize, dequantize, error / U[i, i], and the rank-1 update of the
-block's later columns. Error feedback never crosses output channels, so the tiles are
-independent. The math is the torch loop's, step for step; the compiled kernel may fuse
+group parameters: each program owns a tile of output channels (columns of Wᵀ), holds the whole
+block of that tile in registers, and walks the block's columns in order: quantize, dequantize,
+error / U[i, i], and the rank-1 update of the block's later columns. Error feedback never
+crosses output channels, so the tiles are independent; a column is picked out of the tile with
+a masked sum (exact: the other terms are zeros), so the loop touches memory only for U's row,
+the group parameters and the outputs. The math is the torch loop's, step for step; the compiled kernel may fuse
 w - h·err into one FMA (one rounding instead of two), so codes can differ on rare ties
 (tests/unit/test_columns_triton.py states the tolerance, run with TRITON_INTERPRET=1 on the CPU).
 
@@ -19,7 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 64  # output channels per program: a 6144-row q/k/v stack makes 96 programs
+# output channels per program: a TinyLlama q/k/v stack (2560 rows) makes 80 programs, an 8B
+# model's (6144) 192. A program's tile of a 128-column block is 128 x 32 fp32, 32 registers a
+# thread with 4 warps.
+TILE = 32
+WARPS = 4
 
 
 @triton.jit
@@ -36,25 +42,31 @@ def _round_half_even(x):
 def _columns_kernel(
     W, U, Err, Q, Codes, S, Z,
     start, end, nb, N, u_stride, p_stride, maxq,
-    TILE_N: tl.constexpr,
+    ROWS: tl.constexpr, TILE_N: tl.constexpr,
 ):
+    # the program's tile of the block, [ROWS >= nb, TILE_N], read once and kept in registers:
+    # the loop below never waits for memory but for U's row and the parameters
     offs = tl.program_id(0) * TILE_N + tl.arange(0, TILE_N)
-    mask = offs < N
+    rows = tl.arange(0, ROWS)
+    channels = offs < N
+    inside = (rows[:, None] < nb) & channels[None, :]
+    tile = W + rows[:, None] * N + offs[None, :]
+    w = tl.load(tile, mask=inside, other=0.0)
     for i in range(start, end):
-        w = tl.load(W + i * N + offs, mask=mask, other=0.0)
-        scale = tl.load(S + (i - start) * p_stride + offs, mask=mask, other=1.0)
-        zero = tl.load(Z + (i - start) * p_stride + offs, mask=mask, other=0.0)
-        q = _round_half_even(tl.math.div_rn(w, scale)) + zero
+        wi = tl.sum(tl.where(rows[:, None] == i, w, 0.0), axis=0)  # row i, exactly (+ zeros)
+        scale = tl.load(S + (i - start) * p_stride + offs, mask=channels, other=1.0)
+        zero = tl.load(Z + (i - start) * p_stride + offs, mask=channels, other=0.0)
+        q = _round_half_even(tl.math.div_rn(wi, scale)) + zero
         q = tl.minimum(tl.maximum(q, 0.0), maxq)
         dq = (q - zero) * scale
-        err = tl.math.div_rn(w - dq, tl.load(U + i * u_stride + i))
-        tl.store(Q + i * N + offs, dq, mask=mask)
-        tl.store(Codes + i * N + offs, q.to(tl.uint8), mask=mask)
-        tl.store(Err + i * N + offs, err, mask=mask)
-        for j in range(i + 1, nb):  # the block's later columns carry this one's error
-            h = tl.load(U + i * u_stride + j)
-            wj = tl.load(W + j * N + offs, mask=mask, other=0.0)
-            tl.store(W + j * N + offs, wj - h * err, mask=mask)
+        err = tl.math.div_rn(wi - dq, tl.load(U + i * u_stride + i))
+        tl.store(Q + i * N + offs, dq, mask=channels)
+        tl.store(Codes + i * N + offs, q.to(tl.uint8), mask=channels)
+        tl.store(Err + i * N + offs, err, mask=channels)
+        # the block's later columns carry this one's error (h is 0 on the others: w - 0 = w)
+        h = tl.load(U + i * u_stride + rows, mask=(rows > i) & (rows < nb), other=0.0)
+        w = w - h[:, None] * err[None, :]
+    tl.store(tile, w, mask=inside)
 
 
 def quantize_columns(
@@ -82,5 +94,5 @@ def quantize_columns(
     _columns_kernel[grid](
         W1, U1, Err1, Q1, codes1, scale.contiguous(), zero.contiguous(),
         start, end, nb, N, U1.stride(0), N if per_column else 0, float(maxq),
-        TILE_N=TILE, num_warps=TILE // 32,  # one thread per output channel of the tile
+        ROWS=triton.next_power_of_2(nb), TILE_N=TILE, num_warps=WARPS,
     )

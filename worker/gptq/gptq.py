@@ -10,14 +10,14 @@ the same inputs share H and are solved as one problem, their rows stacked (solve
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from .columnkernel import use_kernel
 from .config import QuantizeConfig
 from .linalg import inverse_hessian_factor
 from .quantizer import dequantize, find_params, quantize
@@ -61,24 +61,29 @@ class GPTQ:
         self.xtx = None  # type: ignore[assignment]
         self.weight = None  # type: ignore[assignment]
 
-    def solve(self, config: QuantizeConfig, *, consume: bool = False) -> LayerQuantResult:
+    def solve(
+        self, config: QuantizeConfig, *, consume: bool = False, kernel: bool | None = None
+    ) -> LayerQuantResult:
         """consume=True turns the accumulated sums into the Hessian in place (one K x K matrix
         less at the peak; the solver cannot solve again). The weight given to __init__ is
-        never modified."""
-        [layer] = solve_together([self], config, consume=consume)
+        never modified. kernel as in solve_together."""
+        [layer] = solve_together([self], config, consume=consume, kernel=kernel)
         return layer
 
 
 def solve_together(
-    solvers: Sequence[GPTQ], config: QuantizeConfig, *, consume: bool = False
+    solvers: Sequence[GPTQ], config: QuantizeConfig, *, consume: bool = False,
+    kernel: bool | None = None,
 ) -> Iterator[LayerQuantResult]:
     """Solve layers fed the same inputs (one shared XᵀX: q/k/v, gate/up) as one problem.
 
     Their weights are stacked row-wise ([N1+N2+..., K]): one damping, one factorisation, one
     column loop. GPTQ's error feedback acts on each output row on its own, so each layer gets
     what its own solve gives, up to the summation order of the lazy block updates' products.
-    consume as in GPTQ.solve. The results come one per layer, in order, each made when it is
-    asked for (holding all of them at once would double the stack's memory)."""
+    consume as in GPTQ.solve. kernel: the Triton kernel (True) or the torch loop (False) for
+    the per-column steps; None: as GPTQD_COLUMN_KERNEL chooses for the device (columnkernel.py).
+    The results come one per layer, in order, each made when it is asked for (holding all of
+    them at once would double the stack's memory)."""
     start = time.perf_counter()
     H = _shared_hessian(solvers, consume)
     dead, perm, Hinv, damp = _factorise(H, config)
@@ -89,7 +94,9 @@ def solve_together(
     bounds = _row_bounds([s.rows for s in solvers])
     box = [Wt, Hinv]
     del Wt, Hinv  # the loop drops them as soon as it is done with them
-    solved = _quantize_columns(box, perm, config, bounds)
+    if kernel is None:
+        kernel = use_kernel(box[0].device)
+    solved = _quantize_columns(box, perm, config, bounds, _columns_kernel if kernel else _columns_torch)
     seconds = time.perf_counter() - start
     yield from _split(solved, bounds, damp, [s.nsamples for s in solvers], seconds)
 
@@ -190,9 +197,11 @@ def _quantize_columns(
     perm: torch.Tensor | None,
     config: QuantizeConfig,
     bounds: list[tuple[int, int]],
+    columns: Callable[[torch.Tensor, _Block, _Groups, int], None],
 ) -> _Solved:
-    """GPTQ's column loop with lazy block updates. box holds Wᵀ and U, taken out and
-    consumed (Wᵀ is updated in place and freed with U before the results are reordered)."""
+    """GPTQ's column loop with lazy block updates; columns runs a block's per-column steps.
+    box holds Wᵀ and U, taken out and consumed (Wᵀ is updated in place and freed with U
+    before the results are reordered)."""
     Wt, Hinv = box
     box.clear()
     K = Wt.shape[0]
@@ -202,7 +211,6 @@ def _quantize_columns(
     codes = torch.empty(Wt.shape, dtype=torch.uint8, device=Wt.device)  # maxq <= 255
     Q = torch.empty_like(Wt)
     losses = torch.zeros(len(bounds), dtype=torch.float64, device=Wt.device)
-    columns = _columns_kernel if use_column_kernel(Wt.device) else _columns_torch
     bs = config.block_size
     for i1 in range(0, K, bs):
         i2 = min(i1 + bs, K)
@@ -233,17 +241,6 @@ class _Block:
     Err: torch.Tensor
     Q: torch.Tensor
     codes: torch.Tensor
-
-
-# The per-column steps' implementation: "torch" (the loop below: the default and the CPU's
-# path) or "triton" (columns_triton.py, for CUDA). The kernel has so far been checked against
-# the loop only in Triton's CPU interpreter, not compiled on a GPU: opt-in until it has been.
-COLUMN_KERNEL = os.environ.get("GPTQD_COLUMN_KERNEL", "torch")
-
-
-def use_column_kernel(device: torch.device) -> bool:
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # the kernel on CPU tensors
-    return COLUMN_KERNEL == "triton" and (device.type == "cuda" or interpreted)
 
 
 def _columns_torch(Wt: torch.Tensor, block: _Block, groups: _Groups, maxq: int) -> None:

@@ -34,11 +34,13 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt -c /opt/gptqd/constraints.txt
 
-# 3. the project itself; then fail the build if torch lost its CUDA build on the way
+# 3. the project itself; then fail the build if torch lost its CUDA build on the way, or came
+#    without triton (the CUDA wheels bring it: without it the solver's column loop runs
+#    kernel launch by kernel launch, several times slower, worker/gptq/columnkernel.py)
 COPY app ./app
 COPY worker ./worker
 RUN pip install -c /opt/gptqd/constraints.txt . \
- && python -c "import torch, app.settings, worker.gptq; assert torch.version.cuda, 'torch is a CPU build'; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+ && python -c "import torch, triton, app.settings, worker.gptq; assert torch.version.cuda, 'torch is a CPU build'; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 # Data (job store, artifacts, uploaded datasets) and the Hugging Face cache live on volumes
 # owned by the unprivileged user; named volumes inherit this ownership on first use.

@@ -556,6 +556,7 @@ def test_dockerfile_installs_cuda_torch_before_the_project() -> None:
         if "pip install" in r:
             assert "-c /opt/gptqd/constraints.txt" in r, r
     assert "torch.version.cuda" in runs[project_i]  # the build fails on a CPU torch
+    assert re.search(r"import [\w., ]*\btriton\b", runs[project_i])  # ... or one without triton
 
 
 def test_dockerfile_passes_hadolint() -> None:

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 
+# Triton decides when triton.language is first imported whether its jit functions (tl.sum
+# among them) run in its CPU interpreter; something a test imports (torchao, via GPTQModel)
+# imports it before tests/unit/test_columns_triton.py could ask, so ask here, first. No test
+# has a GPU: every Triton kernel a test reaches runs interpreted.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(os.environ.get("GPTQD_FIXTURES", ROOT.parent / "shared" / "fixtures")).resolve()
 

@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is first imported
+os.environ.setdefault("TRITON_INTERPRET", "1")  # tests/conftest.py sets it before triton is imported
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 

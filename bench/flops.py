@@ -7,10 +7,11 @@ counted() counts, in this process, until it exits:
   * solve: per problem solved (solve_together: a stack of layers sharing a Hessian, or one
     layer), N * K^2 for the column loop and its lazy updates, plus 4/3 * K^3 for the
     factorisation (Cholesky, inverse, Cholesky again).
-matmul_rate() is the best of a few n^3 matmuls on a device in a dtype (fp32 with TF32 off,
-as the solver runs).
+matmul_rate() is the best of a few n^3 matmuls on a device in a dtype.
 
-    python bench/flops.py [--device cuda]    # prints RATES_JSON: {"fp32": FLOP/s, "fp16": ...}
+    python bench/flops.py [--device cuda]    # prints RATES_JSON: {"fp32", "tf32", "fp16"} FLOP/s
+                                             # (fp32: TF32 off, as the solver runs; tf32: as the
+                                             # Hessian sums of fp16/bf16 models on CUDA)
 """
 
 from __future__ import annotations
@@ -93,12 +94,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    from worker.gptq.gptq import _tf32
+
     cpu = args.device == "cpu"
     rates = {"device": args.device, "fp32": matmul_rate(args.device, torch.float32),
              # fp16 on the CPU is emulated: a small matrix tells enough
              "fp16": matmul_rate(args.device, torch.float16, n=1024 if cpu else None,
-                                 repeat=3 if cpu else 10),
-             "tf32": torch.backends.cuda.matmul.allow_tf32}
+                                 repeat=3 if cpu else 10)}
+    # fp32 on TF32 tensor cores, as the Hessian sums of fp16/bf16 models run on CUDA
+    with _tf32(not cpu):
+        rates["tf32"] = rates["fp32"] if cpu else matmul_rate(args.device, torch.float32)
     print("RATES_JSON:" + json.dumps(rates), flush=True)
 
 

@@ -224,9 +224,9 @@ class Check:
             return row.failed_run(outcome)
         row.figures = info
         row.status = "INFO"
-        row.summary = (f"fp32 {flop(info['fp32'], True)} (TF32 {'on' if info['tf32'] else 'off'}), "
-                       f"fp16 {flop(info['fp16'], True)} ({'8192' if self.cuda else '2048/1024'}"
-                       "-wide square matmuls, best of 10)")
+        row.summary = (f"fp32 {flop(info['fp32'], True)} (TF32 off), fp32 on TF32 "
+                       f"{flop(info['tf32'], True)}, fp16 {flop(info['fp16'], True)} "
+                       f"({'8192' if self.cuda else '2048/1024'}-wide square matmuls, best of 10)")
 
     def build_model(self, row: Row, name: str, shape: dict, path: Path) -> dict | None:
         """A random fp16 Llama of this shape at path (bench/gpu/make_model.py); its figures,
@@ -269,16 +269,17 @@ class Check:
             counted=True)
 
     def flop_rates(self, row: Row, log: Path, stages: dict) -> str:
-        """The run's forward, Hessian and solve FLOP/s against the device's matmul rates (the
-        forward in the model's dtype on a GPU, fp32 on the CPU; the other two in fp32)."""
+        """The run's forward, Hessian and solve FLOP/s against the device's matmul rates (on a
+        GPU the forward in the model's fp16, the Hessian sums on TF32; on the CPU all fp32; the
+        solve in fp32)."""
         flops = marked_json(log, "FLOPS_JSON:")
         rates = self.row("rates").figures
         if not flops:
             return "FLOPs not counted"
         row.figures["flops"] = flops
         parts, shares = [], {}
-        for stage, dtype in (("forward", "fp16" if self.cuda else "fp32"), ("hessian", "fp32"),
-                             ("solve", "fp32")):
+        for stage, dtype in (("forward", "fp16" if self.cuda else "fp32"),
+                             ("hessian", "tf32" if self.cuda else "fp32"), ("solve", "fp32")):
             seconds = stages.get(f"quantizing.{stage}") or 0.0
             if not seconds or not flops.get(stage):
                 continue

@@ -51,3 +51,21 @@ def test_half_inputs_sum_as_before_on_the_cpu() -> None:
     solver = gptq.GPTQ(torch.zeros(8, 32))
     solver.add_batch(x)
     assert torch.equal(solver.xtx, torch.zeros(32, 32).addmm_(x.float().t(), x.float()))
+
+
+def test_a_process_on_the_legacy_tf32_flag_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch raises when its two TF32 APIs are mixed: if something in the process set the old
+    flag, the sums run as that flag says rather than fail the job."""
+
+    class Mixed:
+        @property
+        def fp32_precision(self) -> str:
+            raise RuntimeError("you have used mix of the legacy and new APIs")
+
+        @fp32_precision.setter
+        def fp32_precision(self, value: str) -> None:
+            raise AssertionError("set although it could not be read back")
+
+    monkeypatch.setattr(torch.backends.cuda, "matmul", Mixed())
+    with gptq._tf32(True):
+        pass

@@ -391,11 +391,14 @@ def sums_in_tf32(dtype: torch.dtype, device: torch.device) -> bool:
 def _tf32(enabled: bool) -> Iterator[None]:
     """CUDA fp32 matmuls on TF32 tensor cores inside (torch's precision setting, restored)."""
     matmul = torch.backends.cuda.matmul
+    new_api = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9; mixing the two raises
+    try:
+        before = matmul.fp32_precision if new_api else matmul.allow_tf32
+    except RuntimeError:  # something in the process set the other API: leave it as it is
+        enabled = False
     if not enabled:
         yield
         return
-    new_api = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9; mixing the two raises
-    before = matmul.fp32_precision if new_api else matmul.allow_tf32
     if new_api:
         matmul.fp32_precision = "tf32"
     else:

@@ -366,7 +366,6 @@ class _Run:
             settle(self.device)
             self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + time.perf_counter() - began
 
-
     def _quantize_block(
         self, index: int, block: nn.Module, hidden: list[torch.Tensor], calls: list[BlockCall]
     ) -> None:

@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    from worker.gptq.gptq import _tf32
+    from worker.gptq.gptq import tf32_matmul
 
     cpu = args.device == "cpu"
     rates = {"device": args.device, "fp32": matmul_rate(args.device, torch.float32),
@@ -102,7 +102,7 @@ def main() -> None:
              "fp16": matmul_rate(args.device, torch.float16, n=1024 if cpu else None,
                                  repeat=3 if cpu else 10)}
     # fp32 on TF32 tensor cores, as the Hessian sums of fp16/bf16 models run on CUDA
-    with _tf32(not cpu):
+    with tf32_matmul(not cpu):
         rates["tf32"] = rates["fp32"] if cpu else matmul_rate(args.device, torch.float32)
     print("RATES_JSON:" + json.dumps(rates), flush=True)
 

@@ -36,13 +36,13 @@ def test_tf32_sums_only_for_half_inputs_on_cuda() -> None:
 def test_the_tf32_setting_is_put_back() -> None:
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
-    with gptq._tf32(True):
+    with gptq.tf32_matmul(True):
         assert matmul.fp32_precision == "tf32"
     assert matmul.fp32_precision == before
-    with pytest.raises(ValueError), gptq._tf32(True):
+    with pytest.raises(ValueError), gptq.tf32_matmul(True):
         raise ValueError("a failure inside")
     assert matmul.fp32_precision == before
-    with gptq._tf32(False):
+    with gptq.tf32_matmul(False):
         assert matmul.fp32_precision == before
 
 
@@ -67,5 +67,5 @@ def test_a_process_on_the_legacy_tf32_flag_is_left_alone(monkeypatch: pytest.Mon
             raise AssertionError("set although it could not be read back")
 
     monkeypatch.setattr(torch.backends.cuda, "matmul", Mixed())
-    with gptq._tf32(True):
+    with gptq.tf32_matmul(True):
         pass

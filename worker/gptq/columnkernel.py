@@ -70,7 +70,8 @@ def checked(device: torch.device) -> str | None:
         try:
             _checked[key] = disagreement(device)
         except Exception as exc:  # a kernel that does not compile must not fail the job
-            _checked[key] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            first_line = next(iter(str(exc).strip().splitlines()), "")  # compilers print pages
+            _checked[key] = f"{type(exc).__name__}: {first_line}"
         if _checked[key] is None:
             log.info("Triton column kernel checked on %s: it solves GPTQ's column loop", key)
         else:

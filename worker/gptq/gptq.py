@@ -50,7 +50,7 @@ class GPTQ:
         x = inp.detach().reshape(-1, self.columns)
         tf32 = sums_in_tf32(x.dtype, self.xtx.device)
         x = x.to(self.xtx.device, torch.float32)
-        with _tf32(tf32):
+        with tf32_matmul(tf32):
             self.xtx.addmm_(x.t(), x)
         self.nsamples += x.shape[0]
 
@@ -388,7 +388,7 @@ def sums_in_tf32(dtype: torch.dtype, device: torch.device) -> bool:
 
 
 @contextmanager
-def _tf32(enabled: bool) -> Iterator[None]:
+def tf32_matmul(enabled: bool) -> Iterator[None]:
     """CUDA fp32 matmuls on TF32 tensor cores inside (torch's precision setting, restored)."""
     matmul = torch.backends.cuda.matmul
     new_api = hasattr(torch.backends, "fp32_precision")  # torch >= 2.9; mixing the two raises

@@ -125,9 +125,8 @@ def open_checkpoint(path: Path, device: torch.device, share: float = WHOLE_MODEL
         # packed weights as stored; on the CPU the unquantized ones (fp16) double in fp32
         need = sum(f.stat().st_size for f in weight_files(path)) * (2 if device.type == "cpu" else 1)
         why = _too_large("the checkpoint", need, device, share)
-        if not why:
-            return HeldCheckpoint(*load_checkpoint(path, device, share, trust_remote_code=trust_remote_code))
-    lazy = open_lazy_checkpoint(path, device, trust_remote_code=trust_remote_code)
+    lazy = open_lazy_checkpoint(path, device, trust_remote_code=trust_remote_code) if (
+        why or not samples) else None
     if lazy is None:
         return HeldCheckpoint(*load_checkpoint(path, device, share, trust_remote_code=trust_remote_code))
     return HeldCheckpoint(lazy.model, checkpoint_tokenizer(path, trust_remote_code), lazy, why)

@@ -1,9 +1,10 @@
 """The Triton kernel for a block's per-column steps against the torch loop, on the CPU through
 Triton's interpreter (TRITON_INTERPRET=1; skipped where triton is not installed).
 
-Tolerance: the interpreter computes the kernel's steps in numpy float32, exactly as the torch
-loop; a compiled kernel may fuse w - h·err into one FMA, which can move a value across a
-rounding tie. So: codes identical on at least 99.9% of entries, scales and zero points on at
+Tolerance: the interpreter computes the kernel's steps in numpy float32, each product and
+difference rounded on its own, as the compiled kernel does (built without FMA:
+test_kernel_build.py); the torch loop's rank-1 update (addr_) may round its last bit otherwise,
+and a value moved across a rounding tie changes a code that the error feedback carries on. So: codes identical on at least 99.9% of entries, scales and zero points on at
 least 99.9%, dequantized weights within 1e-5 relative where the codes agree, g_idx identical,
 loss within 1e-4 relative. In the interpreter the codes and dequantized weights came out
 identical in every setting tried; the losses differ by about 1e-7 relative (the torch loop's

@@ -240,7 +240,7 @@ def _quantize_loaded(
         )
     report.num_blocks = result.num_blocks
     report.modules = [m.to_dict() for m in result.modules]
-    report.column_kernel = describe_column_kernel(compute)
+    report.column_kernel = describe_column_kernel(compute, config.block_size)
 
     if evaluation is not None:
         with run.stage("evaluating", "evaluating_after", message="quantized model"):

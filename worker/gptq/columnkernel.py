@@ -7,6 +7,9 @@ GPTQD_COLUMN_KERNEL:
   * triton: the kernel on CUDA, or on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1,
     the tests), unchecked;
   * torch: the loop everywhere.
+Blocks wider than MAX_BLOCK columns (QuantizeConfig.block_size; 128 by default) always run the
+loop: the kernel holds a program's block in registers, and past 256 rows they spill (measured
+by bench/kernel_build.py, which builds the kernel for each card generation on any machine).
 The check solves a small problem (two blocks, a partly masked tile, a group per block and
 groups inside a block) both ways on the device and compares codes and losses. It costs the
 kernel's compilation and a few milliseconds, once per device and process; its outcome is
@@ -26,10 +29,12 @@ from .errors import EngineError
 log = logging.getLogger(__name__)
 
 CHOICES = ("auto", "triton", "torch")
-# a kernel that agrees with the loop leaves all but a rare code alone: on a GPU a fused
-# multiply-add can move a value across a rounding tie, and the error feedback carries it on
+# a kernel that agrees with the loop leaves all but a rare code alone: the loop's CUDA kernels
+# (addr_, compiled by nvcc, which may fuse a multiply-add) can round a last bit otherwise, which
+# moves a value across a rounding tie now and then, and the error feedback carries it on
 CHECK_SAME_CODES = 0.99
 CHECK_LOSS_GAP = 0.01
+MAX_BLOCK = 256
 
 _checked: dict[str, str | None] = {}  # device -> None (the kernel passed) or why it is not used
 
@@ -42,23 +47,25 @@ def choice() -> str:
     return value
 
 
-def use_kernel(device: torch.device) -> bool:
-    """Whether a solve on this device runs the Triton kernel."""
+def use_kernel(device: torch.device, block_size: int = 128) -> bool:
+    """Whether a solve on this device, in blocks of block_size columns, runs the Triton kernel."""
     mode = choice()
-    if mode == "torch":
+    if mode == "torch" or block_size > MAX_BLOCK:
         return False
     if mode == "triton":
         return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     return device.type == "cuda" and checked(device) is None
 
 
-def describe(device: torch.device) -> str:
+def describe(device: torch.device, block_size: int = 128) -> str:
     """For the report: which implementation solves on this device, and why."""
     mode = choice()
-    if use_kernel(device):
+    if use_kernel(device, block_size):
         return "triton" + (" (checked against the torch loop)" if mode == "auto" else "")
     if mode == "torch" or device.type != "cuda":
         return "torch"
+    if block_size > MAX_BLOCK:
+        return f"torch (blocks of {block_size} columns: the Triton kernel takes at most {MAX_BLOCK})"
     return f"torch (the Triton kernel is not used: {checked(device)})"
 
 

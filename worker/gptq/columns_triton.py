@@ -7,9 +7,12 @@ block of that tile in registers, and walks the block's columns in order: quantiz
 error / U[i, i], and the rank-1 update of the block's later columns. Error feedback never
 crosses output channels, so the tiles are independent; a column is picked out of the tile with
 a masked sum (exact: the other terms are zeros), so the loop touches memory only for U's row,
-the group parameters and the outputs. The math is the torch loop's, step for step; the compiled kernel may fuse
-w - h·err into one FMA (one rounding instead of two), so codes can differ on rare ties
-(tests/unit/test_columns_triton.py states the tolerance, run with TRITON_INTERPRET=1 on the CPU).
+the group parameters and the outputs. The math is the torch loop's, step for step, and built
+without fused multiply-adds (enable_fp_fusion=False): each product and difference rounded on its
+own, as Triton's interpreter computes them, so the kernel the tests run on the CPU
+(TRITON_INTERPRET=1, tests/unit/test_columns_triton.py) is the arithmetic a card runs. Its build
+for each card generation (registers, no spills, no FMA) is checked on any machine by
+bench/kernel_build.py (tests/unit/test_kernel_build.py).
 
 Imported only when the kernel is used (gptq.COLUMN_KERNEL = "triton", or the environment's
 GPTQD_COLUMN_KERNEL): triton is optional.
@@ -22,10 +25,25 @@ import triton
 import triton.language as tl
 
 # output channels per program: a TinyLlama q/k/v stack (2560 rows) makes 80 programs, an 8B
-# model's (6144) 192. A program's tile of a 128-column block is 128 x 32 fp32, 32 registers a
-# thread with 4 warps.
+# model's (6144) 192. A program's tile of a 128-column block is 128 x 32 fp32: 32 registers a
+# thread with 4 warps; wider blocks get a warp per 32 rows, up to 256 (past that a thread's
+# share no longer fits its registers: columnkernel.MAX_BLOCK)
 TILE = 32
-WARPS = 4
+ROWS_PER_WARP = 32
+MIN_WARPS = 4
+# the kernel's argument types, for builds ahead of time (bench/kernel_build.py)
+SIGNATURE = {
+    "W": "*fp32", "U": "*fp32", "Err": "*fp32", "Q": "*fp32", "Codes": "*u8", "S": "*fp32",
+    "Z": "*fp32", "start": "i32", "end": "i32", "nb": "i32", "N": "i32", "u_stride": "i32",
+    "p_stride": "i32", "maxq": "fp32", "ROWS": "constexpr", "TILE_N": "constexpr",
+}
+
+
+def launch_options(nb: int) -> dict[str, int | bool]:
+    """Compile-time settings of the kernel for blocks of nb columns."""
+    rows = triton.next_power_of_2(nb)
+    return dict(ROWS=rows, TILE_N=TILE, num_warps=max(MIN_WARPS, rows // ROWS_PER_WARP),
+                enable_fp_fusion=False)
 
 
 @triton.jit
@@ -93,6 +111,5 @@ def quantize_columns(
     grid = (triton.cdiv(N, TILE),)
     _columns_kernel[grid](
         W1, U1, Err1, Q1, codes1, scale.contiguous(), zero.contiguous(),
-        start, end, nb, N, U1.stride(0), N if per_column else 0, float(maxq),
-        ROWS=triton.next_power_of_2(nb), TILE_N=TILE, num_warps=WARPS,
+        start, end, nb, N, U1.stride(0), N if per_column else 0, float(maxq), **launch_options(nb),
     )

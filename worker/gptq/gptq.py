@@ -98,7 +98,7 @@ def solve_together(
     box = [Wt, Hinv]
     del Wt, Hinv  # the loop drops them as soon as it is done with them
     if kernel is None:
-        kernel = use_kernel(box[0].device)
+        kernel = use_kernel(box[0].device, config.block_size)
     solved = _quantize_columns(box, perm, config, bounds, _columns_kernel if kernel else _columns_torch)
     seconds = time.perf_counter() - start
     yield from _split(solved, bounds, damp, [s.nsamples for s in solvers], seconds)

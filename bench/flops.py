@@ -37,6 +37,7 @@ if str(ROOT) not in sys.path:
 def counted() -> Iterator[dict[str, float]]:
     """Yields {"forward", "hessian", "solve"} FLOPs, growing as the run in the block goes."""
     from worker.gptq import pipeline
+    from worker.gptq.arch import is_linear, linear_shape
     from worker.gptq.gptq import GPTQ
 
     flops = {"forward": 0.0, "hessian": 0.0, "solve": 0.0}
@@ -52,9 +53,11 @@ def counted() -> Iterator[dict[str, float]]:
         return solve_together(solvers, config, **kwargs)
 
     def forward(module: nn.Module, args: tuple, output: Any) -> None:
-        if isinstance(module, nn.Linear) and args and isinstance(args[0], torch.Tensor):
-            tokens = args[0].numel() // module.in_features
-            flops["forward"] += 2.0 * tokens * module.in_features * module.out_features
+        # nn.Linear and GPT-2's Conv1D (the layers the engine quantizes)
+        if is_linear(module) and args and isinstance(args[0], torch.Tensor):
+            out_features, in_features = linear_shape(module)
+            tokens = args[0].numel() // in_features
+            flops["forward"] += 2.0 * tokens * in_features * out_features
 
     GPTQ.add_batch = hessian  # type: ignore[method-assign]
     pipeline.solve_together = solve

@@ -156,19 +156,19 @@ def main() -> None:
     for name, ours, _ in rows:
         cells = [f"{ours['stage_seconds'].get(s, 0.0):.2f}" for s in stages]
         print(f"| {name} | " + " | ".join(cells) + f" | {ours['wall_seconds']:.1f} |")
-    print("\n| model | Hessian GFLOP/s (% of matmul) | solver GFLOP/s (% of matmul) | "
-          "ETA error at each block done after 1/4 of blocks |")
-    print("|---|---:|---:|---:|")
+    print("\n| model | forward GFLOP/s (% of matmul) | Hessian GFLOP/s (% of matmul) | "
+          "solver GFLOP/s (% of matmul) | ETA error at each block done after 1/4 of blocks |")
+    print("|---|---:|---:|---:|---:|")
     for name, ours, _ in rows:
         flops = ours["flops"]
         cells = []
-        for stage in ("hessian", "solve"):
+        for stage in ("forward", "hessian", "solve"):
             seconds = ours["stage_seconds"].get(f"quantizing.{stage}", 0.0)
             rate = flops[stage] / seconds / 1e9 if seconds else 0.0
             cells.append(f"{rate:.1f} ({100 * rate / peak:.0f}%)")
         errors = ours["eta_errors"]
         eta = ", ".join(f"{100 * e:+.0f}%" for e in errors) if errors else "n/a"
-        print(f"| {name} | {cells[0]} | {cells[1]} | {eta} |")
+        print(f"| {name} | {' | '.join(cells)} | {eta} |")
     if any(theirs is not None for _, _, theirs in rows):
         print("\n| model | gptqd total | GPTQModel total | GPTQModel load / quantize / save | "
               "load average before (gptqd / GPTQModel) |")

@@ -195,9 +195,12 @@ class Check:
             "    try: __import__(m)\n"
             "    except Exception as e: svc.append(f'{m}: {e}')\n"
             "cuda = torch.cuda.is_available()\n"
+            "try: import triton; tv = triton.__version__\n"
+            "except Exception as e: tv = f'not importable: {e}'\n"
             "print('ENV_JSON:' + json.dumps({'python': platform.python_version(),"
             " 'torch': torch.__version__, 'transformers': transformers.__version__,"
-            " 'cuda': cuda, 'gpu': torch.cuda.get_device_name() if cuda else None,"
+            " 'triton': tv, 'cuda': cuda, 'gpu': torch.cuda.get_device_name() if cuda else None,"
+            " 'capability': torch.cuda.get_device_capability() if cuda else None,"
             " 'cpus': os.cpu_count(), 'service_deps_missing': svc}))\n"
         )
         outcome = self.run(row, "env", [sys.executable, "-c", code])
@@ -206,8 +209,10 @@ class Check:
             return row.failed_run(outcome)
         self.meta.update(info)
         row.figures = info
-        row.summary = (f"{info['gpu'] or 'no GPU'}, torch {info['torch']}, transformers "
-                       f"{info['transformers']}, python {info['python']}, {info['cpus']} CPUs")
+        sm = "sm_{}{}, ".format(*info["capability"]) if info["capability"] else ""
+        row.summary = (f"{info['gpu'] or 'no GPU'}, {sm}torch {info['torch']}, triton "
+                       f"{info['triton']}, transformers {info['transformers']}, python "
+                       f"{info['python']}, {info['cpus']} CPUs")
         if info["service_deps_missing"]:
             return row.fail("service packages missing: " + "; ".join(info["service_deps_missing"]))
         if self.cuda and not info["cuda"]:

@@ -39,3 +39,17 @@ def test_counted_sees_every_hessian_solve_and_linear_call() -> None:
     before = dict(flops)
     quantize_model(tiny_model("llama"), calib, QuantizeConfig(bits=4, group_size=32), device="cpu")
     assert flops == before
+
+
+def test_counted_sees_gpt2s_conv1d_layers() -> None:
+    """GPT-2's layers are Conv1D ([in, out] weights), not nn.Linear: counted too."""
+    model = tiny_model("gpt2")
+    c = model.config
+    h, inner = c.n_embd, c.n_inner or 4 * c.n_embd
+    calib = torch.randint(0, c.vocab_size, (4, 32))
+    T = calib.numel()
+    with counted() as flops:
+        quantize_model(model, calib, QuantizeConfig(bits=4, group_size=32), device="cpu")
+    # c_attn (h -> 3h), c_proj (h -> h), c_fc (h -> inner), mlp.c_proj (inner -> h)
+    once = 2.0 * T * (3 * h * h + h * h + 2 * h * inner)
+    assert c.n_layer * once <= flops["forward"] <= c.n_layer * 3 * once

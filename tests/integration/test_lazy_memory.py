@@ -13,7 +13,7 @@ import transformers as tf
 
 from tests.conftest import fixture_path
 from tests.integration.checkpoints import assert_same_checkpoint, saved_tiny_model, tiny_llama
-from worker.gptq import compactblock, lazyload
+from worker.gptq import compactblock, lazyload, pipeline
 from worker.gptq.api import quantize
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import EngineError
@@ -79,6 +79,21 @@ def test_lazy_checkpoint_is_bit_identical_to_the_whole_model_path(model, config,
         return materialize(self, module)
 
     monkeypatch.setattr(compactblock.CompactLinears, "_weight", counting_materialize)
+    # the fp32 weights made for a pass are gone before anything is solved (the solve is the peak)
+    compacts: list[compactblock.CompactLinears] = []
+    held_at_solves: list[int] = []
+    init, solve_together = compactblock.CompactLinears.__init__, pipeline.solve_together
+
+    def tracked_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        compacts.append(self)
+
+    def checked_solve(*args, **kwargs):
+        held_at_solves.append(sum(len(c._made) for c in compacts))
+        return solve_together(*args, **kwargs)
+
+    monkeypatch.setattr(compactblock.CompactLinears, "__init__", tracked_init)
+    monkeypatch.setattr(pipeline, "solve_together", checked_solve)
 
     def counting(self, index, block, as_stored=()):
         # blocks holding real weights when the next one is read: the finished ones must be gone
@@ -98,6 +113,7 @@ def test_lazy_checkpoint_is_bit_identical_to_the_whole_model_path(model, config,
     # the linears were held as stored (then as codes) and made fp32 only to run
     stored = torch.float16 if model == "fp16_llama" else torch.float32
     assert "codes" in materialized and set(materialized) <= {stored, "codes"}
+    assert len(compacts) == lazy.num_blocks and held_at_solves and not any(held_at_solves)
     assert assert_same_checkpoint(tmp_path / "eager", tmp_path / "lazy") > 10
     assert [m["loss"] for m in lazy.modules] == [m["loss"] for m in eager.modules]
     assert lazy.sizes["quantized_parameters"] == eager.sizes["quantized_parameters"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -40,3 +41,34 @@ def test_solved_weight_is_the_solvers_bit_for_bit(conv1d: bool, desc_act: bool) 
         assert torch.equal(module(x), reference(x))
     compact.remove()
     assert not module._forward_pre_hooks and not module._forward_hooks
+
+
+def test_a_weight_is_made_once_per_pass_and_dropped_when_the_pass_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    module = nn.Linear(64, 32)
+    module.weight.data = module.weight.data.half()
+    compact = CompactLinears({"m": module}, torch.float32)
+    made = []
+    weight = compact._weight
+    monkeypatch.setattr(compact, "_weight", lambda m: made.append(m) or weight(m))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        first = [module(x) for _ in range(4)]  # four batches of one pass
+    assert len(made) == 1 and all(torch.equal(y, first[0]) for y in first)
+    assert module.weight.dtype == torch.float16  # between calls the module holds its own
+    fp32 = next(iter(compact._made.values()))
+    compact.pass_done()
+    assert not compact._made  # nothing fp32 held into the solve that follows a pass
+    assert sys.getrefcount(fp32) == 2  # only this test's name (and getrefcount's argument)
+    with torch.no_grad():
+        module(x)
+    assert len(made) == 2  # the next pass makes it again
+
+    solver = GPTQ(weight_view(module))
+    solver.add_batch(torch.randn(128, 64))
+    layer = solver.solve(QuantizeConfig(bits=4, group_size=32))
+    compact.solved(module, layer)  # a solved layer's weight comes from its codes from now on
+    with torch.no_grad():
+        solved = module(x)
+    assert torch.equal(solved, nn.functional.linear(x, layer.weight, module.bias))
+    compact.remove()

@@ -110,6 +110,10 @@ class BlockStore:
         self.lazy.load_block(index, block, as_stored=[f"{name}.weight" for name in linears])
         self._compact = CompactLinears(linears, self.lazy.dtype)
 
+    def pass_done(self) -> None:
+        if self._compact is not None:
+            self._compact.pass_done()
+
     def solved(self, name: str, module: nn.Module, layer: LayerQuantResult) -> LayerQuantResult:
         """Pack the layer now (a fraction of its int32 codes and fp32 weight) and keep a stub."""
         from worker.gptq.export import layer_tensors

@@ -107,6 +107,10 @@ class BlockHooks(Protocol):
     def load(self, index: int, block: nn.Module) -> None:
         """Called before a block is quantized (e.g. to read its weights)."""
 
+    def pass_done(self) -> None:
+        """Called after each pass of the calibration batches (or the passengers) through a
+        block, before anything is solved: what was made for the pass can go."""
+
     def solved(self, name: str, module: nn.Module, layer: LayerQuantResult) -> LayerQuantResult:
         """Called with each solved layer (its dequantized weight already in the module);
         returns what the result keeps for it (e.g. a tensor-less stand-in once packed)."""
@@ -343,8 +347,15 @@ class _Run:
 
     def _carry(self, index: int, block: nn.Module, quantized: bool) -> None:
         if self.passengers is not None:
-            with self._timed("evaluating"):
-                self.passengers.through(index, block, quantized)
+            try:
+                with self._timed("evaluating"):
+                    self.passengers.through(index, block, quantized)
+            finally:
+                self._pass_done()
+
+    def _pass_done(self) -> None:
+        if self.hooks is not None:
+            self.hooks.pass_done()
 
     def _finish(self, index: int, block: nn.Module, next_hidden: list[torch.Tensor] | None) -> None:
         """Hand the finished block to the hooks; keep what they give back for its layers."""
@@ -478,17 +489,20 @@ class _Run:
         began = time.perf_counter()
         hessian_before = self.stage_seconds["hessian"]
         outputs = []
-        for batch, (states, call) in enumerate(zip(hidden, calls, strict=True)):
-            if self.finished_children is not None:
-                self.finished_children.batch = batch
-            if stop is None:
-                outputs.extend(run_block(block, [states], [call]))
-            else:
-                with contextlib.suppress(stop):
-                    run_block(block, [states], [call])
-            # a batch's intermediates are freed: give back any pages glibc kept of them (up
-            # to ~100 MiB measured, on top of the next batch's)
-            trim()
+        try:
+            for batch, (states, call) in enumerate(zip(hidden, calls, strict=True)):
+                if self.finished_children is not None:
+                    self.finished_children.batch = batch
+                if stop is None:
+                    outputs.extend(run_block(block, [states], [call]))
+                else:
+                    with contextlib.suppress(stop):
+                        run_block(block, [states], [call])
+                # a batch's intermediates are freed: give back any pages glibc kept of them
+                # (up to ~100 MiB measured, on top of the next batch's)
+                trim()
+        finally:
+            self._pass_done()
         settle(self.device)
         hook_time = self.stage_seconds["hessian"] - hessian_before
         self.stage_seconds["forward"] += time.perf_counter() - began - hook_time

@@ -15,11 +15,12 @@ from tests.conftest import fixture_path
 DEFINING_FILES = ("config.json", "quantize_config.json", "generation_config.json")
 
 
-def tiny_llama(path: Path, layers: int = 4, tie: bool = False) -> Path:
-    """A random Llama (hidden 64) with the babyllama fixture's character tokenizer."""
+def tiny_llama(path: Path, layers: int = 4, tie: bool = False, hidden: int = 64) -> Path:
+    """A random Llama (hidden 64, MLP twice as wide) with the babyllama fixture's character
+    tokenizer."""
     torch.manual_seed(0)
     config = tf.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
         tie_word_embeddings=tie,
     )

@@ -72,3 +72,19 @@ def test_a_weight_is_made_once_per_pass_and_dropped_when_the_pass_ends(monkeypat
         solved = module(x)
     assert torch.equal(solved, nn.functional.linear(x, layer.weight, module.bias))
     compact.remove()
+
+
+def test_weights_past_the_pass_budget_are_made_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.gptq import compactblock
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(64, 32), nn.Linear(32, 64)  # 8 KiB each in fp32
+    compact = CompactLinears({"a": first, "b": second}, torch.float32)
+    monkeypatch.setattr(compactblock, "PASS_BYTES", 10 << 10)  # room for one of them
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        for _ in range(3):
+            y = second(first(x))
+    assert list(compact._made) == [first]  # the one the pass ran first is kept
+    assert torch.equal(y, second(first(x)))  # the other, made per call, computes the same
+    compact.remove()

@@ -12,6 +12,8 @@ the peak (the down_proj solve, when every other linear of the block is solved).
 A weight made fp32 is kept for the rest of the pass over the calibration batches (or the
 evaluation windows) and dropped when the pass ends (pass_done(), before any solve): made anew
 for every batch, it cost a fifth of the forward stage (a Llama h1024 at 2048 tokens a call).
+Up to PASS_BYTES of them, in the order the pass first runs them (a TinyLlama block is 176 MiB
+in fp32; a Mixtral block's experts would be 5.6 GiB): past that, made per call as before.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .arch import is_conv1d
 from .gptq import LayerQuantResult
 
 _COLUMNS = 512  # columns dequantized at a time: bounds the temporaries to N x 512
+PASS_BYTES = 256 << 20  # fp32 weights kept through a pass
 
 
 class CompactLinears:
@@ -65,7 +68,10 @@ class CompactLinears:
     def _materialize(self, module: nn.Module, args: Any) -> None:
         made = self._made.get(module)
         if made is None:
-            made = self._made[module] = nn.Parameter(self._weight(module), requires_grad=False)
+            made = nn.Parameter(self._weight(module), requires_grad=False)
+            kept = sum(p.nbytes for p in self._made.values())
+            if kept + made.nbytes <= PASS_BYTES:
+                self._made[module] = made
         module._parameters["weight"] = made
 
     def _drop(self, module: nn.Module, args: Any, output: Any) -> None:

@@ -272,6 +272,8 @@ def _print_summary(report: Any, out: Path) -> None:
     if size:
         typer.echo(f"checkpoint size: {size / 2**20:.2f} MiB")
     typer.echo("model: " + ("read block by block" if data.get("lazy") else "held whole in memory"))
+    if data.get("column_kernel"):  # on a GPU: whether the Triton kernel ran, or why not
+        typer.echo(f"solver: {data['column_kernel']} column loop on {data.get('device')}")
     for key in ("perplexity_before", "perplexity_after"):
         if data.get(key) is not None:
             typer.echo(f"{key.replace('_', ' ')}: {data[key]:.4f}")

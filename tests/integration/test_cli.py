@@ -51,6 +51,7 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     assert "block 2/2" in run.stderr  # the progress bar went through both blocks
     assert f"checkpoint: {out}" in run.stdout
     assert "perplexity after" in run.stdout
+    assert "solver: torch column loop on cpu" in run.stdout  # which loop ran (a GPU: triton, or why not)
     for name in ("config.json", "quantize_config.json", "model.safetensors", "tokenizer.json",
                  "quant_report.json", "quant_log.csv", "generation_config.json"):
         assert (out / name).is_file(), name

@@ -169,6 +169,9 @@ class JobIn(Strict):
     true_sequential: bool = True
     act_group_aware: bool = True
     mse: bool = True
+    # the checkpoint's tensor names: as transformers names the modules (what GPTQModel reads),
+    # or as the model's own checkpoints do (what vLLM reads for Mixtral; the same elsewhere)
+    tensor_names: Literal["module", "original"] = "module"
     trust_remote_code: bool = False
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     verify: VerifyIn = Field(default_factory=VerifyIn)

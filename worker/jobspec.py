@@ -13,7 +13,7 @@ from worker.gptq.config import BUILTIN, BUILTIN_HELDOUT, CalibrationSpec, Quanti
 from worker.gptq.errors import CalibrationError, ModelNotFound
 
 QUANT_FIELDS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static_groups",
-                "true_sequential", "act_group_aware", "mse")
+                "true_sequential", "act_group_aware", "mse", "tensor_names")
 
 
 def quantize_config(spec: dict[str, Any]) -> QuantizeConfig:

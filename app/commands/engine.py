@@ -22,6 +22,13 @@ from app.commands.common import sample_lines
 T = TypeVar("T")
 
 
+class TensorNames(StrEnum):
+    """--tensor-names: QuantizeConfig.tensor_names."""
+
+    module = "module"
+    original = "original"
+
+
 class Load(StrEnum):
     """--load: how `gptqd quantize` holds the model."""
 
@@ -48,6 +55,7 @@ _FIELD_OPTIONS = {
 def register(app: typer.Typer) -> None:
     app.command("quantize")(quantize)
     app.command("eval")(evaluate)
+    app.command("original-names")(original_names)
 
 
 def _build(make: Callable[[], T]) -> T:
@@ -169,6 +177,12 @@ def quantize(
     true_sequential: bool = typer.Option(
         True, "--true-sequential/--no-true-sequential", help="Solve a block's layers in order."
     ),
+    tensor_names: TensorNames = typer.Option(
+        TensorNames.module, "--tensor-names",
+        help="Name the checkpoint's tensors as transformers names the modules (module: what "
+             "GPTQModel reads) or as the model's own checkpoints do (original: what vLLM reads "
+             "for Mixtral; the same names for the other families).",
+    ),
     calibration: str = typer.Option(
         "builtin", "--calibration",
         help="Calibration text: 'builtin', a .txt/.jsonl/.parquet file, or a hub dataset NAME[:CONFIG[:SPLIT]].",
@@ -199,7 +213,7 @@ def quantize(
     config = _build(lambda: QuantizeConfig(
         bits=bits, group_size=group_size, sym=not asym, desc_act=desc_act,
         static_groups=static_groups, damp_percent=damp_percent, true_sequential=true_sequential,
-        mse=mse, act_group_aware=act_group_aware,
+        mse=mse, act_group_aware=act_group_aware, tensor_names=tensor_names.value,
     ))
     calib = _build(lambda: CalibrationSpec(
         source=calibration, text_field=text_field, num_samples=num_samples,
@@ -314,6 +328,19 @@ def evaluate(
             f"{result['seq_length']} tokens, {result['kind']} model {model}"
             f"{', read block by block' if result['streamed'] else ''})"
         )
+
+
+def original_names(
+    checkpoint: Path = typer.Argument(..., help="A GPTQ checkpoint directory."),
+    out: Path = typer.Option(..., "--out", help="Where the copy goes (a new directory)."),
+) -> None:
+    """Copy a GPTQ checkpoint with its tensors named as the model's own checkpoints name them:
+    for Mixtral block_sparse_moe.experts.E.w1/w3/w2, what vLLM reads (GPTQModel reads the
+    module names gptqd writes; gptqd reads both)."""
+    from worker.gptq.tensornames import write_with_original_names
+
+    renamed = _run_engine(lambda _bar: write_with_original_names(checkpoint, out), progress=False)
+    typer.echo(f"{out}: a copy of {checkpoint}, {renamed} tensors renamed")
 
 
 def _perplexity(

@@ -166,6 +166,8 @@ def submit(
     act_group_aware: bool = _opt("act_group_aware", "Group-aware reordering (static g_idx; not with act-order).",
                                  "--act-group-aware/--no-act-group-aware"),
     mse: bool = _opt("mse", "Search a clipping range per group minimising the MSE.", "--mse/--no-mse"),
+    tensor_names: str = _opt("tensor_names", "Checkpoint tensor names: module (what GPTQModel reads) or "
+                             "original (the model's own; what vLLM reads for Mixtral).", "--tensor-names"),
     revision: str = typer.Option(None, help="Hub branch, tag or commit."),
     dataset: str = _opt("calibration.dataset", "Calibration: a hub dataset, or 'builtin' (offline)."),
     dataset_config: str = _opt("calibration.config", "The hub dataset's config."),
@@ -184,7 +186,7 @@ def submit(
     spec = build_spec(base, model_id=model_id, bits=bits, group_size=group_size,
                       damp_percent=damp_percent, desc_act=desc_act, sym=sym,
                       static_groups=static_groups, true_sequential=true_sequential,
-                      act_group_aware=act_group_aware, mse=mse,
+                      act_group_aware=act_group_aware, mse=mse, tensor_names=tensor_names,
                       revision=revision, dataset=dataset, dataset_config=dataset_config,
                       split=split, text_field=text_field, dataset_id=dataset_id,
                       num_samples=num_samples, seq_length=seq_length, seed=seed, name=name)

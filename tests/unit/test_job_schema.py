@@ -54,3 +54,16 @@ def test_group_aware_reordering_and_clipping_search_reach_the_engine() -> None:
     stored = JobIn.model_validate({"model_id": "m"}).model_dump()
     del stored["act_group_aware"], stored["mse"]
     assert quantize_config(stored).act_group_aware is True
+
+
+def test_tensor_names_reach_the_engine() -> None:
+    from worker.jobspec import quantize_config
+
+    assert quantize_config(JobIn.model_validate({"model_id": "m"}).model_dump()).tensor_names == "module"
+    original = JobIn.model_validate({"model_id": "m", "tensor_names": "original"}).model_dump()
+    assert quantize_config(original).tensor_names == "original"
+    with pytest.raises(ValidationError, match="tensor_names"):
+        JobIn.model_validate({"model_id": "m", "tensor_names": "vllm"})
+    stored = JobIn.model_validate({"model_id": "m"}).model_dump()
+    del stored["tensor_names"]  # a spec stored before the field existed
+    assert quantize_config(stored).tensor_names == "module"

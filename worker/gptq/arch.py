@@ -40,6 +40,19 @@ class MoeLayout:
     # (in memory, in the files) name parts, where a family's checkpoints name the split
     # experts otherwise than transformers 5 does in memory (lazyload reads the files by them)
     file_names: tuple[tuple[str, str], ...] = ()
+    # the family's model types whose own checkpoints use file_names (the others' use the
+    # in-memory names): tensornames.py writes a GPTQ checkpoint's copy by them
+    named_in_files: tuple[str, ...] = ()
+
+    def as_in_files(self, name: str) -> str:
+        for in_memory, in_files in self.file_names:
+            name = name.replace(in_memory, in_files)
+        return name
+
+    def as_in_memory(self, name: str) -> str:
+        for in_memory, in_files in reversed(self.file_names):
+            name = name.replace(in_files, in_memory)
+        return name
 
     def sizes(self, config: Any) -> tuple[int, int, int]:
         """(experts, hidden, intermediate) from a model config."""
@@ -192,7 +205,8 @@ ARCHS: tuple[ArchSpec, ...] = (
                       # Mixtral's files: block_sparse_moe.gate, block_sparse_moe.experts.E.w1/w3/w2
                       file_names=(("mlp.experts.", "block_sparse_moe.experts."),
                                   ("mlp.gate.", "block_sparse_moe.gate."), (".gate_proj.", ".w1."),
-                                  (".up_proj.", ".w3."), (".down_proj.", ".w2."))),
+                                  (".up_proj.", ".w3."), (".down_proj.", ".w2.")),
+                      named_in_files=("mixtral",)),
     ),
     # a shared expert (a plain MLP, gated by a 1-wide linear left unquantized) beside the routed
     ArchSpec(

@@ -7,6 +7,7 @@ from typing import Any
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+TENSOR_NAMES = ("module", "original")
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx")
 
 
@@ -43,6 +44,10 @@ class QuantizeConfig:
     # False otherwise, so the config, the report and the checkpoint's meta say what was used
     act_group_aware: bool = True
     block_size: int = 128  # columns per lazy batch update
+    # the checkpoint's tensor names: "module", as transformers 5 names the modules in memory
+    # (what GPTQModel writes and reads), or "original", as the model's own checkpoints name
+    # them (Mixtral's experts: what vLLM reads); the same for most families (tensornames.py)
+    tensor_names: str = "module"
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -55,6 +60,8 @@ class QuantizeConfig:
             raise ValueError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.tensor_names not in TENSOR_NAMES:
+            raise ValueError(f"tensor_names must be one of {', '.join(TENSOR_NAMES)}, got {self.tensor_names!r}")
         if self.desc_act or self.group_size == -1:
             object.__setattr__(self, "act_group_aware", False)  # frozen: set once, here
 

@@ -31,10 +31,10 @@ from .gptq import LayerQuantResult
 from .lazyload import tied_keys
 from .packing import pack_qweight, pack_qzeros
 from .stwriter import TensorSpec, write_safetensors
+from .tensornames import INDEX_NAME, tensor_namer
 
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 REPORT_NAME = "quant_report.json"
 LOG_NAME = "quant_log.csv"
 PROJECT_URI = "https://pypi.org/project/gptqd/"
@@ -240,8 +240,9 @@ def _plan_shards(entries: list[_Entry], max_shard_size: int) -> list[list[_Entry
 
 
 def _write_weights(
-    entries: list[_Entry], out_dir: Path, max_shard_size: int
+    entries: list[_Entry], out_dir: Path, max_shard_size: int, rename: Callable[[str], str],
 ) -> list[Path]:
+    """The shards (and their index), each tensor under rename(its module name)."""
     shards = _plan_shards(entries, max_shard_size)
     if len(shards) == 1:
         names = [WEIGHTS_NAME]
@@ -251,9 +252,9 @@ def _write_weights(
     total = 0
     paths = []
     for fname, shard in zip(names, shards, strict=True):
-        specs = {key: spec for entry in shard for key, spec in entry.specs.items()}
+        specs = {rename(key): spec for entry in shard for key, spec in entry.specs.items()}
         # one entry's tensors in memory at a time, however large the shard
-        made = (item for entry in shard for item in entry.make().items())
+        made = ((rename(key), tensor) for entry in shard for key, tensor in entry.make().items())
         write_safetensors(out_dir / fname, specs, made, metadata={"format": "pt"})
         paths.append(out_dir / fname)
         weight_map.update(dict.fromkeys(specs, fname))
@@ -340,12 +341,13 @@ def save_checkpoint(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     entries = [_from_store(e, stored) for e in _checkpoint_entries(model, layers, config, dtype)]
-    paths = _write_weights(entries, out_dir, max_shard_size)
+    rename = tensor_namer(config, getattr(model.config, "model_type", None))
+    paths = _write_weights(entries, out_dir, max_shard_size, rename)
     qconfig = quantization_config_dict(config)
     skipped = unquantized_block_layers(model, arch, layers) if arch is not None else []
     if skipped:
         # GPTQModel/vLLM syntax: "-:" + regex = leave this module unquantized
-        qconfig["dynamic"] = {f"-:^{re.escape(name)}$": {} for name in skipped}
+        qconfig["dynamic"] = {f"-:^{re.escape(rename(name + '.')[:-1])}$": {} for name in skipped}
     paths.append(_write_json(out_dir / "config.json", _model_config_dict(model, qconfig, dtype)))
     paths.append(_write_json(out_dir / "quantize_config.json", qconfig))
     generation_config = getattr(model, "generation_config", None)

@@ -40,10 +40,12 @@ class LazyCheckpoint(LazyModel):
     def load_block(self, index: int, block: nn.Module, as_stored: Any = (),
                    tensors: dict[str, torch.Tensor] | None = None) -> None:
         from worker.gptq.loader import replace_quantized_layers
+        from worker.gptq.tensornames import in_memory_names
 
         prefix = self.arch.block_prefix(index) + "."
         if tensors is None:
             tensors = self.files.read([key for key in self.files.where if key.startswith(prefix)])
+        tensors = in_memory_names(tensors, self.model.config.model_type)  # either naming
         replace_quantized_layers(self.model, tensors, self.qconfig, dtype=self.dtype)
         rest = {key: t.to(self.dtype) if t.is_floating_point() else t for key, t in tensors.items()}
         _, unexpected = self.model.load_state_dict(rest, strict=False, assign=True)

@@ -140,9 +140,7 @@ class LazyModel:
         return None
 
     def _as_in_files(self, name: str) -> str:
-        for in_memory, in_files in self.arch.moe.file_names if self.arch.moe is not None else ():
-            name = name.replace(in_memory, in_files)
-        return name
+        return self.arch.moe.as_in_files(name) if self.arch.moe is not None else name
 
     def missing(self) -> list[str]:
         """Parameters neither in the files nor tied to one that is (lazy loading cannot work)."""

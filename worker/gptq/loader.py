@@ -21,6 +21,7 @@ from torch import nn
 from .errors import InvalidCheckpoint
 from .experts import unfuse_experts
 from .packing import FORMATS, unpack_qweight, unpack_qzeros
+from .tensornames import in_memory_names
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -260,8 +261,9 @@ def load_quantized(
     if not path.is_dir():
         raise InvalidCheckpoint(f"{path} is not a checkpoint directory")
     qconfig = read_quantization_config(path)
-    tensors = read_tensors(path)
     model = _build_model(path, dtype, trust_remote_code)
+    # a copy made for vLLM names Mixtral's experts as its own checkpoints do (tensornames.py)
+    tensors = in_memory_names(read_tensors(path), model.config.model_type)
     quantized = replace_quantized_layers(model, tensors, qconfig, dtype=dtype, cache=cache)
     _load_rest(model, tensors, quantized)
     tied_targets = {k.removesuffix(".weight") for k in getattr(model, "all_tied_weights_keys", None) or {}}

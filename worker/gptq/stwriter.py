@@ -32,6 +32,7 @@ _DTYPES = {
     torch.float32: "F32", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
 }
 _RANK = {dtype: rank for rank, dtype in enumerate(_DTYPES)}
+DTYPE_OF = {name: dtype for dtype, name in _DTYPES.items()}  # a safetensors header's dtype name
 
 
 @dataclass(frozen=True)

@@ -250,6 +250,7 @@ $("#submit-form").addEventListener("submit", async (event) => {
     sym: f.sym.checked,
     desc_act: f.desc_act.checked,
     static_groups: f.static_groups.checked,
+    tensor_names: f.original_names.checked ? "original" : "module",
     calibration,
   };
   if (f.name.value.trim()) spec.name = f.name.value.trim();

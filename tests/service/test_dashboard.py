@@ -54,10 +54,13 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     form.locator("[name=dataset]").fill("builtin")
     form.locator("[name=num_samples]").fill("8")
     form.locator("[name=seq_length]").fill("64")
+    form.locator("[name=original_names]").check()  # a Llama: the same names either way
     form.locator("button[type=submit]").click()
 
     row = page.locator("#jobs tbody tr", has_text="browser-job")
     row.wait_for(timeout=30_000)
+    [job] = [j for j in team_box.http.get("/jobs").json()["items"] if j["name"] == "browser-job"]
+    assert job["spec"]["tensor_names"] == "original"
     # the row's progress bar follows the event stream until the job is done
     page.wait_for_function(
         "() => [...document.querySelectorAll('#jobs tbody tr')].some("

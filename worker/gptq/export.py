@@ -28,10 +28,11 @@ from . import __version__
 from .config import QuantizeConfig
 from .errors import EngineError, LayerShapeError
 from .gptq import LayerQuantResult
+from .lazyload import INDEX_FILE as INDEX_NAME
 from .lazyload import tied_keys
 from .packing import pack_qweight, pack_qzeros
 from .stwriter import TensorSpec, write_safetensors
-from .tensornames import INDEX_NAME, tensor_namer
+from .tensornames import tensor_namer
 
 DEFAULT_MAX_SHARD_SIZE = 4 * 1024**3
 WEIGHTS_NAME = "model.safetensors"
@@ -347,6 +348,7 @@ def save_checkpoint(
     skipped = unquantized_block_layers(model, arch, layers) if arch is not None else []
     if skipped:
         # GPTQModel/vLLM syntax: "-:" + regex = leave this module unquantized
+        # (named as the tensors are: the renaming tables match whole name parts, "x.")
         qconfig["dynamic"] = {f"-:^{re.escape(rename(name + '.')[:-1])}$": {} for name in skipped}
     paths.append(_write_json(out_dir / "config.json", _model_config_dict(model, qconfig, dtype)))
     paths.append(_write_json(out_dir / "quantize_config.json", qconfig))

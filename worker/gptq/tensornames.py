@@ -23,9 +23,8 @@ from safetensors import safe_open
 from .arch import MoeLayout, get_arch
 from .config import QuantizeConfig
 from .errors import EngineError, InvalidCheckpoint, UnsupportedArchitecture
+from .lazyload import INDEX_FILE
 from .stwriter import DTYPE_OF, TensorSpec, write_safetensors
-
-INDEX_NAME = "model.safetensors.index.json"
 
 T = TypeVar("T")
 
@@ -60,7 +59,9 @@ def write_with_original_names(checkpoint: Path, out: Path) -> int:
     """Copy a GPTQ checkpoint to out (which must not exist) with its tensors named as the
     model's own checkpoints name them; returns how many names changed. Written tensor by
     tensor, into out's .partial directory first."""
-    from .export import partial_dir, publish_atomically  # export names tensors through this module
+    # (imported here: export and loader name tensors through this module)
+    from .export import partial_dir, publish_atomically
+    from .loader import weight_files
 
     checkpoint, out = Path(checkpoint), Path(out)
     config_file = checkpoint / "config.json"
@@ -80,13 +81,13 @@ def write_with_original_names(checkpoint: Path, out: Path) -> int:
     shutil.copytree(checkpoint, tmp, ignore=lambda _, names: [n for n in names if _is_weights(n)])
     try:
         renamed = 0
-        for file in sorted(p for p in checkpoint.iterdir() if p.name.endswith(".safetensors")):
+        for file in weight_files(checkpoint):
             renamed += _copy_renamed(file, tmp / file.name, moe.as_in_files)
-        index = checkpoint / INDEX_NAME
+        index = checkpoint / INDEX_FILE
         if index.is_file():
             data = json.loads(index.read_text())
             data["weight_map"] = {moe.as_in_files(k): v for k, v in data["weight_map"].items()}
-            (tmp / INDEX_NAME).write_text(json.dumps(data, indent=2) + "\n")
+            (tmp / INDEX_FILE).write_text(json.dumps(data, indent=2) + "\n")
         publish_atomically(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written copy left behind
@@ -95,7 +96,7 @@ def write_with_original_names(checkpoint: Path, out: Path) -> int:
 
 
 def _is_weights(name: str) -> bool:
-    return name.endswith(".safetensors") or name == INDEX_NAME
+    return name.endswith(".safetensors") or name == INDEX_FILE
 
 
 def _copy_renamed(src: Path, dst: Path, rename: Callable[[str], str]) -> int:

@@ -7,6 +7,7 @@ the same tiny models; our loaders read either naming to the same numbers."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from app.commands.engine import _perplexity
 from tests.integration.checkpoints import assert_same_checkpoint, saved_tiny_model
@@ -28,6 +30,7 @@ from tests.tiny_models import tiny_model
 from worker.gptq.api import quantize
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 from worker.gptq.errors import EngineError
+from worker.gptq.lazyload import INDEX_FILE
 from worker.gptq.tensornames import write_with_original_names
 
 pytestmark = pytest.mark.fixtures  # the babyllama tokenizer
@@ -89,6 +92,35 @@ def test_other_mixtures_already_carry_their_original_names(model_type, windows, 
     with pytest.raises(EngineError, match="nothing to rename"):
         write_with_original_names(checkpoint, tmp_path / "copy")
     assert not (tmp_path / "copy").exists()
+
+
+def resharded(checkpoint: Path, out: Path) -> Path:
+    """checkpoint's files with its weights split over two shards named by an index, as
+    `save_checkpoint(max_shard_size=...)` and the hub write large models."""
+    shutil.copytree(checkpoint, out, ignore=lambda _, names: [n for n in names if n.endswith(".safetensors")])
+    tensors = {k: v for file in checkpoint.glob("*.safetensors") for k, v in load_file(str(file)).items()}
+    names = sorted(tensors)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in halves.items():
+        save_file({k: tensors[k] for k in keys}, str(out / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in halves.items() for k in keys}
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return out
+
+
+def test_a_sharded_checkpoint_is_renamed_shard_by_shard_with_its_index(mixtral, windows, tmp_path) -> None:  # noqa: F811
+    sharded = resharded(mixtral, tmp_path / "sharded")
+    renamed = write_with_original_names(sharded, tmp_path / "copy")
+    out = tmp_path / "copy"
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in sharded.glob("*.safetensors"))
+    weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    for file in out.glob("*.safetensors"):  # the index names each tensor's own shard
+        with safe_open(str(file), framework="pt") as f:
+            assert {k for k, v in weight_map.items() if v == file.name} == set(f.keys())
+    write_with_original_names(mixtral, tmp_path / "whole")
+    assert set(weight_map) == checkpoint_names(tmp_path / "whole") == checkpoint_names(out)
+    assert renamed == len(checkpoint_names(mixtral) - set(weight_map)) > 0
+    assert (our_reading(out, windows[16:]).logits == our_reading(mixtral, windows[16:]).logits).all()
 
 
 def test_an_existing_output_directory_is_refused(mixtral, tmp_path) -> None:

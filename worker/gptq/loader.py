@@ -20,6 +20,7 @@ from torch import nn
 
 from .errors import InvalidCheckpoint
 from .experts import unfuse_experts
+from .lazyload import INDEX_FILE
 from .packing import FORMATS, unpack_qweight, unpack_qzeros
 from .tensornames import in_memory_names
 
@@ -143,7 +144,7 @@ def _check_qconfig(qconfig: dict[str, Any]) -> int:
 
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: from its index when sharded."""
-    index = path / "model.safetensors.index.json"
+    index = path / INDEX_FILE
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [path / name for name in sorted(set(weight_map.values()))]

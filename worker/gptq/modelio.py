@@ -23,6 +23,7 @@ from torch import nn
 from worker.gptq import hubstatus
 from worker.gptq.arch import ArchSpec, get_arch
 from worker.gptq.errors import EngineError, ModelAccessDenied, ModelNotFound
+from worker.gptq.lazyload import INDEX_FILE
 
 T = TypeVar("T")
 
@@ -129,7 +130,7 @@ def hub_snapshot(
             model_id, revision=revision, token=token, allow_patterns=patterns)))
 
     directory = fetch([*HUB_SIDE_FILES, *(["*.py"] if trust_remote_code else [])])
-    index = directory / "model.safetensors.index.json"
+    index = directory / INDEX_FILE
     weights = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
                if index.is_file() else ["model.safetensors"])
     directory = fetch(weights)

@@ -11,7 +11,6 @@ from worker.gptq.gptq import GPTQ
 from worker.gptq.packing import (
     pack_qweight,
     pack_qzeros,
-    pack_rows,
     unpack_qweight,
     unpack_qzeros,
 )
@@ -54,14 +53,17 @@ def reference_unpack_qzeros(qzeros: torch.Tensor, bits: int, fmt: str) -> np.nda
     return z + 1 if fmt == "gptq" else z  # v1 stores zero - 1
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_pack_rows_matches_reference_layout(bits: int) -> None:
+def test_pack_qweight_matches_reference_layout(bits: int, dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(bits)
-    values = torch.randint(0, 2**bits, (64, 5), generator=gen)
-    packed = pack_rows(values, bits)
-    assert packed.dtype == torch.int32 and packed.shape == (64 * bits // 32, 5)
-    ref = reference_unpack_qweight(packed, bits)  # columns of the packed rows
-    assert np.array_equal(ref, values.t().numpy())
+    codes = torch.randint(0, 2**bits, (7, 96), generator=gen).to(dtype)  # [N, K]
+    codes[0, :] = 2**bits - 1  # the top code (255 at 8 bits: no uint8 wrap in the range check)
+    for given in (codes, codes.t().contiguous().t()):  # contiguous or not
+        packed = pack_qweight(given, bits)
+        assert packed.dtype == torch.int32 and packed.shape == (96 * bits // 32, 7)
+        assert np.array_equal(reference_unpack_qweight(packed, bits), codes.long().numpy())
+        assert torch.equal(unpack_qweight(packed, bits, 96), codes.int())
 
 
 def test_sym_4bit_v1_zeros_are_sevens() -> None:
@@ -78,9 +80,17 @@ def test_v1_refuses_zero_point_zero() -> None:
 
 def test_rejects_unpackable_sizes() -> None:
     with pytest.raises(ValueError, match="whole int32 words"):
-        pack_rows(torch.zeros(20, 4, dtype=torch.int32), 3)
+        pack_qweight(torch.zeros(4, 20, dtype=torch.int32), 3)
     with pytest.raises(ValueError, match="out of range"):
-        pack_rows(torch.full((8, 1), 16), 4)
+        pack_qweight(torch.full((1, 8), 16), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        pack_qweight(torch.full((1, 8), 16, dtype=torch.uint8), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        pack_qweight(torch.full((1, 8), 2**16 + 3), 4)  # never cut to its low bits
+    with pytest.raises(ValueError, match="out of range"):
+        pack_qweight(torch.full((1, 8), -1), 4)
+    with pytest.raises(ValueError, match="expected 64"):
+        unpack_qweight(torch.zeros(4, 2, dtype=torch.int32), 4, 64)
 
 
 CASES = [

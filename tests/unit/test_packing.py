@@ -66,6 +66,17 @@ def test_pack_qweight_matches_reference_layout(bits: int, dtype: torch.dtype) ->
         assert torch.equal(unpack_qweight(packed, bits, 96), codes.int())
 
 
+def test_packing_leaves_the_codes_alone_and_takes_any_offset() -> None:
+    """8-bit codes already in uint8 are one byte a value: the words must still be a copy, and
+    a slice starting mid-word must pack."""
+    codes = torch.randint(0, 256, (5, 65), dtype=torch.uint8)[:, 1:]  # storage offset 1
+    before = codes.clone()
+    packed = pack_qweight(codes, 8)
+    packed.add_(1)
+    assert torch.equal(codes, before)
+    assert torch.equal(unpack_qweight(packed.sub_(1), 8, 64), codes.int())
+
+
 def test_sym_4bit_v1_zeros_are_sevens() -> None:
     zeros = torch.full((3, 64), 8)
     packed = pack_qzeros(zeros, 4, "gptq")

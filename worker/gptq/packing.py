@@ -52,7 +52,7 @@ def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
     faster on the CPU)."""
     per_byte = 8 // bits
     v = values.to(torch.uint8)
-    packed = v[:, 0::per_byte].contiguous()
+    packed = v[:, 0::per_byte].clone(memory_format=torch.contiguous_format)  # never the caller's codes
     for j in range(1, per_byte):
         packed |= v[:, j::per_byte] << (j * bits)  # < 2^8: nothing shifted out
     return packed.view(torch.int32)

@@ -49,7 +49,7 @@ def save_upload(src: BinaryIO, dest: Path, limit: int) -> tuple[int, str]:
             while block := src.read(CHUNK):
                 size += len(block)
                 if size > limit:
-                    raise TooLarge(f"file is larger than the limit of {limit} bytes")
+                    raise TooLarge(f"larger than the limit of {limit} bytes")
                 h.update(block)
                 out.write(block)
         os.replace(tmp, dest)

@@ -6,6 +6,7 @@ import re
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPBearer
 
 from app.auth import Principal, authenticate
 from app.dispatch import Dispatcher
@@ -26,7 +27,12 @@ def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
-def get_principal(request: Request) -> Principal:
+# declares the scheme in the OpenAPI document (Swagger's "Authorize" then sends the key); the
+# header is read by authenticate, which also knows when no key is needed
+_bearer = HTTPBearer(auto_error=False, description="an API key (GPTQD_API_KEYS), when the box has keys")
+
+
+def get_principal(request: Request, _: Annotated[object, Depends(_bearer)] = None) -> Principal:
     return authenticate(request, request.app.state.api_keys)
 
 
@@ -50,8 +56,8 @@ def visible_job(store: Store, principal: Principal, job_id: str) -> Job:
     return job
 
 
-def job_for(request: Request, job_id: str) -> Job:
-    return visible_job(get_store(request), get_principal(request), job_id)
+def job_for(request: Request, job_id: str, principal: PrincipalDep) -> Job:
+    return visible_job(get_store(request), principal, job_id)
 
 
 JobDep = Annotated[Job, Depends(job_for)]

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import accesslog
+from app.bodylimit import BodyLimit, Limit
 from app.dispatch import Dispatcher
 from app.routes import (
     artifacts,
@@ -39,7 +40,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="gptqd",
         version="0.1.0",
         description="GPTQ quantization jobs: submit, watch, download, verify.",
-        max_body_size=JSON_BODY_LIMIT,
     )
     store = Store(settings.store_url)
     store.create_all()
@@ -56,9 +56,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(artifacts.router)
     app.include_router(verifications.router)
-    app.include_router(
-        datasets.router, max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD
-    )
+    app.include_router(datasets.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    upload = settings.max_upload_bytes
+    app.add_middleware(
+        BodyLimit,
+        default=Limit(JSON_BODY_LIMIT, f"request body: larger than the limit of {JSON_BODY_LIMIT} bytes"),
+        # the upload's own check (datasets.save_upload) names the file's limit exactly; this
+        # one stops a body far past it without reading it
+        routes={("POST", "/datasets"): Limit(upload + MULTIPART_OVERHEAD,
+                                              f"file: larger than the limit of {upload} bytes")},
+    )
     return app

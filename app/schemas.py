@@ -6,7 +6,15 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
@@ -24,13 +32,22 @@ JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 VERIFICATION_ID = re.compile(r"^ver_[0-9a-f]{32}$")
 DATASET_ID = re.compile(r"^ds_[0-9a-f]{32}$")
 # C0 control characters but tab, LF and CR (legitimate in text such as prompts): NUL is refused
-# by PostgreSQL and the rest have no place in a request; refused in every string of a request
+# by PostgreSQL and the rest have no place in a request; refused in every string of a request.
+# DEL and C1 (U+007F-U+009F) are kept: they turn up in real text (NEL, mis-decoded cp1252)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
-Bits = Literal[2, 3, 4, 8]
-GroupSize = Literal[-1, 16, 32, 64, 128, 256, 512, 1024]
-assert set(Bits.__args__) == set(SUPPORTED_BITS)  # one source of truth: the engine config
-assert set(GroupSize.__args__) == set(SUPPORTED_GROUP_SIZES)
+
+def _json_integer(value: Any) -> Any:
+    """A Literal of ints takes 4.0 for 4 (4.0 == 4), even in strict mode: not here."""
+    if type(value) is not int:
+        raise ValueError("must be a JSON integer")
+    return value
+
+
+Bits = Annotated[Literal[2, 3, 4, 8], BeforeValidator(_json_integer)]
+GroupSize = Annotated[Literal[-1, 16, 32, 64, 128, 256, 512, 1024], BeforeValidator(_json_integer)]
+assert set(Bits.__origin__.__args__) == set(SUPPORTED_BITS)  # one source of truth: the engine config
+assert set(GroupSize.__origin__.__args__) == set(SUPPORTED_GROUP_SIZES)
 
 Prompt = Annotated[str, Field(min_length=1, max_length=1000)]
 

@@ -55,7 +55,6 @@ class Settings(BaseSettings):
     progress_interval: float = 1.0  # least seconds between two stored progress updates
     max_upload_bytes: int = 256 * 1024 * 1024
     max_queued_per_key: int = 100
-    page_size_max: int = 200
     device: str | None = None  # engine device for workers (None: cuda when present, else cpu)
     # a job asked for sample text loads the whole model only while it takes at most this share
     # of the memory free (host, and card on a GPU); otherwise it streams the model block by

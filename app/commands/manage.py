@@ -43,7 +43,7 @@ def datasets(url: str = URL, api_key: str = KEY) -> None:
 
 def verify(
     job_id: str = typer.Argument(..., help="A succeeded job."),
-    dataset_id: str = typer.Option(None, help="Held-out text, an uploaded dataset (server default: the job's calibration text or its hub test split)."),
+    dataset_id: str = typer.Option(None, help="Held-out text, an uploaded dataset (server default: builtin-heldout for a builtin job, else the job's calibration text or its hub test split)."),
     seq_length: int = typer.Option(None, help="Tokens per window (server default: the job's calibration length)."),
     max_windows: int = typer.Option(None, help="Windows evaluated (server default: 16)."),
     prompts: list[str] = typer.Option(None, "--prompt", help="A prompt to generate from (repeatable) (server default: 'Once upon a time')."),

@@ -37,7 +37,11 @@ def register(app: typer.Typer) -> None:
 
 
 def up(host: str = HOST, port: int = PORT) -> None:
-    """API and one worker on this machine (embedded store and broker unless configured)."""
+    """API and one worker on this machine (embedded store and broker unless configured).
+
+    Jobs, artifacts and logs go under GPTQD_DATA_DIR (default ./var, from the current
+    directory); local models are directories under GPTQD_MODELS_DIR (default
+    GPTQD_DATA_DIR/models)."""
     from app.box import spawn, stop, worker_command
     from app.settings import get_settings
 
@@ -152,9 +156,10 @@ def _opt(field: str, text: str, *names: str) -> Any:
 
 def submit(
     model_id: str = typer.Argument(None, help="Hub id or a directory name under the models root."),
-    spec_file: Path = typer.Option(None, "--spec", help="A JSON job spec; options override it."),
+    spec_file: Path = typer.Option(None, "--spec", help="A JSON job spec (POST /jobs's body; the only way to "
+                                   "set verify.* and trust_remote_code); options override it."),
     bits: int = _opt("bits", "Bits per weight: 2, 3, 4 or 8."),
-    group_size: int = _opt("group_size", "Columns per scale/zero group: -1 (one per row), 16..1024."),
+    group_size: int = _opt("group_size", "Columns per scale/zero group: -1 (one per row), 16, 32, 64, 128, 256, 512 or 1024."),
     damp_percent: float = _opt("damp_percent", "Hessian damping, a fraction of its mean diagonal."),
     desc_act: bool = _opt("desc_act", "Act-order: columns by decreasing Hessian diagonal.",
                           "--desc-act/--no-desc-act"),
@@ -175,7 +180,7 @@ def submit(
     text_field: str = _opt("calibration.text_field", "Column / JSON key holding the text."),
     dataset_id: str = typer.Option(None, help="An uploaded dataset (`gptqd upload FILE`) instead of --dataset."),
     num_samples: int = _opt("calibration.num_samples", "Calibration windows (1..4096)."),
-    seq_length: int = _opt("calibration.seq_length", "Tokens per window (8..32768)."),
+    seq_length: int = _opt("calibration.seq_length", "Tokens per window (8..32768, at most the model's context)."),
     seed: int = _opt("calibration.seed", "Which windows are picked."),
     name: str = typer.Option(None, help="A label shown in `gptqd jobs` and the dashboard."),
     wait: bool = typer.Option(False, "--wait", help="Show live progress and the result."),

@@ -21,6 +21,7 @@ from tests.service.helpers import raw_status
 pytestmark = pytest.mark.service
 
 KEYS = {"alice": "sk-alice-bad-input", "bob": "sk-bob-bad-input"}
+UPLOAD_LIMIT = 100_000
 
 
 @pytest.fixture(scope="module", params=STORES)
@@ -37,7 +38,8 @@ def box(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     with store_env(request.param) as store:
         b = start_box(tmp_path_factory.mktemp("bad-input"), models,
                       {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": "",
-                       "GPTQD_MAX_QUEUED_PER_KEY": "3", **store}, workers=0)
+                       "GPTQD_MAX_QUEUED_PER_KEY": "3", "GPTQD_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+                       **store}, workers=0)
         b.env["OUTSIDE"] = str(outside)
         yield b
         b.close()
@@ -194,7 +196,17 @@ RAW = [
     ("not JSON at all", "POST", "/jobs", {"content": b"\xff\xfe",
                                           "headers": {"content-type": "application/json"}},
      422, "body"),
-    ("huge body", "POST", "/jobs", {"json": spec(name="x" * (2 * 1024 * 1024))}, 413, ""),
+    ("huge body", "POST", "/jobs", {"json": spec(name="x" * (2 * 1024 * 1024))}, 413,
+     "request body: larger than the limit of 1048576 bytes"),
+    ("huge body, streamed without a length", "POST", "/jobs",
+     {"content": [b'{"model_id": "', *[b"x" * 65536] * 20, b'"}'],
+      "headers": {"content-type": "application/json"}}, 413, "limit of 1048576 bytes"),
+    ("upload just past the limit", "POST", "/datasets",
+     {"files": {"file": ("a.txt", b"x" * (UPLOAD_LIMIT + 1))}}, 413,
+     f"file: larger than the limit of {UPLOAD_LIMIT} bytes"),
+    ("upload far past the limit", "POST", "/datasets",
+     {"files": {"file": ("a.txt", b"x" * (4 * UPLOAD_LIMIT))}}, 413,
+     f"file: larger than the limit of {UPLOAD_LIMIT} bytes"),
     ("bad cursor", "GET", "/jobs?cursor=!!!not-a-cursor", {}, 422, "cursor"),
     ("forged cursor", "GET", "/jobs?cursor=WyJ4Il0", {}, 422, "cursor"),
     ("cursor with a naive time", "GET", "/jobs?cursor=" + cursor("2999-01-01T00:00:00", "zzz"),
@@ -258,6 +270,7 @@ def test_a_malformed_request_is_a_clear_4xx(alice: httpx.Client, case: str, meth
     r = alice.request(method, path, **kwargs)
     assert r.status_code == status, (case, r.status_code, r.text[:500])
     assert text.lower() in r.text.lower(), (case, r.text[:500])
+    assert r.json()["detail"], (case, r.headers["content-type"])  # the API's one shape, JSON
     assert "Traceback" not in r.text
 
 

@@ -36,6 +36,12 @@ def test_json_types_are_taken_as_they_are() -> None:
     with pytest.raises(ValidationError, match="num_samples"):
         JobIn.model_validate_json('{"model_id": "m", "calibration": {"num_samples": "8"}}')
     assert JobIn.model_validate_json('{"model_id": "m", "damp_percent": 1e-2}').damp_percent == 0.01
+    # a Literal of ints would take 4.0 (== 4) and true (== 1) even in strict mode
+    for field, value in (("bits", "4.0"), ("group_size", "128.0"), ("bits", "true")):
+        with pytest.raises(ValidationError, match=f"{field}[\\s\\S]*JSON integer"):
+            JobIn.model_validate_json(f'{{"model_id": "m", "{field}": {value}}}')
+    spec = JobIn.model_validate_json('{"model_id": "m", "bits": 3, "group_size": -1}')
+    assert (spec.bits, spec.group_size) == (3, -1)
 
 
 def test_group_aware_reordering_and_clipping_search_reach_the_engine() -> None:

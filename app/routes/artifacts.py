@@ -8,10 +8,12 @@ from fastapi.responses import FileResponse, StreamingResponse
 from app.archive import check_files, tar_size, tar_stream
 from app.deps import JobDep, SettingsDep
 from app.paths import OutsideRoot, inside
+from app.routes.refusals import refusals
 from app.schemas import Artifact
 from app.store import Job
 
-router = APIRouter(prefix="/jobs", tags=["artifacts"])
+router = APIRouter(prefix="/jobs", tags=["artifacts"], responses=refusals(
+    401, 404, 409, code_409="the job has not succeeded: it has no checkpoint yet"))
 
 
 def _listed(job: Job) -> list[dict]:
@@ -26,7 +28,7 @@ def list_artifacts(job: JobDep) -> list[dict]:
     return _listed(job)
 
 
-@router.get("/{job_id}/artifacts/{name:path}")
+@router.get("/{job_id}/artifacts/{name:path}", responses=refusals(410))
 def download_artifact(job: JobDep, name: str, settings: SettingsDep) -> FileResponse:
     """One file of the checkpoint; supports `Range` requests."""
     entry = next((a for a in _listed(job) if a["name"] == name), None)
@@ -41,7 +43,7 @@ def download_artifact(job: JobDep, name: str, settings: SettingsDep) -> FileResp
     return FileResponse(path, filename=path.name, headers={"X-Checksum-SHA256": entry["sha256"]})
 
 
-@router.get("/{job_id}/archive")
+@router.get("/{job_id}/archive", responses=refusals(410))
 def download_archive(job: JobDep, settings: SettingsDep) -> StreamingResponse:
     """The whole checkpoint as one tar stream, its files under a directory named after the job."""
     files = [(a["name"], a["size"]) for a in _listed(job)]

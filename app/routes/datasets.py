@@ -9,10 +9,11 @@ from app import datasets
 from app.db import utcnow
 from app.deps import PrincipalDep, SettingsDep, StoreDep
 from app.routes.paging import PageDep, field_error, paged
+from app.routes.refusals import refusals
 from app.schemas import DatasetOut, Page
 from app.store import Dataset, new_id
 
-router = APIRouter(prefix="/datasets", tags=["datasets"])
+router = APIRouter(prefix="/datasets", tags=["datasets"], responses=refusals(401))
 
 
 def dataset_view(ds: Dataset) -> DatasetOut:
@@ -20,7 +21,7 @@ def dataset_view(ds: Dataset) -> DatasetOut:
                       sha256=ds.sha256, created_at=ds.created_at)
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post("", status_code=201, response_model=DatasetOut, responses=refusals(400, 413))
 async def upload_dataset(
     file: UploadFile, principal: PrincipalDep, settings: SettingsDep, store: StoreDep
 ) -> DatasetOut:

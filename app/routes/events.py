@@ -11,6 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app.deps import JobDep, StoreDep
 from app.events import event_stream
 from app.routes.paging import field_error
+from app.routes.refusals import refusals
 
 router = APIRouter(prefix="/jobs", tags=["events"])
 
@@ -31,7 +32,7 @@ def resume_after(last_event_id: Annotated[str | None, Header(max_length=20)] = N
     return int(value)
 
 
-@router.get("/{job_id}/events", response_class=EventSourceResponse)
+@router.get("/{job_id}/events", response_class=EventSourceResponse, responses=refusals(401, 404))
 async def job_events(
     job: JobDep,
     store: StoreDep,

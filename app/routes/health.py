@@ -17,7 +17,7 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "the job store or the broker does not answer"}})
 async def readyz(store: StoreDep, dispatcher: DispatcherDep) -> JSONResponse:
     checks: dict[str, str] = {}
     for name, ping in (("store", store.ping), ("broker", dispatcher.ping)):

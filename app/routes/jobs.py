@@ -14,20 +14,22 @@ from fastapi.encoders import jsonable_encoder
 from app.deps import DispatcherDep, JobDep, PrincipalDep, SettingsDep, StoreDep
 from app.paths import OutsideRoot, resolve_model
 from app.routes.paging import PageDep, field_error, paged
+from app.routes.refusals import refusals
 from app.schemas import TERMINAL, CleanStr, ErrorOut, JobIn, JobOut, JobPage, Progress
 from app.store import IdempotencyConflict, Job
 from worker.gptq.config import context_limit
 from worker.reconciler import remove_leftovers
 
-router = APIRouter(prefix="/jobs", tags=["jobs"])
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=refusals(401))
 
 JobStatusQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def job_view(job: Job) -> JobOut:
     base = f"/jobs/{job.id}"
-    links = {"self": base, "events": f"{base}/events", "cancel": f"{base}/cancel",
-             "verifications": f"{base}/verifications"}
+    links = {"self": base, "events": f"{base}/events", "verifications": f"{base}/verifications"}
+    if job.status not in TERMINAL:
+        links["cancel"] = f"{base}/cancel"
     if job.status == "succeeded":
         links |= {"artifacts": f"{base}/artifacts", "archive": f"{base}/archive"}
     error = ErrorOut(code=job.error_code, message=job.error_message or "") if job.error_code else None
@@ -90,7 +92,7 @@ def check_context(body: JobIn, model_dir: Path) -> None:
                                    f"({limit} tokens): use at most {limit}")
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses=refusals(400, 413, 429))
 def submit_job(
     body: JobIn,
     response: Response,
@@ -137,12 +139,14 @@ def list_jobs(principal: PrincipalDep, store: StoreDep, page: PageDep,
     return paged(fetch, job_view, page)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/{job_id}", response_model=JobOut, responses=refusals(404))
 def get_job(job: JobDep) -> JobOut:
     return job_view(job)
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/{job_id}/cancel", response_model=JobOut, responses={
+    202: {"model": JobOut, "description": "the job is running: it stops at the next module boundary"},
+    **refusals(404, 409, code_409="the job already ended")})
 def cancel_job(job: JobDep, store: StoreDep, settings: SettingsDep, response: Response
                ) -> JobOut:
     if job.status in TERMINAL:
@@ -155,7 +159,7 @@ def cancel_job(job: JobDep, store: StoreDep, settings: SettingsDep, response: Re
     return job_view(job)
 
 
-@router.delete("/{job_id}", status_code=204)
+@router.delete("/{job_id}", status_code=204, responses=refusals(404, 409, code_409="the job has not ended: cancel it first"))
 def delete_job(job: JobDep, store: StoreDep, settings: SettingsDep) -> Response:
     if job.status not in TERMINAL:
         raise HTTPException(409, f"job {job.id} is {job.status}: cancel it first")

@@ -8,10 +8,11 @@ from fastapi.encoders import jsonable_encoder
 
 from app.deps import DispatcherDep, JobDep, PrincipalDep, StoreDep, has_shape
 from app.routes.paging import PageDep, field_error, paged
+from app.routes.refusals import refusals
 from app.schemas import VERIFICATION_ID, ErrorOut, Page, VerificationIn, VerificationOut
 from app.store import Verification
 
-router = APIRouter(prefix="/jobs", tags=["verifications"])
+router = APIRouter(prefix="/jobs", tags=["verifications"], responses=refusals(401, 404))
 
 
 def verification_view(v: Verification) -> VerificationOut:
@@ -21,7 +22,8 @@ def verification_view(v: Verification) -> VerificationOut:
                            attempts=v.attempts or 0, result=v.result, error=error)
 
 
-@router.post("/{job_id}/verifications", status_code=202, response_model=VerificationOut)
+@router.post("/{job_id}/verifications", status_code=202, response_model=VerificationOut,
+             responses=refusals(400, 409, code_409="the job has not succeeded: no checkpoint to verify"))
 def create_verification(
     job: JobDep, body: VerificationIn, response: Response, principal: PrincipalDep,
     store: StoreDep, dispatcher: DispatcherDep,

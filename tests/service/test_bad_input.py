@@ -359,5 +359,14 @@ def test_a_key_over_its_queued_job_limit_gets_429_with_retry_after(box: Box,
     assert int(r.headers["retry-after"]) > 0
     assert "3" in r.json()["detail"]
     assert bob.post("/jobs", json=spec()).status_code == 202  # the limit is per key
-    assert alice.post(f"/jobs/{ids[0]}/cancel").json()["status"] == "cancelled"
+    assert set(alice.get(f"/jobs/{ids[0]}").json()["links"]) == {"self", "events", "verifications", "cancel"}
+    cancelled = alice.post(f"/jobs/{ids[0]}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert "cancel" not in cancelled["links"]  # an ended job offers no cancel (it would be a 409)
     assert alice.post("/jobs", json=spec(name="fits again")).status_code == 202
+
+
+def test_a_succeeded_job_links_its_checkpoint_and_no_cancel(alice: httpx.Client, done_job: str) -> None:
+    links = alice.get(f"/jobs/{done_job}").json()["links"]
+    assert set(links) == {"self", "events", "verifications", "artifacts", "archive"}
+    assert alice.get(links["artifacts"]).status_code == 200

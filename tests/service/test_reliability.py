@@ -204,7 +204,7 @@ def _running_intervals(events: list[dict]) -> list[tuple[datetime, datetime]]:
 
 # each job costs a job process whose imports take seconds (a duplicate message no longer does):
 # enough jobs to keep both workers busy and to race their claims, not more
-BURST = 12
+BURST = 6
 
 
 def test_a_burst_of_jobs_over_two_workers_runs_each_once(box: Box) -> None:

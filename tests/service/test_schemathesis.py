@@ -21,7 +21,7 @@ from tests.service.conftest import STORES, Box, start_box, store_env
 
 pytestmark = pytest.mark.service
 
-EXAMPLES_PER_OPERATION = 40  # per operation and per mode (valid / invalid data)
+EXAMPLES_PER_OPERATION = 30  # per operation and per mode (valid / invalid data)
 SENT: list[tuple[str, str, int]] = []
 
 

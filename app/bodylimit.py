@@ -11,6 +11,11 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
+def too_large(what: str, limit: int) -> str:
+    """The one wording of every size refusal (this middleware's and the upload's own check)."""
+    return f"{what}: larger than the limit of {limit} bytes"
+
+
 @dataclass(frozen=True)
 class Limit:
     size: int  # bytes of body allowed

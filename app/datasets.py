@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
+from app.bodylimit import too_large
 from app.schemas import check_text
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
@@ -49,7 +50,7 @@ def save_upload(src: BinaryIO, dest: Path, limit: int) -> tuple[int, str]:
             while block := src.read(CHUNK):
                 size += len(block)
                 if size > limit:
-                    raise TooLarge(f"larger than the limit of {limit} bytes")
+                    raise TooLarge(too_large("file", limit))
                 h.update(block)
                 out.write(block)
         os.replace(tmp, dest)

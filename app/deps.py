@@ -56,8 +56,8 @@ def visible_job(store: Store, principal: Principal, job_id: str) -> Job:
     return job
 
 
-def job_for(request: Request, job_id: str, principal: PrincipalDep) -> Job:
-    return visible_job(get_store(request), principal, job_id)
+def job_for(job_id: str, principal: PrincipalDep, store: StoreDep) -> Job:
+    return visible_job(store, principal, job_id)
 
 
 JobDep = Annotated[Job, Depends(job_for)]

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import accesslog
-from app.bodylimit import BodyLimit, Limit
+from app.bodylimit import BodyLimit, Limit, too_large
 from app.dispatch import Dispatcher
 from app.routes import (
     artifacts,
@@ -62,10 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     upload = settings.max_upload_bytes
     app.add_middleware(
         BodyLimit,
-        default=Limit(JSON_BODY_LIMIT, f"request body: larger than the limit of {JSON_BODY_LIMIT} bytes"),
+        default=Limit(JSON_BODY_LIMIT, too_large("request body", JSON_BODY_LIMIT)),
         # the upload's own check (datasets.save_upload) names the file's limit exactly; this
         # one stops a body far past it without reading it
-        routes={("POST", "/datasets"): Limit(upload + MULTIPART_OVERHEAD,
-                                              f"file: larger than the limit of {upload} bytes")},
+        routes={("POST", "/datasets"): Limit(upload + MULTIPART_OVERHEAD, too_large("file", upload))},
     )
     return app

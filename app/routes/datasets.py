@@ -39,7 +39,7 @@ async def upload_dataset(
         )
         await run_in_threadpool(datasets.check_content, dest, fmt)
     except datasets.TooLarge as exc:
-        raise HTTPException(413, f"file: {exc}") from exc
+        raise HTTPException(413, str(exc)) from exc
     except datasets.BadUpload as exc:
         datasets.remove(dest)
         raise field_error(("body", "file"), str(exc)) from exc

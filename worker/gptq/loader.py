@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
+from .config import SUPPORTED_BITS
 from .errors import InvalidCheckpoint
 from .experts import unfuse_experts
 from .lazyload import INDEX_FILE
@@ -25,7 +26,6 @@ from .packing import FORMATS, unpack_qweight, unpack_qzeros
 from .tensornames import in_memory_names
 
 QUANT_CONFIG_FILES = ("quantize_config.json", "quant_config.json")
-SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def dequantize_weight(

@@ -62,8 +62,7 @@ def _pack_octets(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Widths that do not divide a byte (3 bits): every 8 values fill exactly `bits` bytes of
     the stream, so each octet is packed into one integer and cut into its bytes."""
     rows, cols = values.shape
-    wide = torch.int32 if 8 * bits < 32 else torch.int64  # an octet's 8·bits bits must fit
-    v = values.to(wide).reshape(rows, cols // 8, 8)
+    v = values.to(_octet_dtype(bits)).reshape(rows, cols // 8, 8)
     octet = v[..., 0].clone()
     for j in range(1, 8):
         octet |= v[..., j] << (j * bits)
@@ -71,6 +70,11 @@ def _pack_octets(values: torch.Tensor, bits: int) -> torch.Tensor:
     for byte in range(bits):
         stream[..., byte] = (octet >> (8 * byte)) & 0xFF
     return stream.reshape(rows, -1).view(torch.int32)
+
+
+def _octet_dtype(bits: int) -> torch.dtype:
+    """An integer type that holds 8 values of `bits` bits."""
+    return torch.int32 if 8 * bits < 32 else torch.int64
 
 
 def unpack_last(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -83,7 +87,7 @@ def unpack_last(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     if 8 % bits == 0:
         units, per_unit = stream, 8 // bits  # whole values in each byte
     else:  # each `bits` bytes hold 8 values
-        groups = stream.reshape(rows, -1, bits).to(torch.int32 if 8 * bits < 32 else torch.int64)
+        groups = stream.reshape(rows, -1, bits).to(_octet_dtype(bits))
         units, per_unit = groups[..., 0].clone(), 8
         for byte in range(1, bits):
             units |= groups[..., byte] << (8 * byte)

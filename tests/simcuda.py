@@ -45,6 +45,9 @@ MIXING_ALLOWED = {
     "aten::copy_", "aten::_to_copy", "aten::index.Tensor", "aten::index_put_",
     "aten::_index_put_impl_", "aten::index_put", "aten::lift_fresh", "aten::set_",
 }
+# matrix products computed as a card does in half precision (_half_matmul)
+HALF_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+_HALVES = (torch.float16, torch.bfloat16)
 # ops whose result the host waits for (the solver's sync tests name the same ones)
 HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
               "aten::_unique2", "aten::unique_consecutive", "aten::is_nonzero", "aten::equal"}
@@ -214,6 +217,14 @@ def _set_data(current: torch.Tensor, value: torch.Tensor) -> None:
     torch.utils.swap_tensors(current, new)
 
 
+def _half_matmul(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+    """An fp16/bf16 matrix product as a card computes it (products summed in fp32, the result
+    rounded once): here in fp32, hundreds of times faster than the CPU's own fp16 kernels."""
+    dtype = args[0].dtype
+    wide = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.dtype == dtype else t, args)
+    return func(*wide, **kwargs).to(dtype)
+
+
 def _check_devices(func: Any, name: str, args: tuple, kwargs: dict, flat: list) -> None:
     """A card's rule: every tensor on the card, but a host tensor of no dimensions may come in
     as a scalar; what an op writes (its self when in place, out=) must be on the card."""
@@ -247,7 +258,10 @@ def _run(func: Any, args: tuple, kwargs: dict) -> Any:
     if made_on_card:
         kwargs = {**kwargs, "device": torch.device("cpu")}
     inners = {id(t.inner): t for t in on_card}
-    result = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
+    if name in HALF_MATMULS and not func._schema.is_mutable and on_card[0].dtype in _HALVES:
+        result = _half_matmul(func, tree_map(_unwrap, args), tree_map(_unwrap, kwargs))
+    else:
+        result = func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs))
     if to_host:
         _STATE.reads["to host"] += 1
         return result

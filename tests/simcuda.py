@@ -29,6 +29,7 @@ import weakref
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from types import SimpleNamespace
 from typing import Any
 from unittest import mock
 
@@ -308,6 +309,9 @@ def _cuda_api() -> dict[str, Any]:
         "current_device": lambda: 0,
         "get_device_name": lambda *_: "Simulated CUDA (CPU)",
         "get_device_capability": lambda *_: (9, 0),
+        "get_device_properties": lambda *_: SimpleNamespace(
+            name="Simulated CUDA (CPU)", major=9, minor=0, total_memory=TOTAL_BYTES,
+            multi_processor_count=132, gcnArchName="", warp_size=32),
         "is_bf16_supported": lambda *_, **__: True,
         "synchronize": lambda *_: None,
         "empty_cache": lambda: None,
@@ -342,3 +346,13 @@ def simulated_cuda() -> Iterator[_State]:
         stack.enter_context(_FunctionMode())
         stack.enter_context(_DispatchMode())
         yield _STATE
+
+
+_HELD: list[Any] = []
+
+
+def hold_simulated_cuda() -> None:
+    """Enter simulated_cuda() for the rest of the process (tests/simcard/sitecustomize.py)."""
+    context = simulated_cuda()
+    context.__enter__()
+    _HELD.append(context)

@@ -20,7 +20,7 @@ import pytest
 
 from app.box import spawn, stop, worker_command
 from tests.service.conftest import NO_VERIFY, TERMINAL, TINY, Box, start_box, tiny_spec, wait_status
-from tests.service.helpers import job_processes, run_full_job, wait_for
+from tests.service.helpers import job_processes, run_full_job, verify_stored, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -65,18 +65,7 @@ def test_a_worker_whose_forks_are_poisoned_runs_a_job_and_a_verification(
         poisoned_box: Box, tmp_path: Path) -> None:
     job = run_full_job(poisoned_box.url, tiny_spec(name="clean"), tmp_path / "ckpt", TINY.layers)
     assert job["metrics"]["device"] == "cpu"
-    http = poisoned_box.http
-    r = http.post(f"/jobs/{job['id']}/verifications",
-                  json={"max_windows": 4, "prompts": ["Return the"], "max_new_tokens": 4})
-    assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 180
-    while (v := http.get(f"/jobs/{job['id']}/verifications/{r.json()['id']}").json()
-           )["status"] not in TERMINAL:
-        assert time.monotonic() < deadline, v
-        time.sleep(0.2)
-    assert v["status"] == "succeeded", v["error"]
-    reported = job["metrics"]["perplexity_after"]
-    assert abs(v["result"]["perplexity"] - reported) <= 1e-3 * reported
+    verify_stored(poisoned_box.http, job)
 
 
 def test_a_solo_worker_runs_jobs_in_clean_processes_too(poisoned_box: Box) -> None:

@@ -7,14 +7,13 @@ the card to the perplexity the job reported."""
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.service.conftest import TERMINAL, TINY, Box, start_box, tiny_spec
-from tests.service.helpers import run_full_job
+from tests.service.conftest import TINY, Box, start_box, tiny_spec
+from tests.service.helpers import run_full_job, verify_stored
 
 pytestmark = pytest.mark.service
 
@@ -36,17 +35,5 @@ def test_a_gpu_worker_runs_a_job_and_a_verification_on_its_card(card_box: Box, t
     metrics = job["metrics"]
     assert metrics["device"] == "cuda" and metrics["column_kernel"] == "torch", metrics
     assert metrics["peak_memory"]["cuda_bytes"] > 0, metrics["peak_memory"]
-    http = card_box.http
-    r = http.post(f"/jobs/{job['id']}/verifications",
-                  json={"max_windows": 4, "prompts": ["Return the"], "max_new_tokens": 4})
-    assert r.status_code == 202, r.text
-    deadline = time.monotonic() + 180
-    while (v := http.get(f"/jobs/{job['id']}/verifications/{r.json()['id']}").json()
-           )["status"] not in TERMINAL:
-        assert time.monotonic() < deadline, v
-        time.sleep(0.2)
-    assert v["status"] == "succeeded", v["error"]
-    assert len(v["result"]["samples"]) == 1  # greedy samples from the model held on the card
-    reported = metrics["perplexity_after"]
-    assert abs(v["result"]["perplexity"] - reported) <= 1e-3 * reported
-
+    result = verify_stored(card_box.http, job)  # on the card, with its perplexity
+    assert len(result["samples"]) == 1  # greedy samples from the model held on the card

@@ -96,17 +96,18 @@ def matmul_rate(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--size", type=int, help="matrix size (default 8192 on a GPU, 2048 on the CPU)")
     args = ap.parse_args()
     from worker.gptq.gptq import tf32_matmul
 
     cpu = args.device == "cpu"
-    rates = {"device": args.device, "fp32": matmul_rate(args.device, torch.float32),
+    rates = {"device": args.device, "fp32": matmul_rate(args.device, torch.float32, n=args.size),
              # fp16 on the CPU is emulated: a small matrix tells enough
-             "fp16": matmul_rate(args.device, torch.float16, n=1024 if cpu else None,
+             "fp16": matmul_rate(args.device, torch.float16, n=1024 if cpu else args.size,
                                  repeat=3 if cpu else 10)}
     # fp32 on TF32 tensor cores, as the Hessian sums of fp16/bf16 models run on CUDA
     with tf32_matmul(not cpu):
-        rates["tf32"] = rates["fp32"] if cpu else matmul_rate(args.device, torch.float32)
+        rates["tf32"] = rates["fp32"] if cpu else matmul_rate(args.device, torch.float32, n=args.size)
     print("RATES_JSON:" + json.dumps(rates), flush=True)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import steprun
 
 ROOT = Path(__file__).resolve().parents[2]
+SIMCARD = ROOT / "tests/simcard"  # --simulate: its sitecustomize holds the simulated card
 RESERVE_S = 8  # kept back from every step for writing the table at the end
 # in this order: issue 12's figures first (speed, the Triton kernel, the 8B model's memory),
 # then the checks that have passed on the CPU (quality, the service runs, which may hang until
@@ -117,7 +118,9 @@ class Check:
         self.args = args
         self.device = args.device
         self.cuda = args.device == "cuda"
-        self.scale = 1 if self.cuda else CPU_SLOWER
+        # a dry run of the cuda mode on a CPU machine: every child on tests/simcuda.py's card
+        self.simulated = args.simulate
+        self.scale = CPU_SLOWER if self.simulated or not self.cuda else 1
         self.shape = SMALL if args.small else FULL
         self.fixtures = Path(args.fixtures).resolve()
         self.work = Path(args.work).resolve()
@@ -138,6 +141,8 @@ class Check:
         """The children's environment: extra paths, carried wheels, then the checkout."""
         svc = [self.site["svc"]] if self.site["svc"].is_dir() else []
         paths = [*extra, *svc, ROOT]
+        if self.simulated:
+            paths.insert(len(extra), SIMCARD)  # after a step's own preload, which runs it too
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, paths)),
                "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         if not self.cuda:
@@ -166,6 +171,10 @@ class Check:
         sampler = steprun.GpuSampler(self.logs / f"{name}.smi.csv", sample and self.cuda
                                      and shutil.which("nvidia-smi") is not None)
         with sampler:
+            if self.simulated and row.step == "quantize":
+                # the Triton kernel in its interpreter, on the card's tensors (slow: this row
+                # only); elsewhere its launch finds no driver and the torch loop runs
+                variables = {"TRITON_INTERPRET": "1", **(variables or {})}
             outcome = steprun.run(cmd, env=self.env(*extra) | (variables or {}), timeout=timeout,
                                   log=self.logs / f"{name}.log", cwd=ROOT)
         row.seconds = round((row.seconds or 0) + outcome.seconds, 1)
@@ -222,7 +231,8 @@ class Check:
     def step_rates(self, row: Row) -> None:
         """The device's fp32 (TF32 off, as the solver runs) and fp16 matmul rates: what the
         quantize rows' FLOP rates are measured against."""
-        cmd = [sys.executable, str(ROOT / "bench/flops.py"), "--device", self.device]
+        cmd = [sys.executable, str(ROOT / "bench/flops.py"), "--device", self.device,
+               *(["--size", "1024"] if self.simulated else [])]
         outcome = self.run(row, "rates", cmd)
         info = outcome and marked_json(outcome.log, "RATES_JSON:")
         if not info or outcome.rc != 0:
@@ -231,7 +241,8 @@ class Check:
         row.status = "INFO"
         row.summary = (f"fp32 {flop(info['fp32'], True)} (TF32 off), fp32 on TF32 "
                        f"{flop(info['tf32'], True)}, fp16 {flop(info['fp16'], True)} "
-                       f"({'8192' if self.cuda else '2048/1024'}-wide square matmuls, best of 10)")
+                       f"({'1024' if self.simulated else '8192' if self.cuda else '2048/1024'}"
+                       "-wide square matmuls, best of 10)")
 
     def build_model(self, row: Row, name: str, shape: dict, path: Path) -> dict | None:
         """A random fp16 Llama of this shape at path (bench/gpu/make_model.py); its figures,
@@ -376,6 +387,9 @@ class Check:
         row.status = "PASS"
 
     def step_gptqmodel(self, row: Row) -> None:
+        if self.simulated:
+            row.status, row.summary = "SKIP", "simulated card: GPTQModel runs CUDA code of its own"
+            return
         if not self.need_model(row):
             return
         gpm = (self.site["gpm"],) if self.site["gpm"].is_dir() else ()
@@ -576,13 +590,18 @@ class Check:
         s, m = self.shape, self.meta
         when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         return (
-            f"gptqd GPU check, device {self.device}{' (CPU dry run)' if not self.cuda else ''}: "
+            f"gptqd GPU check, device {self.device}{self.dry_run_note()}: "
             f"random Llama h{s['hidden']} i{s['intermediate']} L{s['layers']} GQA "
             f"{s['heads']}/{s['kv_heads']} fp16, 4-bit g128 damp 0.01, "
             f"{self.args.num_samples} x {self.args.seq_length} calibration tokens (wikitext-2 valid); "
             f"{m.get('gpu') or 'no GPU'}, torch {m.get('torch')}, commit {commit()}, {when}; "
             f"{time.time() - self.started:.0f} s of a {self.args.budget:.0f} s budget"
         )
+
+    def dry_run_note(self) -> str:
+        if self.simulated:
+            return " (simulated card on the CPU, tests/simcuda.py: not GPU figures)"
+        return "" if self.cuda else " (CPU dry run)"
 
     def table(self) -> str:
         lines = [self.heading(), "", "| step | result | time | figures, or why it failed |",
@@ -645,6 +664,10 @@ def commit() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--simulate", action="store_true",
+                    default=os.environ.get("GPU_CHECK_SIMULATE", "") not in ("", "0"),
+                    help="the cuda mode on a CPU machine, on a simulated card (implies --small; "
+                         "env GPU_CHECK_SIMULATE=1)")
     ap.add_argument("--small", action="store_true",
                     default=os.environ.get("GPU_CHECK_SMALL", "") not in ("", "0"),
                     help="h256 i768 2 layers, 32 x 256 calibration (env GPU_CHECK_SMALL=1)")
@@ -660,6 +683,9 @@ def main() -> int:
     ap.add_argument("--t0", type=float, default=float(os.environ.get("GPU_CHECK_T0") or time.time()),
                     help="when the run started (bench/gpu.sh passes its own start)")
     args = ap.parse_args()
+    if args.simulate:
+        args.small, args.device = True, "cuda"
+        args.budget = args.budget or 2400
     args.num_samples = args.num_samples or (32 if args.small else 128)
     args.seq_length = args.seq_length or (256 if args.small else 512)
     args.eval_windows = args.eval_windows or (64 if args.small else 256)

@@ -5,11 +5,15 @@ On a CUDA machine it imports torchao when importable (seen initialising CUDA thr
 transformers' imports) and calls torch.cuda.init(): a process that did so breaks every child
 it forks. Without CUDA it imports tests/forkpoison's fork_poison (that folder must be on
 PYTHONPATH too), which breaks forked children the same way. One line per process on stderr
-says which was done, so the check can tell the poison was in place.
+says which was done, so the check can tell the poison was in place. Python imports only the
+first sitecustomize on the path: the ones after this folder's (a simulated card's, in
+bench/gpu.sh --simulate) are run next, in path order.
 """
 
 import os
+import runpy
 import sys
+from pathlib import Path
 
 
 def _poison() -> str:
@@ -33,3 +37,16 @@ def _poison() -> str:
 
 
 sys.stderr.write(f"gpu_preload[{os.getpid()}]: {_poison()}\n")
+
+
+def _run_shadowed() -> None:
+    """The sitecustomize modules this one shadows, in path order."""
+    seen = {Path(__file__).resolve()}
+    for entry in list(sys.path):  # a copy: the modules run may add to the path
+        other = Path(entry or ".").resolve() / "sitecustomize.py"
+        if other not in seen and other.is_file():
+            seen.add(other)
+            runpy.run_path(str(other), run_name="sitecustomize")
+
+
+_run_shadowed()

@@ -9,10 +9,11 @@ taken twice: over the capture of block 0's inputs (the embeddings on the card) a
 blocks. With several calibration sizes the blocks' peak is fitted as a + b * tokens (the
 stored inputs, outputs and replayed attention grow with the tokens; a forward call's
 intermediates stop growing at 8192 tokens, so fit sizes of 8192 tokens or more) and read at
-the issue's 128 x 512.
+the issue's 128 x 512 (with one size: two fp16 hidden states a token, what the fit found on
+TinyLlama's shape).
 
-    .venv/bin/python bench/simulated_card.py --shape tinyllama --samples 128
-    .venv/bin/python bench/simulated_card.py --shape llama-8b --samples 16 32
+    .venv/bin/python bench/simulated_card.py --shape tinyllama --samples 16 32
+    .venv/bin/python bench/simulated_card.py --shape llama-8b --samples 16
 
 Not a card: no allocator reserve (cuda_reserved_bytes is the allocated peak here), no speed.
 """
@@ -112,15 +113,17 @@ def main() -> None:
         print(f"| {r['samples']} x {r['seq_length']} | {r['tokens']} | {r['capture_peak'] / GIB:.2f} GiB "
               f"| {r['blocks_peak'] / GIB:.2f} GiB | {r['seconds']:.0f} s |")
     result: dict = {"shape": args.shape, **shape, "runs": runs}
+    t0, p0 = runs[0]["tokens"], runs[0]["blocks_peak"]
     if len(runs) >= 2:
-        (t0, p0), (t1, p1) = [(r["tokens"], r["blocks_peak"]) for r in (runs[0], runs[-1])]
-        slope = (p1 - p0) / (t1 - t0)
-        target = args.target_samples * args.seq_length
-        result["fit"] = {"bytes_per_token": slope, "at_tokens": target,
-                         "blocks_peak": p0 + slope * (target - t0)}
-        print(f"\nblocks' peak = {p0 / GIB:.2f} GiB + {slope / 1024:.1f} KiB per token past {t0}: "
-              f"{result['fit']['blocks_peak'] / GIB:.2f} GiB at {target} tokens "
-              f"({args.target_samples} x {args.seq_length})")
+        slope, how = (runs[-1]["blocks_peak"] - p0) / (runs[-1]["tokens"] - t0), "measured"
+    else:  # a block's fp16 inputs and outputs, kept for every window (TinyLlama: measured so)
+        slope, how = 2 * 2 * shape["hidden"], "two fp16 hidden states, not measured"
+    target = args.target_samples * args.seq_length
+    result["fit"] = {"bytes_per_token": slope, "how": how, "at_tokens": target,
+                     "blocks_peak": p0 + slope * (target - t0)}
+    print(f"\nblocks' peak = {p0 / GIB:.2f} GiB + {slope / 1024:.1f} KiB per token ({how}) past "
+          f"{t0}: {result['fit']['blocks_peak'] / GIB:.2f} GiB at {target} tokens "
+          f"({args.target_samples} x {args.seq_length})")
     if args.json_out:
         args.json_out.write_text(json.dumps(result, indent=1))
 

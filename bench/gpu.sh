@@ -7,6 +7,7 @@
 #   bash bench/gpu-prepare.sh                  # here first: carried wheels and fixtures
 #   bash bench/gpu.sh [--device cuda|cpu] [--small] [--steps a,b] [--budget S]
 #   GPU_CHECK_SMALL=1 bash bench/gpu.sh --device cpu   # the dry run on a CPU machine
+#   bash bench/gpu.sh --simulate   # the cuda mode dry-run on a CPU machine's simulated card
 #
 # The project runs from source (PYTHONPATH=checkout). Packages the machine lacks come from
 # .whl/svc and .whl/gpm, installed into separate folders: the GPTQModel set brings torchao,

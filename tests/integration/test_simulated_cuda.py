@@ -27,6 +27,8 @@ from worker.gptq.evaluate import EvalSpec, eval_windows, generate_samples, load_
 from worker.gptq.residency import open_checkpoint
 from worker.gptq.streameval import perplexity_of
 
+pytestmark = pytest.mark.fixtures  # the babyllama model and tokenizer, TinyStories text
+
 STORIES = str(fixture_path("tinystories", "tinystories_valid_excerpt.txt"))
 CALIBRATION = CalibrationSpec(STORIES, num_samples=8, seq_length=128)
 EVAL = EvalSpec(STORIES, seq_length=128, max_windows=8, prompts=())

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +35,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GPTQD_COLUMN_KERNEL", "torch")  # the kernel needs a card
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from tests.simcuda import simulated_cuda  # noqa: E402
 from worker.gptq.api import quantize  # noqa: E402
@@ -49,21 +49,13 @@ GIB = 2**30
 
 
 def build(shape: dict, blocks: int, out: Path) -> Path:
-    """The shape's first blocks, random fp16 weights, the GPT-2 tokenizer (vocabulary 50257)."""
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "tokenizers" / "gpt2")
-    config = LlamaConfig(
-        hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
-        num_hidden_layers=blocks, num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"], vocab_size=len(tokenizer),
-        max_position_embeddings=2048, tie_word_embeddings=False, dtype="float16",
-    )
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.float16)
-    try:
-        LlamaForCausalLM(config).save_pretrained(out)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    tokenizer.save_pretrained(out)
+    """The shape's first blocks, random fp16 weights, the GPT-2 tokenizer (vocabulary 50257):
+    bench/gpu.sh's builder, on the host."""
+    dims = {"hidden": shape["hidden"], "intermediate": shape["intermediate"], "layers": blocks,
+            "heads": shape["heads"], "kv-heads": shape["kv_heads"]}
+    subprocess.run([sys.executable, str(ROOT / "bench/gpu/make_model.py"), "--out", str(out),
+                    "--tokenizer", str(FIXTURES / "tokenizers" / "gpt2"), "--device", "cpu",
+                    *(f"--{k}={v}" for k, v in dims.items())], check=True, stdout=subprocess.DEVNULL)
     return out
 
 

@@ -49,9 +49,8 @@ MIXING_ALLOWED = {
 # matrix products computed as a card does in half precision (_half_matmul)
 HALF_MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 _HALVES = (torch.float16, torch.bfloat16)
-# ops whose result the host waits for (the solver's sync tests name the same ones)
-HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select",
-              "aten::_unique2", "aten::unique_consecutive", "aten::is_nonzero", "aten::equal"}
+# aten ops whose result the host waits for (also counted by tests/unit/test_solver_syncs.py)
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique"}
 
 
 class SimCudaTensor(torch.Tensor):
@@ -209,11 +208,7 @@ def _fused_attention(func: Any, args: tuple, kwargs: dict) -> torch.Tensor:
     device memory: the host's own fused kernel on the unwrapped tensors. (Left to aten, a
     wrapper's attention would decompose into the math path and count the scores: 1.3 GiB for 16
     windows of 512 tokens, where flash attention on a card allocates the output only.)"""
-    flat = tree_flatten((args, kwargs))[0]
-    for t in flat:
-        if isinstance(t, torch.Tensor) and not isinstance(t, SimCudaTensor) and t.dim() > 0:
-            raise RuntimeError(f"Expected all tensors to be on the same device (simulated CUDA: "
-                               f"attention got a {t.device} tensor beside cuda ones)")
+    _refuse_host_tensors("attention", tree_flatten((args, kwargs))[0], [])
     return SimCudaTensor(func(*tree_map(_unwrap, args), **tree_map(_unwrap, kwargs)))
 
 
@@ -248,6 +243,10 @@ def _check_devices(func: Any, name: str, args: tuple, kwargs: dict, flat: list) 
     written = [kwargs.get("out")] if "out" in kwargs else []
     if func._schema.is_mutable and args:
         written.append(args[0])
+    _refuse_host_tensors(name, flat, written)
+
+
+def _refuse_host_tensors(name: str, flat: list, written: list) -> None:
     for t in flat:
         if not isinstance(t, torch.Tensor) or isinstance(t, SimCudaTensor):
             continue
@@ -268,9 +267,9 @@ def _run(func: Any, args: tuple, kwargs: dict) -> Any:
         return func(*args, **kwargs)
     if name not in MIXING_ALLOWED and on_card:
         _check_devices(func, name, args, kwargs, flat)
-    if name in HOST_READS:
+    if func.overloadpacket.__name__ in SYNCING_OPS:
         _STATE.reads[name] += 1
-    to_host = name in ("aten::_to_copy", "aten::copy_") and kwargs.get("device") is not None \
+    to_host = name == "aten::_to_copy" and kwargs.get("device") is not None \
         and not _is_cuda(kwargs.get("device"))
     if made_on_card:
         kwargs = {**kwargs, "device": torch.device("cpu")}

@@ -18,11 +18,11 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.simcuda import SYNCING_OPS as _SYNCING_OPS
 from worker.gptq.config import QuantizeConfig
 from worker.gptq.gptq import GPTQ, solve_together
 
 _HOST_READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
-_SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique"}
 
 
 class _CountReads(TorchFunctionMode):

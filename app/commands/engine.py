@@ -119,10 +119,13 @@ class ProgressBar:
 
 
 def describe(event: Any) -> str:
-    """block i/n | module | loss | elapsed | ETA, for whatever the event carries."""
+    """block i/n | module | loss | elapsed | ETA, for whatever the event carries; outside
+    the blocks the engine's message (e.g. a hub download's bytes and time left)."""
     parts = []
     if event.block is not None and event.num_blocks:
         parts.append(f"block {event.block}/{event.num_blocks}")
+    elif event.message:
+        parts.append(event.message)
     if event.module:
         parts.append(event.module)
     if event.loss is not None:

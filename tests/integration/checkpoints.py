@@ -15,16 +15,18 @@ from tests.conftest import fixture_path
 DEFINING_FILES = ("config.json", "quantize_config.json", "generation_config.json")
 
 
-def tiny_llama(path: Path, layers: int = 4, tie: bool = False, hidden: int = 64) -> Path:
+def tiny_llama(path: Path, layers: int = 4, tie: bool = False, hidden: int = 64,
+               vocab: int = 128, max_shard_size: str | None = None) -> Path:
     """A random Llama (hidden 64, MLP twice as wide) with the babyllama fixture's character
-    tokenizer."""
+    tokenizer (a larger vocab makes larger files: the rows past the tokenizer's go unused)."""
     torch.manual_seed(0)
     config = tf.LlamaConfig(
         hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256,
+        num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256,
         tie_word_embeddings=tie,
     )
-    tf.LlamaForCausalLM(config).save_pretrained(path)
+    shards = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    tf.LlamaForCausalLM(config).save_pretrained(path, **shards)
     AutoTokenizer.from_pretrained(fixture_path("models", "babyllama-tok105")).save_pretrained(path)
     return path
 

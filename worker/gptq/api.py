@@ -32,6 +32,7 @@ from worker.gptq.calibration import build_calibration, check_source
 from worker.gptq.columnkernel import choice as column_kernel_choice
 from worker.gptq.columnkernel import describe as describe_column_kernel
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
+from worker.gptq.download import OnTransfer, Transfer
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
 from worker.gptq.memory import return_freed_memory
 from worker.gptq.modelio import (
@@ -149,12 +150,15 @@ def quantize(
             # at every block's peak in about half the runs (bench/README.md)
             return_freed_memory()
         common = {"revision": revision, "token": token, "trust_remote_code": trust_remote_code}
+        on_transfer = run.transfer_reporter(model)
         loaded = None
         if residency.stream:
-            loaded, why = open_streamed(model, hf_config, arch, compute, common)
+            loaded, why = open_streamed(model, hf_config, arch, compute, common, on_transfer)
             if loaded is None and lazy:
                 raise EngineError(f"lazy loading is not possible for {model}: {why}")
         if loaded is None:
+            if not Path(model).expanduser().is_dir():  # from_pretrained then reads the cache
+                hub_snapshot(model, **common, on_transfer=on_transfer)
             loaded = load_model(
                 model,
                 # on the CPU fp32 is both faster and exact; on a GPU keep the checkpoint's dtype
@@ -281,15 +285,17 @@ READ_AHEAD_DEVICES = ("cuda",)
 
 
 def open_streamed(
-    model: str, hf_config: Any, arch: Any, compute: torch.device, common: dict[str, Any]
+    model: str, hf_config: Any, arch: Any, compute: torch.device, common: dict[str, Any],
+    on_transfer: OnTransfer | None = None,
 ) -> tuple[LoadedModel | None, str]:
-    """The model with only embeddings/norms/head read, or None and why that is not possible."""
+    """The model with only embeddings/norms/head read, or None and why that is not possible.
+    on_transfer hears how a hub model's download goes."""
     from worker.gptq.lazyload import open_lazy
 
     dtype = compute_dtype(hf_config, compute)
     directory = Path(model).expanduser()
     if not directory.is_dir():  # a hub id (load_config found it): its files in the hub cache
-        directory = hub_snapshot(model, **common)
+        directory = hub_snapshot(model, **common, on_transfer=on_transfer)
         if directory is None:
             return None, "the hub model has no safetensors weights"
     lazy, why = open_lazy(directory, hf_config, arch, dtype,
@@ -375,6 +381,20 @@ class _Run:
                 )
 
         return forward
+
+    def transfer_reporter(self, model: str) -> OnTransfer:
+        """A hub download's progress as loading events (the bytes move the fraction through
+        most of the stage); raises Cancelled, which stops the download, once the run is no
+        longer wanted."""
+        low, high = self.fraction, self.ends["loading"]
+
+        def report(transfer: Transfer) -> None:
+            if self.should_stop is not None and self.should_stop():
+                raise Cancelled(f"quantization cancelled while downloading {model}")
+            share = transfer.done / transfer.total if transfer.total else 1.0
+            self.emit("loading", low + (high - low) * 0.9 * share, transfer.describe(model))
+
+        return report
 
     @contextmanager
     def stage(self, stage: str, key: str | None = None, message: str = "") -> Iterator[None]:

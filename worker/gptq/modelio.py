@@ -22,6 +22,7 @@ from torch import nn
 
 from worker.gptq import hubstatus
 from worker.gptq.arch import ArchSpec, get_arch
+from worker.gptq.download import OnTransfer, fetch
 from worker.gptq.errors import EngineError, ModelAccessDenied, ModelNotFound
 from worker.gptq.lazyload import INDEX_FILE
 
@@ -118,22 +119,23 @@ HUB_SIDE_FILES = ("*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja")
 
 
 def hub_snapshot(
-    model_id: str, *, revision: str | None = None, token: str | None = None, trust_remote_code: bool = False
+    model_id: str, *, revision: str | None = None, token: str | None = None,
+    trust_remote_code: bool = False, on_transfer: OnTransfer | None = None,
 ) -> Path | None:
     """A hub model's files in the local hub cache, to be read block by block: its safetensors
     weights (only the files its index names, the ones from_pretrained fetches: no duplicate
-    `consolidated.safetensors`), or None when the repository (or, offline, the cache) has none."""
-    from huggingface_hub import snapshot_download
+    `consolidated.safetensors`), or None when the repository (or, offline, the cache) has none.
+    on_transfer hears how the download of the weights goes (download.fetch)."""
 
-    def fetch(patterns: list[str]) -> Path:
-        return Path(_mapped(model_id, revision, lambda: snapshot_download(
-            model_id, revision=revision, token=token, allow_patterns=patterns)))
+    def get(patterns: list[str], report: OnTransfer | None = None) -> Path:
+        return _mapped(model_id, revision, lambda: fetch(
+            model_id, patterns, revision=revision, token=token, on_transfer=report))
 
-    directory = fetch([*HUB_SIDE_FILES, *(["*.py"] if trust_remote_code else [])])
+    directory = get([*HUB_SIDE_FILES, *(["*.py"] if trust_remote_code else [])])
     index = directory / INDEX_FILE
     weights = (sorted(set(json.loads(index.read_text())["weight_map"].values()))
                if index.is_file() else ["model.safetensors"])
-    directory = fetch(weights)
+    directory = get(weights, on_transfer)
     return directory if all((directory / name).is_file() for name in weights) else None
 
 

@@ -1,0 +1,206 @@
+"""A model hub on loopback: a real HTTP server answering the few routes huggingface_hub and
+transformers call to fetch a model (repository info, file tree, HEAD and GET of a file with
+Range), serving local directories as repositories at one commit.
+
+Tests point a process at it with HF_ENDPOINT; `rate` (bytes a second, shared by all downloads
+as a network link is) slows the file bodies so that progress and cancellation can be seen on
+the way. Every request is logged
+(`requests`), so a test can tell what was fetched and what came from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+COMMIT = "feedfacecafebeef0123456789abcdef01234567"
+LFS_SUFFIXES = (".safetensors", ".bin")  # served as LFS files, as the hub does for weights
+CHUNK = 64 * 1024
+
+
+@dataclass
+class FakeHub:
+    url: str
+    repos: dict[str, Path]
+    rate: float | None = None  # bytes a second over all file bodies; None: unlimited
+    private: set[str] = field(default_factory=set)  # repositories that need a token
+    token: str = "hf_fake_token"
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    sent: int = 0  # bytes of file bodies written to clients
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _free_at: float = 0.0  # when the link has carried every byte sent so far
+
+    def pace(self, n: int) -> None:
+        """Counts n bytes sent and, with a rate, waits until a link of that speed, shared by
+        every download, would have carried them."""
+        with self._lock:
+            self.sent += n
+            if not self.rate:
+                return
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now) + n / self.rate
+            wait = self._free_at - now
+        time.sleep(wait)
+
+    def downloads(self, suffix: str = "") -> list[str]:
+        """The paths of the file bodies served (GET /resolve/), ending with suffix."""
+        return [path.split("/resolve/", 1)[1].split("/", 1)[1] for method, path in self.requests
+                if method == "GET" and "/resolve/" in path and path.endswith(suffix)]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> dict[str, Path]:
+    return {p.relative_to(directory).as_posix(): p for p in sorted(directory.rglob("*"))
+            if p.is_file()}
+
+
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    sums: dict[Path, str] = {}
+
+    def etag(path: Path) -> str:
+        if path not in sums:
+            sums[path] = _sha256(path)
+        return sums[path]
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:  # the test reads hub.requests instead
+            pass
+
+        def _send_json(self, body: object, status: int = 200) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        def _refuse(self, status: int, message: str) -> None:
+            self.send_response(status)
+            self.send_header("X-Error-Message", message)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _repo(self, repo_id: str) -> Path | None:
+            """The repository's directory, or None after answering 401/404."""
+            if repo_id not in hub.repos:
+                self._refuse(404, "Repository not found")
+                return None
+            if repo_id in hub.private and \
+                    self.headers.get("Authorization") != f"Bearer {hub.token}":
+                self._refuse(401, "Invalid credentials in Authorization header")
+                return None
+            return hub.repos[repo_id]
+
+        def do_HEAD(self) -> None:
+            self._route()
+
+        def do_GET(self) -> None:
+            self._route()
+
+        def _route(self) -> None:
+            path = unquote(urlparse(self.path).path)
+            hub.requests.append((self.command, path))
+            api = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+)|/tree/([^/]+)(/.*)?)?", path)
+            resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
+            if api:
+                self._api(api.group(1), api.group(3) is not None)
+            elif resolve:
+                self._file(resolve.group(1), resolve.group(3))
+            else:
+                self._refuse(404, "not served by the fake hub")
+
+        def _api(self, repo_id: str, tree: bool) -> None:
+            directory = self._repo(repo_id)
+            if directory is None:
+                return
+            files = _files(directory)
+            if tree:
+                entries = []
+                for name, p in files.items():
+                    entry = {"type": "file", "oid": etag(p)[:40], "size": p.stat().st_size,
+                             "path": name}
+                    if name.endswith(LFS_SUFFIXES):
+                        entry["lfs"] = {"oid": etag(p), "size": p.stat().st_size,
+                                        "pointerSize": 134}
+                    entries.append(entry)
+                self._send_json(entries)
+                return
+            self._send_json({"id": repo_id, "modelId": repo_id, "sha": COMMIT, "private":
+                             repo_id in hub.private, "siblings": [{"rfilename": n} for n in files]})
+
+        def _file(self, repo_id: str, name: str) -> None:
+            directory = self._repo(repo_id)
+            if directory is None:
+                return
+            path = directory / name
+            if not path.is_file():
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("X-Repo-Commit", COMMIT)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            size = path.stat().st_size
+            start = 0
+            ranged = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range", ""))
+            if ranged and self.command == "GET":
+                start = min(int(ranged.group(1)), size)
+            self.send_response(206 if start else 200)
+            self.send_header("X-Repo-Commit", COMMIT)
+            self.send_header("ETag", f'"{etag(path)}"')
+            if name.endswith(LFS_SUFFIXES):
+                self.send_header("X-Linked-Etag", f'"{etag(path)}"')
+                self.send_header("X-Linked-Size", str(size))
+            self.send_header("Content-Length", str(size - start))
+            if start:
+                self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+            self.end_headers()
+            if self.command == "HEAD":
+                return
+            with path.open("rb") as f:
+                f.seek(start)
+                for block in iter(lambda: f.read(CHUNK), b""):
+                    try:
+                        self.wfile.write(block)
+                    except (BrokenPipeError, ConnectionResetError):
+                        return  # the client went away (a cancelled download)
+                    hub.pace(len(block))
+
+    return Handler
+
+
+@contextmanager
+def fake_hub(repos: dict[str, Path], rate: float | None = None,
+             private: set[str] | None = None) -> Iterator[FakeHub]:
+    """A hub serving repos (repo id -> directory) on a free loopback port while in use."""
+    hub = FakeHub(url="", repos=repos, rate=rate, private=set(private or ()))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
+    server.daemon_threads = True
+    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

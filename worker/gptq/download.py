@@ -1,0 +1,153 @@
+"""Fetching a hub repository's files with byte progress.
+
+A job that downloads 16-140 GB before its first block must not look hung (the complaint users
+of GPTQ tools file most after out-of-memory), and a cancel must not wait for the download to
+end. huggingface_hub does the fetching (cache, resume, parallel files); it reports the bytes
+written through the progress-bar class a caller gives it, and says up front, in a dry run, which
+files it would fetch and their sizes: together, bytes done of a known total.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# huggingface_hub's bar for the bytes a snapshot writes to disk (resumed bytes included)
+BYTES_BAR = "huggingface_hub.snapshot_download"
+REPORT_EVERY_S = 0.5
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """Where a download stands."""
+
+    done: int  # bytes of the files to fetch that are on disk
+    total: int  # bytes of the files to fetch (those the cache does not hold)
+    files: int  # how many files are fetched
+    seconds: float  # since the download started
+
+    @property
+    def rate(self) -> float | None:
+        """Bytes a second so far; None before there is anything to measure."""
+        return self.done / self.seconds if self.done and self.seconds > 0 else None
+
+    @property
+    def eta_seconds(self) -> float | None:
+        rate = self.rate
+        return None if rate is None else max(0.0, self.total - self.done) / rate
+
+    def describe(self, what: str) -> str:
+        """e.g. 'downloading org/name: 3.2 of 16.1 GB at 85.0 MB/s, about 2:31 left'."""
+        text = f"downloading {what}: {_size(self.done)} of {_size(self.total)}"
+        if self.files > 1:
+            text += f" in {self.files} files"
+        if self.rate is not None and self.done < self.total:
+            eta = math.ceil(self.eta_seconds or 0)
+            text += f" at {_size(self.rate)}/s, about {eta // 60}:{eta % 60:02d} left"
+        return text
+
+
+OnTransfer = Callable[[Transfer], None]  # may raise to stop the download (a cancelled job)
+
+
+def fetch(repo_id: str, patterns: list[str], *, revision: str | None = None,
+          token: str | None = None, on_transfer: OnTransfer | None = None) -> Path:
+    """The repository's files matching patterns in the local hub cache (fetched if missing);
+    on_transfer hears the bytes written, at most every REPORT_EVERY_S and once at the end."""
+    from huggingface_hub import snapshot_download
+
+    common: dict[str, Any] = {"revision": revision, "token": token, "allow_patterns": patterns}
+    plan = _plan(repo_id, common) if on_transfer is not None else []
+    if not plan:  # nothing to fetch, offline, or nobody listening: no progress to report
+        return Path(snapshot_download(repo_id, **common))
+    meter = _Meter(sum(size for size in plan), len(plan), on_transfer)
+    directory = Path(snapshot_download(repo_id, tqdm_class=_bar_class(meter), **common))
+    meter.finish()
+    return directory
+
+
+def _plan(repo_id: str, common: dict[str, Any]) -> list[int]:
+    """The sizes of the files a fetch would download; empty when the hub cannot say (offline,
+    refused): the fetch itself then fails with the real reason, or serves the cache."""
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        return []
+    try:
+        planned = snapshot_download(repo_id, dry_run=True, tqdm_class=_bar_class(None),
+                                    **common)
+    except Exception:  # the real fetch that follows says what is wrong
+        return []
+    return [f.file_size or 0 for f in planned if f.will_download]
+
+
+class _Meter:
+    """Bytes written by every file's download thread, reported at a steady pace."""
+
+    def __init__(self, total: int, files: int, on_transfer: OnTransfer) -> None:
+        self.total, self.files, self.on_transfer = total, files, on_transfer
+        self.done, self.start, self.reported = 0, time.monotonic(), float("-inf")
+        self.lock = threading.Lock()  # the counts, updated by every file's thread
+        self.reporting = threading.Lock()  # one report at a time, whichever thread makes it
+        self.stopped: BaseException | None = None
+
+    def add(self, n: float) -> None:
+        if self.stopped is not None:  # every file's thread stops at its next chunk
+            raise self.stopped
+        with self.lock:
+            self.done += int(n)
+            now = time.monotonic()
+            if now - self.reported < REPORT_EVERY_S:
+                return
+            self.reported = now
+            transfer = self._transfer(now)
+        self._report(transfer)
+
+    def _report(self, transfer: Transfer) -> None:
+        with self.reporting:
+            try:
+                self.on_transfer(transfer)
+            except BaseException as exc:
+                self.stopped = exc
+                raise
+
+    def finish(self) -> None:
+        with self.lock:
+            self.done = max(self.done, self.total)
+            transfer = self._transfer(time.monotonic())
+        self._report(transfer)
+
+    def _transfer(self, now: float) -> Transfer:
+        return Transfer(min(self.done, self.total), self.total, self.files, now - self.start)
+
+
+def _bar_class(meter: _Meter | None) -> type:
+    """A progress-bar class for huggingface_hub: silent (the job reports instead), the
+    snapshot's bytes bar feeding meter."""
+    from huggingface_hub.utils import tqdm as hub_tqdm
+
+    class Bar(hub_tqdm):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self.meter = meter if kwargs.get("name") == BYTES_BAR else None
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            if self.meter is not None and n:
+                self.meter.add(n)
+            return super().update(n)
+
+    return Bar
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

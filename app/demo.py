@@ -39,8 +39,12 @@ def say(text: str) -> None:
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants  # HF_ENDPOINT: the hub, or a team's mirror of it
+
+    if constants.HF_HUB_OFFLINE:
+        return False
     try:
-        return httpx.head(f"https://huggingface.co/api/models/{HUB_MODEL}", timeout=timeout,
+        return httpx.head(f"{constants.ENDPOINT}/api/models/{HUB_MODEL}", timeout=timeout,
                           follow_redirects=True).status_code == 200
     except httpx.HTTPError:
         return False

@@ -25,6 +25,7 @@ TERMINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # a hub id ("gpt2", "org/name") or a directory name under the models root
 _MODEL_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
 _REVISION = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-/]*$")
+WIKITEXT = "Salesforce/wikitext"  # the default calibration text, by its hub id
 _DATASET = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
 _NAMEISH = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # ids the store hands out (store.new_id): a prefix and 32 hex digits
@@ -113,8 +114,9 @@ class CalibrationIn(Strict):
     """Calibration text: a hub dataset (dataset/config/split), "builtin", or an uploaded dataset."""
 
     # the stored spec keeps only what applies: no config/split for builtin or uploaded text, no
-    # dataset for an uploaded one, and the wikitext config only for wikitext
-    dataset: Annotated[str, Field(min_length=1, max_length=200)] | None = "wikitext"
+    # dataset for an uploaded one, and the wikitext config only for wikitext (by its hub id, or
+    # its old name, which the worker resolves to the id: worker/gptq/calibration.py)
+    dataset: Annotated[str, Field(min_length=1, max_length=200)] | None = WIKITEXT
     config: Annotated[str, Field(min_length=1, max_length=200)] | None = "wikitext-2-raw-v1"
     split: Annotated[str, Field(min_length=1, max_length=100)] | None = "train"
     text_field: Annotated[str, Field(min_length=1, max_length=100)] = "text"
@@ -127,7 +129,7 @@ class CalibrationIn(Strict):
     @classmethod
     def _dataset(cls, v: str) -> str:
         if not _DATASET.match(v):
-            raise ValueError("dataset must be a hub dataset name like 'wikitext' or 'builtin'")
+            raise ValueError(f"dataset must be a hub dataset id like {WIKITEXT!r} or 'builtin'")
         return _no_dotdot(v, "dataset")
 
     @field_validator("dataset", "split", mode="before")
@@ -153,7 +155,7 @@ class CalibrationIn(Strict):
             self.dataset = None
         if self.dataset_id is not None or self.dataset == "builtin":
             self.config = self.split = None  # a hub dataset's coordinates: nothing to echo
-        elif "config" not in self.model_fields_set and self.dataset != "wikitext":
+        elif "config" not in self.model_fields_set and self.dataset not in (WIKITEXT, "wikitext"):
             self.config = None  # the default config belongs to the default dataset
         return self
 

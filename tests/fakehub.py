@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 COMMIT = "feedfacecafebeef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".bin")  # served as LFS files, as the hub does for weights
@@ -30,7 +30,11 @@ CHUNK = 64 * 1024
 @dataclass
 class FakeHub:
     url: str
-    repos: dict[str, Path]
+    repos: dict[str, Path]  # model repositories
+    datasets: dict[str, Path] = field(default_factory=dict)  # dataset repositories
+    # old names the hub redirects (307) to a repository's id, as it does for renamed ones
+    # ("wikitext" -> "Salesforce/wikitext")
+    aliases: dict[str, str] = field(default_factory=dict)
     rate: float | None = None  # bytes a second over all file bodies; None: unlimited
     private: set[str] = field(default_factory=set)  # repositories that need a token
     token: str = "hf_fake_token"
@@ -99,16 +103,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        def _repo(self, repo_id: str) -> Path | None:
+        def _repo(self, repos: dict[str, Path], repo_id: str) -> Path | None:
             """The repository's directory, or None after answering 401/404."""
-            if repo_id not in hub.repos:
+            if repo_id not in repos:
                 self._refuse(404, "Repository not found")
                 return None
             if repo_id in hub.private and \
                     self.headers.get("Authorization") != f"Bearer {hub.token}":
                 self._refuse(401, "Invalid credentials in Authorization header")
                 return None
-            return hub.repos[repo_id]
+            return repos[repo_id]
 
         def do_HEAD(self) -> None:
             self._route()
@@ -116,41 +120,81 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             self._route()
 
+        def do_POST(self) -> None:
+            self._route()
+
         def _route(self) -> None:
-            path = unquote(urlparse(self.path).path)
+            url = urlparse(self.path)
+            path, query = unquote(url.path), parse_qs(url.query)
             hub.requests.append((self.command, path))
-            api = re.fullmatch(r"/api/models/(.+?)(?:/revision/([^/]+)|/tree/([^/]+)(/.*)?)?", path)
-            resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
-            if api:
-                self._api(api.group(1), api.group(3) is not None)
-            elif resolve:
-                self._file(resolve.group(1), resolve.group(3))
+            for kind, repos, api, files in (("models", hub.repos, "/api/models/", "/"),
+                                            ("datasets", hub.datasets, "/api/datasets/",
+                                             "/datasets/")):
+                for old, new in hub.aliases.items():
+                    for prefix in (api, files):
+                        if path.startswith(f"{prefix}{old}/") or path == f"{prefix}{old}":
+                            self._redirect(prefix + new + path[len(prefix) + len(old):]
+                                           + (f"?{url.query}" if url.query else ""))
+                            return
+                for repo_id in sorted(repos, key=len, reverse=True):
+                    if path.startswith(f"{api}{repo_id}"):
+                        rest = path[len(api) + len(repo_id):]
+                        directory = self._repo(repos, repo_id)
+                        if directory is not None:
+                            self._api(kind, repo_id, directory, rest, query)
+                        return
+                    if path.startswith(f"{files}{repo_id}/resolve/"):
+                        directory = self._repo(repos, repo_id)
+                        if directory is not None:
+                            name = path[len(files) + len(repo_id) + len("/resolve/"):]
+                            self._file(directory, name.split("/", 1)[1])
+                        return
+            self._refuse(404, "Repository not found")
+
+        def _redirect(self, location: str) -> None:
+            self.send_response(307)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _entry(self, directory: Path, name: str) -> dict:
+            p = directory / name
+            if p.is_dir():
+                return {"type": "directory", "oid": COMMIT, "size": 0, "path": name}
+            entry = {"type": "file", "oid": etag(p)[:40], "size": p.stat().st_size, "path": name}
+            if name.endswith(LFS_SUFFIXES):
+                entry["lfs"] = {"oid": etag(p), "size": p.stat().st_size, "pointerSize": 134}
+            return entry
+
+        def _api(self, kind: str, repo_id: str, directory: Path, rest: str,
+                 query: dict[str, list[str]]) -> None:
+            """/api/{kind}/{repo}[/revision/{rev} | /tree/{rev}[/path] | /paths-info/{rev}]"""
+            parts = rest.strip("/").split("/", 2)
+            op = parts[0] if parts[0] else "info"
+            if op in ("info", "revision"):
+                files = _files(directory)
+                self._send_json({"id": repo_id, "sha": COMMIT, "private": repo_id in hub.private,
+                                 "siblings": [{"rfilename": n} for n in files],
+                                 "lastModified": "2026-11-30T00:00:00.000Z"})
+            elif op == "tree":
+                base = parts[2] if len(parts) > 2 else ""
+                if not (directory / base).is_dir():
+                    self._refuse(404, f"{base} is not a directory")
+                    return
+                recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                found = (directory / base).rglob("*") if recursive else (directory / base).iterdir()
+                self._send_json([self._entry(directory, p.relative_to(directory).as_posix())
+                                 for p in sorted(found)])
+            elif op == "paths-info" and self.command == "POST":
+                length = int(self.headers.get("Content-Length", 0))
+                form = parse_qs(self.rfile.read(length).decode())
+                asked = form.get("paths", [])
+                self._send_json([self._entry(directory, name) for name in asked
+                                 if (directory / name).exists()])
             else:
-                self._refuse(404, "not served by the fake hub")
+                self._refuse(404, f"{op} is not served by the fake hub")
 
-        def _api(self, repo_id: str, tree: bool) -> None:
-            directory = self._repo(repo_id)
-            if directory is None:
-                return
-            files = _files(directory)
-            if tree:
-                entries = []
-                for name, p in files.items():
-                    entry = {"type": "file", "oid": etag(p)[:40], "size": p.stat().st_size,
-                             "path": name}
-                    if name.endswith(LFS_SUFFIXES):
-                        entry["lfs"] = {"oid": etag(p), "size": p.stat().st_size,
-                                        "pointerSize": 134}
-                    entries.append(entry)
-                self._send_json(entries)
-                return
-            self._send_json({"id": repo_id, "modelId": repo_id, "sha": COMMIT, "private":
-                             repo_id in hub.private, "siblings": [{"rfilename": n} for n in files]})
-
-        def _file(self, repo_id: str, name: str) -> None:
-            directory = self._repo(repo_id)
-            if directory is None:
-                return
+        def _file(self, directory: Path, name: str) -> None:
             path = directory / name
             if not path.is_file():
                 self.send_response(404)
@@ -190,9 +234,13 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 @contextmanager
 def fake_hub(repos: dict[str, Path], rate: float | None = None,
-             private: set[str] | None = None) -> Iterator[FakeHub]:
-    """A hub serving repos (repo id -> directory) on a free loopback port while in use."""
-    hub = FakeHub(url="", repos=repos, rate=rate, private=set(private or ()))
+             private: set[str] | None = None,
+             datasets: dict[str, Path] | None = None,
+             aliases: dict[str, str] | None = None) -> Iterator[FakeHub]:
+    """A hub serving repos and datasets (repo id -> directory) on a free loopback port while
+    in use."""
+    hub = FakeHub(url="", repos=repos, datasets=dict(datasets or {}), rate=rate,
+                  private=set(private or ()), aliases=dict(aliases or {}))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"
@@ -204,3 +252,34 @@ def fake_hub(repos: dict[str, Path], rate: float | None = None,
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+WIKITEXT_CARD = """---
+configs:
+- config_name: wikitext-2-raw-v1
+  data_files:
+  - split: test
+    path: wikitext-2-raw-v1/test-*
+  - split: train
+    path: wikitext-2-raw-v1/train-*
+---
+# wikitext (two splits of the fixtures' wikitext-2, laid out as the hub's Salesforce/wikitext)
+"""
+
+
+def wikitext_repo(root: Path) -> Path:
+    """A dataset repository shaped like the hub's Salesforce/wikitext (a card naming the
+    config's splits, one parquet file each, one row a line), holding the wikitext-2
+    fixture's validation text as its train split and its test text as its test split."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.conftest import fixture_path
+
+    (root / "wikitext-2-raw-v1").mkdir(parents=True)
+    for split, name in (("train", "valid.txt"), ("test", "test.txt")):
+        lines = fixture_path("wikitext-2", name).read_text().splitlines(keepends=True)
+        pq.write_table(pa.table({"text": lines}),
+                       root / "wikitext-2-raw-v1" / f"{split}-00000-of-00001.parquet")
+    (root / "README.md").write_text(WIKITEXT_CARD)
+    return root

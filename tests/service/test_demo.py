@@ -15,10 +15,11 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.service
 
 
-def test_demo_runs_a_job_to_a_verified_checkpoint(tmp_path: Path) -> None:
+def _run_demo(tmp_path: Path, extra_env: dict[str, str]) -> str:
+    """Runs the demo on a fresh data dir, checks what every run must print; its stdout."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("GPTQD_") or k == "GPTQD_FIXTURES"}
-    env["GPTQD_DATA_DIR"] = str(tmp_path / "var")
+    env.update({"GPTQD_DATA_DIR": str(tmp_path / "var"), **extra_env})
     proc = subprocess.run([sys.executable, "-m", "app.demo"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     out = proc.stdout
@@ -40,3 +41,36 @@ def test_demo_runs_a_job_to_a_verified_checkpoint(tmp_path: Path) -> None:
     assert [line for line in out.splitlines() if not line.startswith(ours)] == [], out
     progress = re.compile(r"^\w+ +\d+%  ")  # the job's progress, one line per event
     assert [line for line in proc.stderr.splitlines() if not progress.match(line)] == [], proc.stderr
+    return out
+
+
+def test_demo_runs_a_job_to_a_verified_checkpoint(tmp_path: Path) -> None:
+    out = _run_demo(tmp_path, {})
+    assert "[demo] no model hub here: building a small Llama" in out
+    assert "held out from calibration" in out
+
+
+@pytest.mark.fixtures
+def test_demo_where_the_hub_answers_quantizes_its_model_on_wikitext(tmp_path: Path) -> None:
+    """A machine that reaches the hub (here tests/fakehub.py, a real HTTP server serving the
+    fixtures' small GPT-2 as openai-community/gpt2 and the fixtures' wikitext-2 shaped as
+    Salesforce/wikitext): the demo's model and calibration text come from it, on the job
+    spec's defaults, and the perplexity is measured on the dataset's test split."""
+    from tests.conftest import fixture_path
+    from tests.fakehub import fake_hub, wikitext_repo
+
+    gpt2 = fixture_path("models", "tiny-gpt2-wikitext2")
+    with fake_hub({"openai-community/gpt2": gpt2},
+                  datasets={"Salesforce/wikitext": wikitext_repo(tmp_path / "wikitext")},
+                  aliases={"wikitext": "Salesforce/wikitext"}) as hub:
+        home = tmp_path / "hf"  # empty caches: everything comes from the hub
+        out = _run_demo(tmp_path, {"HF_ENDPOINT": hub.url, "HF_HOME": str(home),
+                                   "HF_HUB_CACHE": str(home / "hub"),
+                                   "HF_DATASETS_CACHE": str(home / "datasets"),
+                                   "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0"})
+        fetched = hub.downloads()
+    assert "[demo] the model hub answers: quantizing openai-community/gpt2 on wikitext-2" in out
+    assert "model.safetensors" in fetched
+    assert "wikitext-2-raw-v1/train-00000-of-00001.parquet" in fetched
+    assert "wikitext-2-raw-v1/test-00000-of-00001.parquet" in fetched
+    assert "on Salesforce/wikitext:wikitext-2-raw-v1:test, held out from calibration" in out, out

@@ -11,7 +11,9 @@ DS = "ds_" + "0" * 32
 
 
 @pytest.mark.parametrize(("given", "kept"), [
-    ({}, {"dataset": "wikitext", "config": "wikitext-2-raw-v1", "split": "train"}),
+    ({}, {"dataset": "Salesforce/wikitext", "config": "wikitext-2-raw-v1", "split": "train"}),
+    # its old name keeps its config too (the worker asks the hub for the id it redirects to)
+    ({"dataset": "wikitext"}, {"dataset": "wikitext", "config": "wikitext-2-raw-v1"}),
     ({"dataset": "builtin"}, {"dataset": "builtin", "config": None, "split": None}),
     ({"dataset_id": DS}, {"dataset": None, "config": None, "split": None, "dataset_id": DS}),
     # another hub dataset does not inherit wikitext's config; one it is given is kept

@@ -323,11 +323,28 @@ def hub_rows(source: str, text_field: str) -> list[str]:
     return [_as_text(value, f"{where} field {text_field}") for value in dataset[text_field]]
 
 
+def canonical_dataset(name: str) -> str:
+    """The hub's id of a dataset named the old way, without a namespace ('wikitext' ->
+    'Salesforce/wikitext'): the hub still redirects such names, but datasets 5 on
+    huggingface_hub >= 1.x refuses them (an hf:// path needs 'namespace/name'; datasets
+    issue #8612). Unchanged when namespaced, offline (the cache knows it by the name it was
+    fetched by) or when the hub does not say (loading then says why)."""
+    if "/" in name or hubstatus.offline():
+        return name
+    from huggingface_hub import HfApi
+
+    try:
+        return HfApi().dataset_info(name).id or name
+    except Exception:  # not found, refused, unreachable: load_dataset reports it
+        return name
+
+
 def _hub_dataset(source: str, what: str = "calibration") -> tuple[Any, str]:
     """(the hub dataset, how to name it in a message); raises CalibrationError."""
     name, config, split = parse_hub_source(source)
-    where = f"dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
     hubstatus.unreachable()  # a 3 s probe first, not ~30 s of silent retries
+    name = canonical_dataset(name)
+    where = f"dataset {name!r}" + (f" config {config!r}" if config else "") + f" split {split!r}"
     try:
         import datasets
 

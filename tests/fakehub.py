@@ -37,6 +37,7 @@ class FakeHub:
     aliases: dict[str, str] = field(default_factory=dict)
     rate: float | None = None  # bytes a second over all file bodies; None: unlimited
     private: set[str] = field(default_factory=set)  # repositories that need a token
+    gated: set[str] = field(default_factory=set)  # repositories whose terms need accepting
     token: str = "hf_fake_token"
     requests: list[tuple[str, str]] = field(default_factory=list)
     sent: int = 0  # bytes of file bodies written to clients
@@ -97,20 +98,24 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if self.command != "HEAD":
                 self.wfile.write(data)
 
-        def _refuse(self, status: int, message: str) -> None:
+        def _refuse(self, status: int, message: str, code: str | None = None) -> None:
             self.send_response(status)
             self.send_header("X-Error-Message", message)
+            if code:
+                self.send_header("X-Error-Code", code)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def _repo(self, repos: dict[str, Path], repo_id: str) -> Path | None:
-            """The repository's directory, or None after answering 401/404."""
-            if repo_id not in repos:
-                self._refuse(404, "Repository not found")
+            """The repository's directory, or None after refusing as the hub does: a missing
+            repository and a private one without its token alike (401 RepoNotFound, which
+            tells nobody a private one exists); a gated one without its token 401 GatedRepo."""
+            authorized = self.headers.get("Authorization") == f"Bearer {hub.token}"
+            if repo_id not in repos or (repo_id in hub.private and not authorized):
+                self._refuse(401, "Repository not found", "RepoNotFound")
                 return None
-            if repo_id in hub.private and \
-                    self.headers.get("Authorization") != f"Bearer {hub.token}":
-                self._refuse(401, "Invalid credentials in Authorization header")
+            if repo_id in hub.gated and not authorized:
+                self._refuse(401, "Access to this model is restricted", "GatedRepo")
                 return None
             return repos[repo_id]
 
@@ -149,7 +154,7 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                             name = path[len(files) + len(repo_id) + len("/resolve/"):]
                             self._file(directory, name.split("/", 1)[1])
                         return
-            self._refuse(404, "Repository not found")
+            self._refuse(401, "Repository not found", "RepoNotFound")
 
         def _redirect(self, location: str) -> None:
             self.send_response(307)
@@ -234,13 +239,14 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
 @contextmanager
 def fake_hub(repos: dict[str, Path], rate: float | None = None,
-             private: set[str] | None = None,
+             private: set[str] | None = None, gated: set[str] | None = None,
              datasets: dict[str, Path] | None = None,
              aliases: dict[str, str] | None = None) -> Iterator[FakeHub]:
     """A hub serving repos and datasets (repo id -> directory) on a free loopback port while
     in use."""
     hub = FakeHub(url="", repos=repos, datasets=dict(datasets or {}), rate=rate,
-                  private=set(private or ()), aliases=dict(aliases or {}))
+                  private=set(private or ()), gated=set(gated or ()),
+                  aliases=dict(aliases or {}))
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub))
     server.daemon_threads = True
     hub.url = f"http://127.0.0.1:{server.server_address[1]}"

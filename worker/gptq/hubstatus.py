@@ -49,7 +49,9 @@ def why_offline() -> str:
     reason = unreachable()
     if reason:
         return f"the hub ({constants.ENDPOINT}) could not be reached ({reason})"
-    return "the hub is not used here (HF_HUB_OFFLINE is set)"
+    if offline():
+        return "the hub is not used here (HF_HUB_OFFLINE is set)"
+    return f"the hub ({constants.ENDPOINT}) answered but did not serve it"
 
 
 def _go_offline() -> None:

@@ -212,6 +212,15 @@ def test_a_full_disk_is_reported_as_such(model_dir, tmp_path, monkeypatch) -> No
     assert info.value.code == "disk_full"
 
 
+@pytest.mark.parametrize(("stage", "advice"), [
+    ("loading", "in the hub cache (HF_HOME or HF_HUB_CACHE"),
+    ("saving", "or write to another output directory"),
+])
+def test_a_full_disk_says_which_disk_to_free(stage: str, advice: str) -> None:
+    error = api.map_resource_error(OSError(errno.ENOSPC, "No space left on device"), stage)
+    assert isinstance(error, DiskFull) and advice in str(error), error
+
+
 def test_stage_shares_fill_the_whole_run() -> None:
     with_eval, without = api.stage_ends(True), api.stage_ends(False)
     assert list(with_eval) == ["loading", "calibration", "evaluating_before", "quantizing",

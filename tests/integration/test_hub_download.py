@@ -167,6 +167,10 @@ def test_hub_refusals_say_what_to_do(source: Path, tmp_path: Path, case: str) ->
     if expected is None:
         assert done.returncode == 0, done.stderr[-2000:]
         assert (tmp_path / "out" / "model.safetensors").is_file()
+        # the command's progress (one line an event off a terminal) shows the download
+        lines = [line for line in done.stderr.splitlines() if line.startswith("loading ")]
+        assert any(f"downloading {REPO}: 20.8 MB of 20.8 MB in 2 files" in line
+                   for line in lines), lines
         return
     code, *advice = expected
     assert done.returncode == 1, done.stderr[-2000:]

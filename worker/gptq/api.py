@@ -429,10 +429,11 @@ def map_resource_error(exc: BaseException, stage: str) -> EngineError | None:
             f"{_device_numbers(text)})"
         )
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text:
-        return DiskFull(
-            f"no space left on device while {stage}: free disk space or write to another "
-            f"output directory ({exc})"
-        )
+        # loading writes only to the hub cache (a downloaded model); later stages to the output
+        where = ("in the hub cache (HF_HOME or HF_HUB_CACHE: the model is downloaded there), or "
+                 "point it at a larger disk" if stage == "loading" else
+                 "or write to another output directory")
+        return DiskFull(f"no space left on device while {stage}: free disk space {where} ({exc})")
     return None
 
 

@@ -48,8 +48,8 @@ CHILD = textwrap.dedent("""
     except Cancelled as exc:
         print(json.dumps({"cancelled": str(exc), "seconds": time.monotonic() - began}))
 """)
-PROGRESS = re.compile(r"downloading acme/tiny-llama: ([\d.]+) MB of ([\d.]+) MB in 2 files"
-                      r"(?: at [\d.]+ MB/s, about (\d+):(\d\d) left)?$")
+PROGRESS = re.compile(r"downloading acme/tiny-llama: ([\d.]+ [KM]?B) of ([\d.]+) MB in 2 files"
+                      r"(?: at [\d.]+ [KM]?B/s, about (\d+):(\d\d) left)?$")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,11 @@ def _run(repo: str, hub_url: str, cache: Path, out: Path, mode: str) -> tuple[li
     return lines[:-1], lines[-1]
 
 
+def _megabytes(size: str) -> float:
+    number, unit = size.split()
+    return float(number) / {"B": 1e6, "KB": 1e3, "MB": 1}[unit]
+
+
 def _downloads(events: list[dict]) -> list[tuple[float, float, float, int | None]]:
     """(fraction, MB done, MB total, seconds left) of each download event."""
     found = []
@@ -86,7 +91,8 @@ def _downloads(events: list[dict]) -> list[tuple[float, float, float, int | None
         if match:
             assert event["stage"] == "loading", event
             left = None if match.group(3) is None else int(match.group(3)) * 60 + int(match.group(4))
-            found.append((event["fraction"], float(match.group(1)), float(match.group(2)), left))
+            found.append((event["fraction"], _megabytes(match.group(1)), float(match.group(2)),
+                          left))
     return found
 
 

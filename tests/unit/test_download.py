@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from worker.gptq import download
-from worker.gptq.download import Transfer, _Meter
+from worker.gptq.download import DownloadStopped, Transfer, _Meter
 
 
 def test_a_transfer_says_bytes_of_total_rate_and_time_left() -> None:
@@ -22,39 +26,65 @@ def test_a_transfer_says_bytes_of_total_rate_and_time_left() -> None:
         "downloading m: 1.0 MB of 1.0 MB"
 
 
-def test_reports_are_paced_and_the_last_one_says_everything(monkeypatch) -> None:
-    clock = iter(range(0, 1000)).__next__  # one second a call
-    monkeypatch.setattr(download.time, "monotonic", lambda: float(clock()))
-    seen: list[Transfer] = []
-    meter = _Meter(300, 2, seen.append)
-    for _ in range(3):
-        meter.add(100)
-    meter.finish()
-    assert [t.done for t in seen] == [100, 200, 300, 300]
-    assert seen[-1].total == 300 and seen[-1].files == 2
+class FakeSnapshot:
+    """snapshot_download of one 100-byte file whose transfer reports `chunks` bytes, then
+    (a native transfer deaf to stops) hangs until released."""
+
+    def __init__(self, chunks: list[int]) -> None:
+        self.chunks, self.release = chunks, threading.Event()
+
+    def __call__(self, repo_id: str, *, dry_run: bool = False, tqdm_class=None, **_: object):
+        if dry_run:
+            return [SimpleNamespace(file_size=100, will_download=True)]
+        bar = tqdm_class(name=download.BYTES_BAR, total=100, unit="B")
+        for n in self.chunks:
+            bar.update(n)
+        self.release.wait(30)
+        return "/snapshot"
 
 
-def test_a_stop_raised_by_a_report_stops_every_files_thread() -> None:
-    class Stop(Exception):
+@pytest.fixture
+def snapshot(monkeypatch) -> Iterator[FakeSnapshot]:
+    import huggingface_hub
+
+    fake = FakeSnapshot([40])
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(download, "REPORT_EVERY_S", 0.05)
+    yield fake
+    fake.release.set()
+
+
+def test_a_download_is_reported_from_the_callers_thread_until_it_ends(snapshot) -> None:
+    seen: list[tuple[int, str]] = []
+
+    def hear(transfer: Transfer) -> None:
+        seen.append((transfer.done, threading.current_thread().name))
+        if len(seen) == 3:
+            snapshot.release.set()
+
+    assert download.fetch("org/m", ["*"], on_transfer=hear) == Path("/snapshot")
+    assert {name for _, name in seen} == {threading.current_thread().name}
+    dones = [done for done, _ in seen]
+    assert 40 in dones and dones[-1] == 100 and dones == sorted(dones)  # on the way, then all
+
+
+def test_a_cancel_is_heard_while_the_transfer_does_not_report(snapshot) -> None:
+    class Cancelled(Exception):
         pass
 
-    def refuse(_: Transfer) -> None:
-        raise Stop("cancelled")
+    def cancel(_: Transfer) -> None:
+        raise Cancelled
 
-    meter = _Meter(10 << 20, 3, refuse)
-    with pytest.raises(Stop):
-        meter.add(1 << 20)  # the first report
-    stopped: list[str] = []
+    began = time.monotonic()
+    with pytest.raises(Cancelled):
+        download.fetch("org/m", ["*"], on_transfer=cancel)
+    assert time.monotonic() - began < 5  # not when the (hanging) transfer ends
 
-    def other_file() -> None:
-        try:
-            meter.add(1 << 20)  # within the pace: no report of its own, stopped all the same
-        except Stop:
-            stopped.append("stopped")
 
-    threads = [threading.Thread(target=other_file) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert stopped == ["stopped", "stopped"]
+def test_a_stopped_meter_stops_every_files_thread() -> None:
+    meter = _Meter(300, 3)
+    meter.add(100)
+    assert meter.transfer().done == 100 and meter.transfer(complete=True).done == 300
+    meter.stopped = True
+    with pytest.raises(DownloadStopped):
+        meter.add(100)

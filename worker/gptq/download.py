@@ -2,7 +2,7 @@
 
 A job that downloads 16-140 GB before its first block must not look hung (the complaint users
 of GPTQ tools file most after out-of-memory), and a cancel must not wait for the download to
-end. huggingface_hub does the fetching (cache, resume, parallel files); it reports the bytes
+end. huggingface_hub does the fetching (cache, files in parallel); it reports the bytes
 written through the progress-bar class a caller gives it, and says up front, in a dry run, which
 files it would fetch and their sizes: together, bytes done of a known total.
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 # huggingface_hub's bar for the bytes a snapshot writes to disk (resumed bytes included)
 BYTES_BAR = "huggingface_hub.snapshot_download"
-REPORT_EVERY_S = 0.5
+REPORT_EVERY_S = 0.5  # how often a download is reported (and a cancel heard)
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,8 @@ class Transfer:
         return None if rate is None else max(0.0, self.total - self.done) / rate
 
     def describe(self, what: str) -> str:
-        """e.g. 'downloading org/name: 3.2 of 16.1 GB at 85.0 MB/s, about 2:31 left'."""
+        """e.g. 'downloading org/name: 3.2 GB of 16.1 GB in 4 files at 85.0 MB/s, about 2:43
+        left'."""
         text = f"downloading {what}: {_size(self.done)} of {_size(self.total)}"
         if self.files > 1:
             text += f" in {self.files} files"
@@ -55,20 +56,49 @@ class Transfer:
 OnTransfer = Callable[[Transfer], None]  # may raise to stop the download (a cancelled job)
 
 
+class DownloadStopped(Exception):
+    """Raised in a file's download thread once the fetch no longer wants its bytes."""
+
+
 def fetch(repo_id: str, patterns: list[str], *, revision: str | None = None,
           token: str | None = None, on_transfer: OnTransfer | None = None) -> Path:
-    """The repository's files matching patterns in the local hub cache (fetched if missing);
-    on_transfer hears the bytes written, at most every REPORT_EVERY_S and once at the end."""
+    """The repository's files matching patterns in the local hub cache (fetched if missing).
+
+    With on_transfer, the download runs in a thread of its own and the caller's thread hears
+    how it goes every REPORT_EVERY_S (whether bytes came or not, so a stalled link shows and a
+    cancel is heard at once) and once at the end, always from the caller's thread. When
+    on_transfer raises, fetch raises the same at once; the files' threads stop at their next
+    chunk (plain HTTP) or when they end (Xet transfers run in native threads), and a thread
+    left running ends with the process."""
     from huggingface_hub import snapshot_download
 
     common: dict[str, Any] = {"revision": revision, "token": token, "allow_patterns": patterns}
     plan = _plan(repo_id, common) if on_transfer is not None else []
-    if not plan:  # nothing to fetch, offline, or nobody listening: no progress to report
+    if on_transfer is None or not plan:  # nothing to fetch, offline, or nobody listening
         return Path(snapshot_download(repo_id, **common))
-    meter = _Meter(sum(size for size in plan), len(plan), on_transfer)
-    directory = Path(snapshot_download(repo_id, tqdm_class=_bar_class(meter), **common))
-    meter.finish()
-    return directory
+    meter = _Meter(sum(plan), len(plan))
+    outcome: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def download() -> None:
+        try:
+            outcome["path"] = snapshot_download(repo_id, tqdm_class=_bar_class(meter), **common)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=download, name=f"download {repo_id}", daemon=True).start()
+    try:
+        while not finished.wait(REPORT_EVERY_S):
+            on_transfer(meter.transfer())
+    except BaseException:
+        meter.stopped = True
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    on_transfer(meter.transfer(complete=True))
+    return Path(outcome["path"])
 
 
 def _plan(repo_id: str, common: dict[str, Any]) -> list[int]:
@@ -87,43 +117,24 @@ def _plan(repo_id: str, common: dict[str, Any]) -> list[int]:
 
 
 class _Meter:
-    """Bytes written by every file's download thread, reported at a steady pace."""
+    """Bytes written by every file's download thread."""
 
-    def __init__(self, total: int, files: int, on_transfer: OnTransfer) -> None:
-        self.total, self.files, self.on_transfer = total, files, on_transfer
-        self.done, self.start, self.reported = 0, time.monotonic(), float("-inf")
-        self.lock = threading.Lock()  # the counts, updated by every file's thread
-        self.reporting = threading.Lock()  # one report at a time, whichever thread makes it
-        self.stopped: BaseException | None = None
+    def __init__(self, total: int, files: int) -> None:
+        self.total, self.files = total, files
+        self.done, self.start = 0, time.monotonic()
+        self.lock = threading.Lock()
+        self.stopped = False  # set by the caller's thread: every file's thread stops
 
     def add(self, n: float) -> None:
-        if self.stopped is not None:  # every file's thread stops at its next chunk
-            raise self.stopped
+        if self.stopped:
+            raise DownloadStopped("the download is no longer wanted")
         with self.lock:
             self.done += int(n)
-            now = time.monotonic()
-            if now - self.reported < REPORT_EVERY_S:
-                return
-            self.reported = now
-            transfer = self._transfer(now)
-        self._report(transfer)
 
-    def _report(self, transfer: Transfer) -> None:
-        with self.reporting:
-            try:
-                self.on_transfer(transfer)
-            except BaseException as exc:
-                self.stopped = exc
-                raise
-
-    def finish(self) -> None:
+    def transfer(self, complete: bool = False) -> Transfer:
         with self.lock:
-            self.done = max(self.done, self.total)
-            transfer = self._transfer(time.monotonic())
-        self._report(transfer)
-
-    def _transfer(self, now: float) -> Transfer:
-        return Transfer(min(self.done, self.total), self.total, self.files, now - self.start)
+            done = self.total if complete else min(self.done, self.total)
+        return Transfer(done, self.total, self.files, time.monotonic() - self.start)
 
 
 def _bar_class(meter: _Meter | None) -> type:

@@ -138,6 +138,8 @@ def test_a_cancel_stops_the_download_at_its_next_chunk(source: Path, tmp_path: P
     total = sum(p.stat().st_size for p in source.glob("*.safetensors"))
     # cancelled at the first report: the download stopped at its next chunks, not at the end
     assert sent < 0.6 * total, (sent, total)
+    # and the partial files are gone from the hub cache (the next fetch starts anew)
+    assert list((tmp_path / "cache").rglob("*.incomplete")) == []
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     assert all(e["stage"] == "loading" for e in events)
     assert _downloads(events), events

@@ -1,6 +1,6 @@
-"""A job on a hub model, on a box whose worker reaches a hub (tests/fakehub.py, a real HTTP
-server on loopback, slowed to a few MB/s): the API shows the download's bytes and time left in
-the job's progress; a cancel stops it mid-way; the next job fetches it and succeeds with the
+"""A job on a private hub model, on a box whose worker reaches a hub (tests/fakehub.py, a real
+HTTP server on loopback, slowed to a few MB/s) with its token: the API shows the download's
+bytes and time left in the job's progress; a cancel stops it mid-way; the next job fetches it and succeeds with the
 same checkpoint as a job on the same model from the models directory."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hub(model: Path) -> Iterator[FakeHub]:
-    with fake_hub({REPO: model}, rate=2_000_000) as served:
+    with fake_hub({REPO: model}, rate=2_000_000, private={REPO}) as served:
         yield served
 
 
@@ -43,7 +43,9 @@ def hub_box(tmp_path_factory: pytest.TempPathFactory, hub: FakeHub, model: Path)
     models = tmp_path_factory.mktemp("models")
     shutil.copytree(model, models / "tiny-llama")
     root = tmp_path_factory.mktemp("hubbox")
-    box = start_box(root, models, hub_env(hub.url, root / "hub"), workers=1)
+    # a private model: the worker's token (GPTQD_HF_TOKEN) goes with every request it makes
+    box = start_box(root, models, {**hub_env(hub.url, root / "hub"),
+                                   "GPTQD_HF_TOKEN": hub.token}, workers=1)
     yield box
     box.close()
 

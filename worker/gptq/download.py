@@ -20,6 +20,7 @@ from typing import Any
 # huggingface_hub's bar for the bytes a snapshot writes to disk (resumed bytes included)
 BYTES_BAR = "huggingface_hub.snapshot_download"
 REPORT_EVERY_S = 0.5  # how often a download is reported (and a cancel heard)
+STOP_GRACE_S = 10.0  # how long a stopped download may take to reach its next chunk
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,9 @@ def fetch(repo_id: str, patterns: list[str], *, revision: str | None = None,
     With on_transfer, the download runs in a thread of its own and the caller's thread hears
     how it goes every REPORT_EVERY_S (whether bytes came or not, so a stalled link shows and a
     cancel is heard at once) and once at the end, always from the caller's thread. When
-    on_transfer raises, fetch raises the same at once; the files' threads stop at their next
-    chunk (plain HTTP) or when they end (Xet transfers run in native threads), and a thread
-    left running ends with the process."""
+    on_transfer raises, fetch raises the same once the files' threads have stopped at their
+    next chunk (plain HTTP; at most STOP_GRACE_S): a thread still running then (a native Xet
+    transfer does not hear the stop) ends with the process."""
     from huggingface_hub import snapshot_download
 
     common: dict[str, Any] = {"revision": revision, "token": token, "allow_patterns": patterns}
@@ -93,7 +94,10 @@ def fetch(repo_id: str, patterns: list[str], *, revision: str | None = None,
         while not finished.wait(REPORT_EVERY_S):
             on_transfer(meter.transfer())
     except BaseException:
+        # the files' threads stop at their next chunk and huggingface_hub removes their
+        # partial files: wait for that (briefly), or the process ends first and they stay
         meter.stopped = True
+        finished.wait(STOP_GRACE_S)
         raise
     if "error" in outcome:
         raise outcome["error"]

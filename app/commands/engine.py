@@ -38,6 +38,8 @@ class Load(StrEnum):
 
 
 LOAD_MODES = {Load.auto: None, Load.whole: False, Load.stream: True}  # api.quantize's lazy
+# `gptqd eval`'s share of its bar per stage: loading (a hub download), then the windows
+EVAL_STAGE_ENDS = {"loading": 0.1, "evaluating": 1.0}
 
 # options whose values the engine's config classes validate: field name -> option
 _FIELD_OPTIONS = {
@@ -316,12 +318,13 @@ def evaluate(
         None, "--device", help="Compute device (default: cuda if present, else cpu; on a GPU the "
                                "model runs in its checkpoint dtype)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
     """Print the perplexity of an original or a GPTQ-quantized model on a text."""
     result = _run_engine(
-        lambda _bar: _perplexity(model, text, seq_length, max_windows, text_field, trust_remote_code,
-                                 device),
-        progress=False,
+        lambda bar: _perplexity(model, text, seq_length, max_windows, text_field, trust_remote_code,
+                                device, bar),
+        progress,
     )
     if as_json:
         typer.echo(json.dumps(result))
@@ -349,15 +352,19 @@ def original_names(
 def _perplexity(
     model: str, text: str, seq_length: int | None, max_windows: int | None,
     text_field: str, trust_remote_code: bool, device: str | None = None,
+    progress: Callable[[Any], None] | None = None,
 ) -> dict:
-    from worker.gptq.api import compute_device
+    from worker.gptq.api import RunProgress, compute_device
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts
     from worker.gptq.streameval import perplexity_of
 
     compute = compute_device(device)
+    run = RunProgress(progress, None, EVAL_STAGE_ENDS)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
-    loaded, tokenizer, kind, lazy = _load_for_eval(model, trust_remote_code, compute)
+    with run.stage("loading"):
+        loaded, tokenizer, kind, lazy = _load_for_eval(model, trust_remote_code, compute,
+                                                       run.transfer_reporter(model))
     if tokenizer is None:
         raise EngineError(f"{model} has no tokenizer files")
     length = seq_length or context_length(loaded) or 512
@@ -370,8 +377,11 @@ def _perplexity(
         windows = eval_windows(tokenizer, texts, length, max_windows)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--text'") from exc
+    with run.stage("evaluating"):
+        score = perplexity_of(loaded, lazy, windows, compute,
+                              run.steps("evaluating", "block" if lazy else "batch", with_eta=True))
     return {
-        "perplexity": perplexity_of(loaded, lazy, windows, compute),
+        "perplexity": score,
         "windows": int(windows.shape[0]),
         "seq_length": length,
         "kind": kind,
@@ -379,10 +389,12 @@ def _perplexity(
     }
 
 
-def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[Any, Any, str, Any]:
+def _load_for_eval(model: str, trust_remote_code: bool, compute: Any,
+                   on_transfer: Any = None) -> tuple[Any, Any, str, Any]:
     """(model, tokenizer, kind, lazy): a GPTQ checkpoint through our loader; an original model
     with safetensors weights as a LazyModel, scored block by block (the same number, in one
-    block's memory), else whole through transformers; on compute, in the dtype a run uses there."""
+    block's memory), else whole through transformers; on compute, in the dtype a run uses there.
+    on_transfer hears a hub model's download (download.fetch)."""
     from worker.gptq.api import open_streamed
     from worker.gptq.loader import is_quantized_dir
     from worker.gptq.modelio import compute_dtype, load_config, load_model
@@ -394,7 +406,7 @@ def _load_for_eval(model: str, trust_remote_code: bool, compute: Any) -> tuple[A
         return held.model, held.tokenizer, "quantized", held.lazy
     config, arch = load_config(model, trust_remote_code=trust_remote_code)
     common = {"revision": None, "token": None, "trust_remote_code": trust_remote_code}
-    streamed, _ = open_streamed(model, config, arch, compute, common)
+    streamed, _ = open_streamed(model, config, arch, compute, common, on_transfer)
     if streamed is not None:
         return streamed.model, streamed.tokenizer, "original", streamed.lazy
     result = load_model(model, trust_remote_code=trust_remote_code, config=config,

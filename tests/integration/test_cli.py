@@ -49,6 +49,10 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     run = gptqd(*quantize_args(tiny_model, out, "--eval-text", str(eval_text), "--eval-max-windows", "4"))
     assert run.returncode == 0, run.stderr
     assert "block 2/2" in run.stderr  # the progress bar went through both blocks
+    # and through the whole-model evaluations' batches, before and after (one line an event
+    # when stderr is not a terminal)
+    evaluating = [line for line in run.stderr.splitlines() if line.startswith("evaluating")]
+    assert sum("batch 1 of 1" in line for line in evaluating) == 2, run.stderr
     assert f"checkpoint: {out}" in run.stdout
     assert "perplexity after" in run.stdout
     assert "solver: torch column loop on cpu" in run.stdout  # which loop ran (a GPU: triton, or why not)
@@ -77,6 +81,10 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     assert original.returncode == 0, original.stderr
     assert original.stdout.startswith("perplexity ")
     assert "original model" in original.stdout and "read block by block" in original.stdout
+    # its progress: block by block, with the time left
+    steps = [line for line in original.stderr.splitlines() if line.startswith("evaluating")]
+    assert any("block 2/2" in line and "ETA 00:00" in line for line in steps), original.stderr
+    assert original.stderr.splitlines()[-1].startswith("evaluating  100%"), original.stderr
     # scored block by block (streameval.streamed_perplexity): the number the run's own
     # whole-model evaluation of the original gave, on the same windows
     streamed = json.loads(gptqd(*args, "--json").stdout)

@@ -46,7 +46,7 @@ from worker.gptq.modelio import (
     skeleton,
 )
 from worker.gptq.pipeline import default_device, quantize_model
-from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent
+from worker.gptq.progress import Cancelled, ProgressCallback, ProgressEvent, StepCallback
 from worker.gptq.residency import WHOLE_MODEL_SHARE, samples_skipped, wants_samples
 from worker.gptq.residency import choose as choose_residency
 
@@ -124,7 +124,7 @@ def quantize(
     out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise EngineError(f"output directory {out_dir} is not empty; choose a new one")
-    run = _Run(progress, should_stop, stage_ends(evaluate is not None))
+    run = RunProgress(progress, should_stop, stage_ends(evaluate is not None))
     compute = compute_device(device)
     column_kernel_choice()  # a misspelt GPTQD_COLUMN_KERNEL fails here, not at the first solve
     if compute.type == "cuda":
@@ -201,7 +201,7 @@ def _quantize_loaded(
     hf_config: Any,
     arch: Any,
     compute: torch.device,
-    run: _Run,
+    run: RunProgress,
     should_stop: Callable[[], bool] | None,
     evaluate: Any,
     store: BlockStore | None,
@@ -228,7 +228,8 @@ def _quantize_loaded(
         evaluation = _Evaluation(evaluate, loaded.tokenizer, loaded.model, streamed, why_streamed)
     if evaluation is not None and not streamed:
         with run.stage("evaluating", "evaluating_before", message="original model"):
-            evaluation.measure(loaded.model, "before", compute)
+            evaluation.measure(loaded.model, "before", compute,
+                               run.steps("evaluating", "batch", "evaluating_before"))
 
     with run.stage("quantizing"):
         result = quantize_model(
@@ -251,7 +252,8 @@ def _quantize_loaded(
             if streamed:
                 evaluation.score_streamed(loaded.lazy, compute)
             else:
-                evaluation.measure(loaded.model, "after", compute)
+                evaluation.measure(loaded.model, "after", compute,
+                                   run.steps("evaluating", "batch", "evaluating_after"))
         # whether the score is on text the Hessians never saw (say so when it is not)
         report.evaluation = {**evaluation.summary,
                              "held_out": evaluate.source != calibration.source}
@@ -335,7 +337,7 @@ def _fingerprint(
     }
 
 
-class _Run:
+class RunProgress:
     """Stage timing, progress events with a whole-run fraction, cancellation, error mapping."""
 
     def __init__(
@@ -393,6 +395,28 @@ class _Run:
                 raise Cancelled(f"quantization cancelled while downloading {model}")
             share = transfer.done / transfer.total if transfer.total else 1.0
             self.emit("loading", low + (high - low) * 0.9 * share, transfer.describe(model))
+
+        return report
+
+    def steps(self, stage: str, what: str, key: str | None = None,
+              with_eta: bool = False) -> StepCallback:
+        """A stage's steps (i of n) as events, the fraction moving through the stage's share:
+        blocks as block i/n, other steps (what: 'batch') in the message; with_eta, the time
+        left of the stage from its pace so far (where the stage ends the run)."""
+        low, high, began = self.fraction, self.ends[key or stage], time.perf_counter()
+
+        def report(done: int, total: int) -> None:
+            self.fraction = max(self.fraction, low + (high - low) * done / total)
+            if self.progress is None:
+                return
+            blocks = what == "block"
+            pace = (time.perf_counter() - began) / done
+            self.progress(ProgressEvent(
+                stage=stage, fraction=self.fraction, seconds=self.elapsed(),
+                block=done if blocks else None, num_blocks=total if blocks else None,
+                message="" if blocks else f"{what} {done} of {total}",
+                eta_seconds=pace * (total - done) if with_eta else None,
+                stage_seconds=dict(self.stage_seconds)))
 
         return report
 
@@ -483,14 +507,16 @@ class _Evaluation:
         self.summary["perplexity_before"] = scores["before"]
         self.summary["perplexity_after"] = scores["after"]
 
-    def measure(self, model: torch.nn.Module, when: str, device: torch.device) -> None:
+    def measure(self, model: torch.nn.Module, when: str, device: torch.device,
+                on_step: StepCallback | None = None) -> None:
         from worker.gptq.evaluate import generate_samples, window_perplexity
 
         home = next(model.parameters()).device
         model.to(device)
         try:
             if self.windows is not None:
-                self.summary[f"perplexity_{when}"] = window_perplexity(model, self.windows)
+                self.summary[f"perplexity_{when}"] = window_perplexity(model, self.windows,
+                                                                      on_step=on_step)
             if self.spec.prompts and self.spec.max_new_tokens > 0:
                 self.summary[f"samples_{when}"] = generate_samples(
                     model, self.tokenizer, self.spec.prompts, self.spec.max_new_tokens

@@ -35,6 +35,7 @@ from .calibration import (
 from .config import QuantizeConfig, context_limit
 from .gptq import rtn_quantize
 from .pipeline import PipelineResult
+from .progress import StepCallback
 
 DEFAULT_PROMPTS = ("Once upon a time", "The meaning of life is")
 
@@ -152,13 +153,19 @@ def perplexity(
 
 
 @torch.inference_mode()
-def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int | None = None) -> float:
+def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int | None = None,
+                      on_step: StepCallback | None = None) -> float:
     """exp(mean NLL) over every predicted token of windows ([n, seq_length] long), each scored
-    alone; batch_size windows per forward (default: logits_batch)."""
+    alone; batch_size windows per forward (default: logits_batch); on_step hears each batch
+    done (i of n)."""
     check_fits(model, windows.shape[1])
-    return math.exp(sum(token_nll(_logits(model, batch), batch)
-                        for batch in windows.split(batch_size or logits_batch(model, windows.shape[1])))
-                    / (windows.shape[0] * (windows.shape[1] - 1)))
+    batches = windows.split(batch_size or logits_batch(model, windows.shape[1]))
+    nll = 0.0
+    for index, batch in enumerate(batches, 1):
+        nll += token_nll(_logits(model, batch), batch)
+        if on_step is not None:
+            on_step(index, len(batches))
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> float:

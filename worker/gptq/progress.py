@@ -27,6 +27,7 @@ class ProgressEvent:
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
+StepCallback = Callable[[int, int], None]  # (steps done, of how many): blocks, batches
 
 
 class Cancelled(Exception):

@@ -24,6 +24,7 @@ from worker.gptq.evaluate import logits_batch, token_nll, window_perplexity
 from worker.gptq.lazyload import LazyModel
 from worker.gptq.memory import trim
 from worker.gptq.pipeline import BlockCall, capture_inputs, logits_after_blocks, run_block
+from worker.gptq.progress import StepCallback
 
 ORIGINAL, QUANTIZED = "before", "after"
 
@@ -80,24 +81,32 @@ class EvalPassengers:
 
 
 @torch.inference_mode()
-def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.device) -> float:
+def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.device,
+                        on_step: StepCallback | None = None) -> float:
     """window_perplexity of a lazily loaded model (an original one, or a GPTQ checkpoint:
-    lazycheckpoint.py), reading one block at a time (the same number)."""
+    lazycheckpoint.py), reading one block at a time (the same number); on_step hears each
+    block done (i of n)."""
     model, arch = lazy.model, lazy.arch
     passengers = EvalPassengers(windows, logits_batch(model, windows.shape[1]), streams=(ORIGINAL,))
     passengers.capture(model, arch, device)
     lazy.release_outside_blocks()
-    for index, block in enumerate(arch.blocks(model)):
+    blocks = arch.blocks(model)
+    for index, block in enumerate(blocks):
         lazy.load_block(index, block)
         block.to(device)
         passengers.through(index, block, quantized=False)
         block.to("meta")  # parameters and buffers (a checkpoint's packed layers) let go
         trim()
+        if on_step is not None:
+            on_step(index + 1, len(blocks))
     lazy.close()  # no read ahead of a block after the last
     return passengers.scores(lazy, device)[ORIGINAL]
 
 
 def perplexity_of(model: nn.Module, lazy: LazyModel | None, windows: torch.Tensor,
-                  device: torch.device) -> float:
-    """window_perplexity of a model held whole (lazy None) or read block by block (lazy)."""
-    return streamed_perplexity(lazy, windows, device) if lazy is not None else window_perplexity(model, windows)
+                  device: torch.device, on_step: StepCallback | None = None) -> float:
+    """window_perplexity of a model held whole (lazy None: on_step hears batches) or read
+    block by block (lazy: blocks)."""
+    if lazy is not None:
+        return streamed_perplexity(lazy, windows, device, on_step)
+    return window_perplexity(model, windows, on_step=on_step)

@@ -294,5 +294,8 @@ class VerificationOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     attempts: int  # runs started; more than 1 when a worker died and another took over
+    # stage (loading, evaluating; done or failed at the end), block i/n of a streamed checkpoint,
+    # fraction, ETA; null while queued
+    progress: Progress | None = None
     result: dict[str, Any] | None
     error: ErrorOut | None

@@ -114,6 +114,8 @@ class Verification(Base):
     result: Mapped[dict | None] = mapped_column(JSON)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
+    # stage, block i/n, fraction, ETA while it runs (added in 0.1: older stores gain it)
+    progress: Mapped[dict | None] = mapped_column(JSON)
 
 
 class IdempotencyConflict(Exception):
@@ -564,13 +566,19 @@ class Store:
             ).rowcount
         return self.get_verification(verification_id) if n else None
 
-    def heartbeat_verification(self, verification_id: str, attempt: int) -> bool:
+    def heartbeat_verification(self, verification_id: str, attempt: int,
+                               progress: dict | None = None) -> bool:
+        """A running verification's beat, with its progress when given; False if no longer
+        this attempt's."""
+        values: dict[str, Any] = {"heartbeat_at": utcnow()}
+        if progress is not None:
+            values["progress"] = progress
         with self._write() as s:
             return bool(s.execute(
                 update(Verification)
                 .where(Verification.id == verification_id, Verification.status == "running",
                        Verification.attempts == attempt)
-                .values(heartbeat_at=utcnow())
+                .values(**values)
             ).rowcount)
 
     def requeue_stale_verifications(
@@ -599,7 +607,7 @@ class Store:
                         "verification, probably out of memory: use fewer max_windows or a "
                         "shorter seq_length, or a machine with more memory"}
                 else:
-                    values = {"status": "queued", "heartbeat_at": None}
+                    values = {"status": "queued", "heartbeat_at": None, "progress": None}
                 n = s.execute(
                     update(Verification)
                     .where(Verification.id == vid, Verification.status == "running",
@@ -618,10 +626,14 @@ class Store:
         result: dict | None = None,
         error: tuple[str, str] | None = None,
         attempt: int | None = None,
+        progress: dict | None = None,
     ) -> bool:
         """attempt: only if the verification is still in that attempt (a worker presumed dead
-        and replaced must not overwrite its successor's result)."""
+        and replaced must not overwrite its successor's result); progress: the last one, with
+        where it ended."""
         values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "result": result}
+        if progress is not None:
+            values["progress"] = progress
         if error is not None:
             values["error_code"], values["error_message"] = error
         mine = [Verification.id == verification_id, Verification.status == "running"]

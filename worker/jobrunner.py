@@ -26,7 +26,7 @@ from typing import Any
 from app.settings import Settings
 from app.store import Job, Store, progress_fraction
 from worker import jobspec
-from worker.progress_writer import ProgressWriter
+from worker.progress_writer import ProgressWriter, job_writer
 from worker.reconciler import remove_leftovers
 
 log = logging.getLogger("gptqd.worker")
@@ -155,8 +155,8 @@ def run_job(job_id: str, store: Store, settings: Settings) -> str | None:
         log.info("job %s is not queued; skipping", job_id)
         return None
     attempt = job.attempts
-    writer = ProgressWriter(store, job_id, attempt, settings.progress_interval,
-                            floor=progress_fraction(job.progress))
+    writer = job_writer(store, job_id, attempt, settings.progress_interval,
+                        floor=progress_fraction(job.progress))
     with heartbeat(lambda: store.heartbeat(job_id, attempt), job_id, settings.heartbeat_seconds), \
             scratch_dir(settings, f"{job_id}.{attempt}"):
         status, ended = _attempt(job, attempt, writer, store, settings)

@@ -1,4 +1,4 @@
-"""The engine's progress callback, writing to the job store.
+"""The engine's progress callback, writing to the job store (a job's, or a verification's).
 
 Every change of stage, block or module becomes an event (so the log passes through every
 block and module); repeats within a stage/module are throttled to one per `interval` seconds.
@@ -29,22 +29,23 @@ def progress_view(ev: ProgressEvent, fraction: float) -> dict[str, Any]:
     }
 
 
+Record = Callable[[dict[str, Any], dict[str, Any]], bool]  # (progress, event) -> still ours
+
+
 class ProgressWriter:
     def __init__(
         self,
-        store: Store,
-        job_id: str,
-        attempt: int,
+        record: Record,
         interval: float,
         clock: Callable[[], float] = time.monotonic,
         floor: float = 0.0,
     ) -> None:
-        """floor: the fraction earlier attempts reached; a resumed attempt never shows less."""
-        self.store, self.job_id, self.attempt = store, job_id, attempt
-        self.interval, self.clock = interval, clock
+        """record: stores the progress and its event (job_writer, verification_writer); floor:
+        the fraction earlier attempts reached; a resumed attempt never shows less."""
+        self.record, self.interval, self.clock = record, interval, clock
         self.fraction = floor
         self.last: dict[str, Any] = {"stage": "starting", "fraction": floor, "message": ""}
-        self.lost = False  # the job is no longer this attempt's (requeued or finished elsewhere)
+        self.lost = False  # the item is no longer this attempt's (requeued or finished elsewhere)
         self._key: tuple | None = None
         self._written_at = float("-inf")
 
@@ -64,10 +65,26 @@ class ProgressWriter:
             "stage_seconds": {k: round(v, 3) for k, v in ev.stage_seconds.items()},
         }
         self.last = progress
-        if not self.store.record_progress(self.job_id, self.attempt, progress, event):
+        if not self.record(progress, event):
             self.lost = True
 
     def final(self, stage: str, message: str, fraction: float | None = None) -> dict[str, Any]:
         """The progress a finished job keeps: the last one seen, with its end stage."""
         return {**self.last, "stage": stage, "message": message, "eta_seconds": 0.0,
                 "fraction": self.fraction if fraction is None else fraction}
+
+
+def job_writer(store: Store, job_id: str, attempt: int, interval: float,
+               floor: float = 0.0) -> ProgressWriter:
+    """A job attempt's progress: the job row's and one event each in its log."""
+    return ProgressWriter(
+        lambda progress, event: store.record_progress(job_id, attempt, progress, event),
+        interval, floor=floor)
+
+
+def verification_writer(store: Store, verification_id: str, attempt: int,
+                        interval: float) -> ProgressWriter:
+    """A verification attempt's progress: its row's (verifications keep no event log)."""
+    return ProgressWriter(
+        lambda progress, _event: store.heartbeat_verification(verification_id, attempt, progress),
+        interval)

@@ -10,20 +10,29 @@ from typing import Any
 from app.settings import Settings
 from app.store import Store
 from worker import jobspec
+from worker.gptq.progress import ProgressCallback
 from worker.jobrunner import error_of, heartbeat, public_source, scratch_dir
+from worker.progress_writer import verification_writer
 
 log = logging.getLogger("gptqd.worker")
 
 
+# a verification's share of its progress per stage: reading the checkpoint, then the windows
+# (and the sample text, at the end of evaluating)
+STAGE_ENDS = {"loading": 0.1, "evaluating": 1.0}
+
+
 def measure(
-    spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings
+    spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    from worker.gptq.api import compute_device
+    from worker.gptq.api import RunProgress, compute_device
     from worker.gptq.evaluate import check_fits, eval_windows, generate_samples, load_texts
     from worker.gptq.residency import open_checkpoint, samples_skipped
     from worker.gptq.streameval import perplexity_of
 
     started = time.monotonic()
+    run = RunProgress(progress, None, STAGE_ENDS)
     source, text_field = jobspec.eval_source(spec, request.get("dataset_id"), store, settings)
     seq_length = jobspec.eval_seq_length(spec, request.get("seq_length"))
     texts = load_texts(source, text_field)
@@ -32,13 +41,20 @@ def measure(
     # on the worker's device (a GPU's in its checkpoint dtype, as the job evaluated it); block
     # by block unless samples are wanted and it fits
     compute = compute_device(settings.device)
-    held = open_checkpoint(settings.artifacts_dir / request["job_id"], compute,
-                           settings.whole_model_share, samples=wants_samples)
+    with run.stage("loading", message="reading the checkpoint"):
+        held = open_checkpoint(settings.artifacts_dir / request["job_id"], compute,
+                               settings.whole_model_share, samples=wants_samples)
     check_fits(held.model, seq_length)
     windows = eval_windows(held.tokenizer, texts, seq_length, request.get("max_windows"))
-    ppl = perplexity_of(held.model, held.lazy, windows, compute)
-    samples = generate_samples(held.model, held.tokenizer, prompts, request["max_new_tokens"]) if (
-        wants_samples and held.lazy is None) else []
+    samples: list[str] = []
+    with run.stage("evaluating"):
+        ppl = perplexity_of(held.model, held.lazy, windows, compute,
+                            run.steps("evaluating", "block" if held.lazy else "batch",
+                                      with_eta=True))
+        if wants_samples and held.lazy is None:
+            run.emit("evaluating", run.fraction, "generating sample text")
+            samples = generate_samples(held.model, held.tokenizer, prompts,
+                                       request["max_new_tokens"])
     skipped = {"samples_skipped": samples_skipped(held.why)} if (
         wants_samples and held.lazy is not None) else {}
     return {
@@ -67,12 +83,15 @@ def run_verification(verification_id: str, store: Store, settings: Settings) -> 
     attempt = v.attempts
     beat = heartbeat(lambda: store.heartbeat_verification(verification_id, attempt),
                      verification_id, settings.heartbeat_seconds)
+    writer = verification_writer(store, verification_id, attempt, settings.progress_interval)
     try:
         with beat, scratch_dir(settings, f"{verification_id}.{attempt}"):
-            result = measure(job.spec, {**v.spec, "job_id": job.id}, store, settings)
+            result = measure(job.spec, {**v.spec, "job_id": job.id}, store, settings, writer)
     except Exception as exc:
         log.exception("verification %s failed", verification_id)
-        store.finish_verification(verification_id, "failed", error=error_of(exc), attempt=attempt)
+        store.finish_verification(verification_id, "failed", error=error_of(exc), attempt=attempt,
+                                  progress=writer.final("failed", ""))
         return "failed"
-    store.finish_verification(verification_id, "succeeded", result=result, attempt=attempt)
+    store.finish_verification(verification_id, "succeeded", result=result, attempt=attempt,
+                              progress=writer.final("done", "verified", 1.0))
     return "succeeded"

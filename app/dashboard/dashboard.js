@@ -421,9 +421,12 @@ function verificationRow(v) {
   const tr = document.createElement("tr");
   tr.className = "verification";
   tr.dataset.status = v.status;
+  // a running one says how far it is, as a job does (stage, block i/n, ETA)
   const what = v.error ? `${v.error.code}: ${v.error.message}`
     : result.perplexity != null
-      ? `perplexity ${result.perplexity.toFixed(3)} on ${evalText(result.eval_source, result.held_out)}` : "";
+      ? `perplexity ${result.perplexity.toFixed(3)} on ${evalText(result.eval_source, result.held_out)}`
+      : v.status === "running" && v.progress
+        ? `${progressLabel(v)} (${Math.round(100 * (v.progress.fraction || 0))}%)` : "";
   const td = text("td", what);
   for (const s of result.samples || []) td.append(text("pre", s.text));
   tr.append(text("td", `${v.status} (${age(v.created_at)})`, `status ${v.status}`), td);

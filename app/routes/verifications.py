@@ -19,7 +19,8 @@ def verification_view(v: Verification) -> VerificationOut:
     error = ErrorOut(code=v.error_code, message=v.error_message or "") if v.error_code else None
     return VerificationOut(id=v.id, job_id=v.job_id, status=v.status, spec=v.spec,
                            created_at=v.created_at, finished_at=v.finished_at,
-                           attempts=v.attempts or 0, result=v.result, error=error)
+                           attempts=v.attempts or 0, progress=v.progress, result=v.result,
+                           error=error)
 
 
 @router.post("/{job_id}/verifications", status_code=202, response_model=VerificationOut,

@@ -37,8 +37,10 @@ def verify_stored(http: httpx.Client, job: dict) -> dict:
     r = http.post(f"/jobs/{job['id']}/verifications",
                   json={"max_windows": 4, "prompts": ["Return the"], "max_new_tokens": 6})
     assert r.status_code == 202, r.text
+    assert r.json()["progress"] is None  # queued
     v = wait_verification(http, job["id"], r.json()["id"])
     assert v["status"] == "succeeded", v
+    assert v["progress"]["stage"] == "done" and v["progress"]["fraction"] == 1.0, v
     reported = job["metrics"]["perplexity_after"]
     assert abs(v["result"]["perplexity"] - reported) <= 1e-3 * reported
     return {**v["result"], "id": v["id"]}

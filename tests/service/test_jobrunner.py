@@ -16,7 +16,7 @@ from app.settings import Settings
 from app.store import Store
 from tests.service.conftest import NO_VERIFY, tiny_spec
 from worker.jobrunner import _attempt, run_job
-from worker.progress_writer import ProgressWriter
+from worker.progress_writer import job_writer
 
 pytestmark = pytest.mark.service
 
@@ -49,7 +49,7 @@ def test_an_attempt_that_lost_its_job_publishes_and_records_nothing(
     store.requeue_stale(utcnow() + timedelta(seconds=1), 3)
     assert store.claim_job(job_id, "other-worker").attempts == 2
 
-    writer = ProgressWriter(store, job_id, 1, 0.0)
+    writer = job_writer(store, job_id, 1, 0.0)
     status, ended = _attempt(first, 1, writer, store, settings)
     assert not ended and writer.lost
     job = store.get_job(job_id)
@@ -88,3 +88,40 @@ def test_a_local_model_removed_after_submission_is_not_fetched_from_the_hub(
     job = store.get_job(job_id)
     assert job.error_code == "model_not_found"
     assert "no longer in the server's models directory" in job.error_message
+
+
+@pytest.mark.parametrize("prompts", [[], ["Once upon"]])
+def test_a_verification_reports_its_progress_and_keeps_where_it_ended(
+    setup: tuple[Store, Settings], monkeypatch: pytest.MonkeyPatch, prompts: list[str],
+) -> None:
+    """Read block by block (no sample text asked) its progress goes block by block with the
+    time left; held whole (sample text) batch by batch, then the sample text."""
+    from worker.verifier import run_verification
+
+    store, settings = setup
+    job_id = new_job(store)
+    assert run_job(job_id, store, settings) == "succeeded"
+    seen: list[dict] = []
+    beat = store.heartbeat_verification
+
+    def watched(verification_id: str, attempt: int, progress: dict | None = None) -> bool:
+        if progress is not None:
+            seen.append(progress)
+        return beat(verification_id, attempt, progress)
+
+    monkeypatch.setattr(store, "heartbeat_verification", watched)
+    v = store.create_verification(job_id, {"max_windows": 4, "prompts": prompts,
+                                           "max_new_tokens": 4 if prompts else 0})
+    assert run_verification(v.id, store, settings) == "succeeded"
+    assert [p["stage"] for p in seen][:1] == ["loading"]
+    steps = [p for p in seen if p["stage"] == "evaluating"]
+    fractions = [p["fraction"] for p in seen]
+    assert fractions == sorted(fractions) and 0 < fractions[-1] <= 1
+    if not prompts:  # the tiny model's two blocks, the second with nothing left
+        blocks = [p for p in steps if p["block"] is not None]  # after the stage's start
+        assert [(p["block"], p["num_blocks"]) for p in blocks] == [(1, 2), (2, 2)]
+        assert blocks[-1]["eta_seconds"] == 0 and blocks[0]["eta_seconds"] >= 0
+    else:
+        assert [p["message"] for p in steps][-2:] == ["batch 1 of 1", "generating sample text"]
+    final = store.get_verification(v.id).progress
+    assert final["stage"] == "done" and final["fraction"] == 1.0 and final["message"] == "verified"

@@ -241,7 +241,7 @@ def test_a_verification_whose_worker_stopped_is_requeued_then_failed(store: Stor
     assert store.get_verification(beating.id).status == "running"
 
 
-def test_a_store_from_before_verification_heartbeats_gains_the_column(tmp_path: Path) -> None:
+def test_a_store_from_before_verification_heartbeats_gains_the_columns(tmp_path: Path) -> None:
     """create_all() adds nullable columns a store of an older version lacks; rows survive."""
     import sqlite3
 
@@ -251,13 +251,18 @@ def test_a_store_from_before_verification_heartbeats_gains_the_column(tmp_path: 
     db.execute("INSERT INTO gptqd_verifications (id, job_id, status, spec, created_at, attempts) "
                "VALUES ('ver_old', 'job_x', 'queued', '{}', '2026-01-01 00:00:00', 0)")
     db.execute("ALTER TABLE gptqd_verifications DROP COLUMN heartbeat_at")
+    db.execute("ALTER TABLE gptqd_verifications DROP COLUMN progress")  # and its progress
     db.commit()
-    assert "heartbeat_at" not in [r[1] for r in db.execute("PRAGMA table_info(gptqd_verifications)")]
+    columns = [r[1] for r in db.execute("PRAGMA table_info(gptqd_verifications)")]
+    assert "heartbeat_at" not in columns and "progress" not in columns
     db.close()
     store = Store(url)
     store.create_all()
-    assert store.get_verification("ver_old").heartbeat_at is None
+    old = store.get_verification("ver_old")
+    assert old.heartbeat_at is None and old.progress is None
     assert store.claim_verification("ver_old").heartbeat_at is not None
+    assert store.heartbeat_verification("ver_old", 1, {"stage": "loading", "fraction": 0.0})
+    assert store.get_verification("ver_old").progress == {"stage": "loading", "fraction": 0.0}
 
 
 class BrokerHolding(RecordingSender):

@@ -9,6 +9,7 @@ import typer
 
 from app.client import Client
 from app.commands.common import KEY, URL, age, eval_text, outcome, table, talking_to_server
+from app.commands.service import follow_verification
 
 
 def register(app: typer.Typer) -> None:
@@ -62,7 +63,7 @@ def verify(
             typer.echo(v["id"])
             return
         typer.echo(f"verification {v['id']} queued", err=True)
-        v = client.wait_verification(job_id, v["id"])
+        v = follow_verification(client, job_id, v["id"])
     typer.echo(describe_verification(v))
     if v["status"] != "succeeded":
         raise typer.Exit(1)
@@ -95,9 +96,12 @@ def verifications(job_id: str = typer.Argument(..., help="A job id."),
 
 def _verification_row(v: dict) -> list[str]:
     ppl = (v.get("result") or {}).get("perplexity")
-    error = v.get("error")
+    error, progress = v.get("error"), v.get("progress")
     last = f"{ppl:.3f}" if ppl is not None else (error["code"] if error else "-")
-    return [v["id"], v["status"], age(v["created_at"]), last]
+    status = v["status"]
+    if status == "running" and progress:  # how far it is
+        status += f" ({progress['stage']} {progress['fraction']:.0%})"
+    return [v["id"], status, age(v["created_at"]), last]
 
 
 def cancel(job_id: str = typer.Argument(..., help="A queued or running job."),

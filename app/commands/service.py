@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,19 +106,44 @@ def build_spec(base: dict[str, Any], **options: Any) -> dict[str, Any]:
 def follow(client: Client, job_id: str, progress: bool = True) -> dict:
     """Shows the job's progress (a bar on stderr) until it ends; returns the final job."""
     from app.commands.engine import ProgressBar
-    from worker.gptq.progress import ProgressEvent
 
     bar = ProgressBar(enabled=progress)
-    fields = set(ProgressEvent.__dataclass_fields__)
 
     def on_event(event: dict) -> None:
         if event["type"] == "progress":
-            bar(ProgressEvent(**{k: v for k, v in event.items() if k in fields}))
+            bar(progress_event(event))
 
     try:
         return client.wait(job_id, on_event)
     finally:
         bar.close()
+
+
+def follow_verification(client: Client, job_id: str, verification_id: str,
+                        progress: bool = True) -> dict:
+    """Shows the verification's progress (a bar on stderr, from its polled state) until it
+    ends; returns it."""
+    from app.commands.engine import ProgressBar
+
+    bar = ProgressBar(enabled=progress)
+    began = time.monotonic()
+
+    def on_poll(v: dict) -> None:
+        if v.get("progress"):
+            bar(progress_event({**v["progress"], "seconds": time.monotonic() - began}))
+
+    try:
+        return client.wait_verification(job_id, verification_id, on_poll)
+    finally:
+        bar.close()
+
+
+def progress_event(fields: dict) -> Any:
+    """An engine ProgressEvent from the API's progress (or progress event) fields."""
+    from worker.gptq.progress import ProgressEvent
+
+    known = set(ProgressEvent.__dataclass_fields__)
+    return ProgressEvent(**{k: v for k, v in fields.items() if k in known})
 
 
 def summary(job: dict) -> str:

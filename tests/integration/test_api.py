@@ -221,6 +221,15 @@ def test_a_full_disk_says_which_disk_to_free(stage: str, advice: str) -> None:
     assert isinstance(error, DiskFull) and advice in str(error), error
 
 
+@pytest.mark.parametrize(("stage", "advice"), [
+    ("quantizing", "lower num_samples or seq_length of the calibration"),
+    ("evaluating", "lower max_windows or seq_length of the evaluation"),
+])
+def test_running_out_of_memory_says_what_to_lower(stage: str, advice: str) -> None:
+    error = api.map_resource_error(MemoryError(), stage)
+    assert isinstance(error, OutOfMemory) and advice in str(error), error
+
+
 def test_stage_shares_fill_the_whole_run() -> None:
     with_eval, without = api.stage_ends(True), api.stage_ends(False)
     assert list(with_eval) == ["loading", "calibration", "evaluating_before", "quantizing",

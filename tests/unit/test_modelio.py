@@ -93,7 +93,8 @@ class FakeHub:
     def __init__(self, root: Path, files: dict[str, str]) -> None:
         self.snapshot, self.files, self.fetched = root / "snapshot", files, []
 
-    def __call__(self, repo_id: str, *, revision=None, token=None, allow_patterns=()) -> str:
+    def __call__(self, repo_id: str, *, revision=None, token=None, allow_patterns=(),
+                 tqdm_class=None) -> str:
         import fnmatch
 
         for name, content in self.files.items():

@@ -447,10 +447,12 @@ def map_resource_error(exc: BaseException, stage: str) -> EngineError | None:
     if isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
         isinstance(exc, RuntimeError) and "can't allocate memory" in text
     ):
+        # what holds the memory: the evaluation's windows while evaluating, else calibration's
+        lower = ("max_windows or seq_length of the evaluation" if stage == "evaluating" else
+                 "num_samples or seq_length of the calibration")
         return OutOfMemory(
-            f"ran out of memory while {stage}: lower num_samples or seq_length of the "
-            f"calibration, or use a machine with more memory ({type(exc).__name__}"
-            f"{_device_numbers(text)})"
+            f"ran out of memory while {stage}: lower {lower}, or use a machine with more "
+            f"memory ({type(exc).__name__}{_device_numbers(text)})"
         )
     if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in text:
         # loading writes only to the hub cache (a downloaded model); later stages to the output

@@ -1,11 +1,13 @@
-"""A model hub on loopback: a real HTTP server answering the few routes huggingface_hub and
-transformers call to fetch a model (repository info, file tree, HEAD and GET of a file with
-Range), serving local directories as repositories at one commit.
+"""A model hub on loopback: a real HTTP server answering the routes huggingface_hub,
+transformers and datasets call to fetch a model or a dataset (repository info, file trees,
+paths-info, HEAD and GET of a file with Range), with the hub's refusals (missing, private,
+gated) and its redirects of renamed repositories, serving local directories as repositories
+at one commit.
 
 Tests point a process at it with HF_ENDPOINT; `rate` (bytes a second, shared by all downloads
 as a network link is) slows the file bodies so that progress and cancellation can be seen on
-the way. Every request is logged
-(`requests`), so a test can tell what was fetched and what came from the cache.
+the way. Every request is logged (`requests`), so a test can tell what was fetched and what
+came from the cache.
 """
 
 from __future__ import annotations

@@ -144,6 +144,10 @@ def run_item(kind: Kind, item_id: str) -> str | None:
     from app.store import Store
 
     settings = get_settings()
+    if settings.hf_token is not None and not os.environ.get("HF_TOKEN"):
+        # the worker's token (GPTQD_HF_TOKEN as well) for every hub request of the item: hub
+        # datasets take it from the environment only
+        os.environ["HF_TOKEN"] = settings.hf_token.get_secret_value()
     store = Store(settings.store_url)
     try:
         if kind == "job":

@@ -1,7 +1,8 @@
 """A job on a private hub model, on a box whose worker reaches a hub (tests/fakehub.py, a real
 HTTP server on loopback, slowed to a few MB/s) with its token: the API shows the download's
-bytes and time left in the job's progress; a cancel stops it mid-way; the next job fetches it and succeeds with the
-same checkpoint as a job on the same model from the models directory."""
+bytes and time left in the job's progress; a cancel stops it mid-way; the next job fetches it,
+calibrates on a private hub dataset and succeeds with the same checkpoint as a job on the same
+model from the models directory."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, fake_hub
+from tests.fakehub import FakeHub, fake_hub, wikitext_repo
 from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
 from tests.integration.test_hub_download import hub_env
 from tests.service.conftest import NO_VERIFY, TERMINAL, Box, start_box, wait_status
@@ -21,8 +22,11 @@ from tests.service.helpers import download_all, wait_for
 pytestmark = pytest.mark.service
 
 REPO = "acme/tiny-llama"
+TEXT = "acme/private-text"  # a private dataset: wikitext-2, as the hub's Salesforce/wikitext
 SPEC = {"bits": 4, "group_size": 32, "verify": NO_VERIFY,
         "calibration": {"dataset": "builtin", "num_samples": 8, "seq_length": 64}}
+PRIVATE_TEXT = {"dataset": TEXT, "config": "wikitext-2-raw-v1", "num_samples": 8,
+                "seq_length": 64}
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +37,10 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def hub(model: Path) -> Iterator[FakeHub]:
-    with fake_hub({REPO: model}, rate=2_000_000, private={REPO}) as served:
+def hub(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHub]:
+    text = wikitext_repo(tmp_path_factory.mktemp("hubtext") / "text")
+    with fake_hub({REPO: model}, rate=2_000_000, private={REPO, TEXT},
+                  datasets={TEXT: text}) as served:
         yield served
 
 
@@ -74,14 +80,18 @@ def test_a_hub_job_shows_its_download_and_a_cancel_stops_it(
     cache = hub_box.data_dir / "hub"
     assert cache.is_dir() and list(cache.rglob("*.incomplete")) == []
 
-    # the next job on the model fetches it and succeeds
+    # the next job on the model fetches it and succeeds, calibrated on a private hub dataset
+    # (which datasets fetches with the worker's token from the environment)
     hub.rate = None
-    again = http.post("/jobs", json={"model_id": REPO, **SPEC}).json()
+    again = http.post("/jobs", json={"model_id": REPO, **SPEC,
+                                     "calibration": PRIVATE_TEXT}).json()
     done = wait_status(http, again["id"], TERMINAL, timeout=240)
     assert done["status"] == "succeeded", done
+    assert "wikitext-2-raw-v1/train-00000-of-00001.parquet" in hub.downloads()
     download_all(http, again["id"], tmp_path / "from-hub")
 
-    local = http.post("/jobs", json={"model_id": "tiny-llama", **SPEC}).json()
+    local = http.post("/jobs", json={"model_id": "tiny-llama", **SPEC,
+                                     "calibration": PRIVATE_TEXT}).json()
     assert wait_status(http, local["id"], TERMINAL, timeout=240)["status"] == "succeeded"
     download_all(http, local["id"], tmp_path / "local")
     assert_same_checkpoint(tmp_path / "local", tmp_path / "from-hub")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,13 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     # when stderr is not a terminal)
     evaluating = [line for line in run.stderr.splitlines() if line.startswith("evaluating")]
     assert sum("batch 1 of 1" in line for line in evaluating) == 2, run.stderr
+    # and through the writing of the weights, to all of their bytes
+    written = [re.search(r"writing the checkpoint: ([\d.]+) KB of ([\d.]+) KB", line)
+               for line in run.stderr.splitlines() if line.startswith("saving")]
+    written = [(float(m.group(1)), float(m.group(2))) for m in written if m]
+    header = int.from_bytes((out / "model.safetensors").read_bytes()[:8], "little")
+    weights = ((out / "model.safetensors").stat().st_size - 8 - header) / 1000
+    assert len(written) > 1 and written[-1] == (round(weights, 1), round(weights, 1)), written
     assert f"checkpoint: {out}" in run.stdout
     assert "perplexity after" in run.stdout
     assert "solver: torch column loop on cpu" in run.stdout  # which loop ran (a GPU: triton, or why not)

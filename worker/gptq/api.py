@@ -32,7 +32,7 @@ from worker.gptq.calibration import build_calibration, check_source
 from worker.gptq.columnkernel import choice as column_kernel_choice
 from worker.gptq.columnkernel import describe as describe_column_kernel
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
-from worker.gptq.download import OnTransfer, Transfer
+from worker.gptq.download import OnTransfer, Transfer, size_text
 from worker.gptq.errors import CalibrationError, DiskFull, EngineError, OutOfMemory
 from worker.gptq.memory import return_freed_memory
 from worker.gptq.modelio import (
@@ -267,6 +267,7 @@ def _quantize_loaded(
         files = save_checkpoint(
             loaded.model, loaded.tokenizer, result, config, out_dir, arch=arch,
             report=report.to_dict(), stored=store.stored() if store is not None else None,
+            on_written=run.steps("saving", _writing, min_step=0.01),
         )
         report.files = sorted({str(Path(p).relative_to(out_dir)) for p in files})
         report.sizes = _sizes(loaded.model, hf_config, result, out_dir)
@@ -284,6 +285,10 @@ def _quantize_loaded(
 # where a streamed run reads the next block while solving this one: on a GPU the card would
 # otherwise wait on the disk; on the CPU host memory is the limit streaming exists for
 READ_AHEAD_DEVICES = ("cuda",)
+
+
+def _writing(done: int, total: int) -> str:
+    return f"writing the checkpoint: {size_text(done)} of {size_text(total)}"
 
 
 def open_streamed(
@@ -398,24 +403,31 @@ class RunProgress:
 
         return report
 
-    def steps(self, stage: str, what: str, key: str | None = None,
-              with_eta: bool = False) -> StepCallback:
+    def steps(self, stage: str, what: str | Callable[[int, int], str], key: str | None = None,
+              with_eta: bool = False, min_step: float = 0.0) -> StepCallback:
         """A stage's steps (i of n) as events, the fraction moving through the stage's share:
-        blocks as block i/n, other steps (what: 'batch') in the message; with_eta, the time
-        left of the stage from its pace so far (where the stage ends the run)."""
+        blocks as block i/n, other steps in the message ('batch i of n', or what(i, n));
+        with_eta, the time left of the stage from its pace so far (where the stage ends the
+        run); min_step, the least share of the stage between two events (the last one always)."""
         low, high, began = self.fraction, self.ends[key or stage], time.perf_counter()
+        shown = -1.0
 
         def report(done: int, total: int) -> None:
+            nonlocal shown
             self.fraction = max(self.fraction, low + (high - low) * done / total)
-            if self.progress is None:
+            if self.progress is None or (done < total and done / total - shown < min_step):
                 return
+            shown = done / total
             blocks = what == "block"
+            if blocks:
+                message = ""
+            else:
+                message = what(done, total) if callable(what) else f"{what} {done} of {total}"
             pace = (time.perf_counter() - began) / done
             self.progress(ProgressEvent(
                 stage=stage, fraction=self.fraction, seconds=self.elapsed(),
                 block=done if blocks else None, num_blocks=total if blocks else None,
-                message="" if blocks else f"{what} {done} of {total}",
-                eta_seconds=pace * (total - done) if with_eta else None,
+                message=message, eta_seconds=pace * (total - done) if with_eta else None,
                 stage_seconds=dict(self.stage_seconds)))
 
         return report

@@ -45,12 +45,12 @@ class Transfer:
     def describe(self, what: str) -> str:
         """e.g. 'downloading org/name: 3.2 GB of 16.1 GB in 4 files at 85.0 MB/s, about 2:43
         left'."""
-        text = f"downloading {what}: {_size(self.done)} of {_size(self.total)}"
+        text = f"downloading {what}: {size_text(self.done)} of {size_text(self.total)}"
         if self.files > 1:
             text += f" in {self.files} files"
         if self.rate is not None and self.done < self.total:
             eta = math.ceil(self.eta_seconds or 0)
-            text += f" at {_size(self.rate)}/s, about {eta // 60}:{eta % 60:02d} left"
+            text += f" at {size_text(self.rate)}/s, about {eta // 60}:{eta % 60:02d} left"
         return text
 
 
@@ -160,7 +160,8 @@ def _bar_class(meter: _Meter | None) -> type:
     return Bar
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """Bytes as a person reads them: '999 B', '12.3 MB', '16.1 GB' (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

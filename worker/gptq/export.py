@@ -31,6 +31,7 @@ from .gptq import LayerQuantResult
 from .lazyload import INDEX_FILE as INDEX_NAME
 from .lazyload import tied_keys
 from .packing import pack_qweight, pack_qzeros
+from .progress import StepCallback
 from .stwriter import TensorSpec, write_safetensors
 from .tensornames import tensor_namer
 
@@ -242,9 +243,22 @@ def _plan_shards(entries: list[_Entry], max_shard_size: int) -> list[list[_Entry
 
 def _write_weights(
     entries: list[_Entry], out_dir: Path, max_shard_size: int, rename: Callable[[str], str],
+    on_written: StepCallback | None = None,
 ) -> list[Path]:
-    """The shards (and their index), each tensor under rename(its module name)."""
+    """The shards (and their index), each tensor under rename(its module name); on_written
+    hears the bytes written of the total after each tensor."""
     shards = _plan_shards(entries, max_shard_size)
+    size = sum(spec.nbytes for entry in entries for spec in entry.specs.values())
+    done = 0
+
+    def counted(pairs: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal done
+        for name, tensor in pairs:
+            yield name, tensor  # the writer asks for the next one once this one is written
+            done += tensor.numel() * tensor.element_size()
+            if on_written is not None:
+                on_written(done, size)
+
     if len(shards) == 1:
         names = [WEIGHTS_NAME]
     else:
@@ -256,7 +270,7 @@ def _write_weights(
         specs = {rename(key): spec for entry in shard for key, spec in entry.specs.items()}
         # one entry's tensors in memory at a time, however large the shard
         made = ((rename(key), tensor) for entry in shard for key, tensor in entry.make().items())
-        write_safetensors(out_dir / fname, specs, made, metadata={"format": "pt"})
+        write_safetensors(out_dir / fname, specs, counted(made), metadata={"format": "pt"})
         paths.append(out_dir / fname)
         weight_map.update(dict.fromkeys(specs, fname))
         total += sum(spec.nbytes for spec in specs.values())
@@ -320,8 +334,10 @@ def save_checkpoint(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype = torch.float16,
     stored: Mapping[str, torch.Tensor] | None = None,
+    on_written: StepCallback | None = None,
 ) -> list[Path]:
     """Write the checkpoint of a quantized model into out_dir; returns the files written.
+    on_written hears the weights' bytes written of their total, after each tensor.
 
     arch (the model's ArchSpec) lets export list block linears missing from result.layers in
     the config's `dynamic` skip map, so GPTQModel and vLLM load them as plain weights.
@@ -343,7 +359,7 @@ def save_checkpoint(
 
     entries = [_from_store(e, stored) for e in _checkpoint_entries(model, layers, config, dtype)]
     rename = tensor_namer(config, getattr(model.config, "model_type", None))
-    paths = _write_weights(entries, out_dir, max_shard_size, rename)
+    paths = _write_weights(entries, out_dir, max_shard_size, rename, on_written)
     qconfig = quantization_config_dict(config)
     skipped = unquantized_block_layers(model, arch, layers) if arch is not None else []
     if skipped:

@@ -61,11 +61,13 @@ def source(tmp_path_factory) -> Path:
 
 
 def hub_env(hub_url: str, cache: Path) -> dict[str, str]:
-    """A process's environment to fetch from the fake hub into cache, with reports every MiB
+    """A process's environment to fetch from the fake hub into caches of its own under cache
+    (nothing from the machine's ~/.cache/huggingface), with reports every MiB
     (tests/hubchunks)."""
     path = os.pathsep.join(p for p in (str(HUBCHUNKS), os.environ.get("PYTHONPATH")) if p)
-    return {"HF_ENDPOINT": hub_url, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": path}
+    return {"HF_ENDPOINT": hub_url, "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"),
+            "HF_DATASETS_CACHE": str(cache / "datasets"), "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": path}
 
 
 def _run(repo: str, hub_url: str, cache: Path, out: Path, mode: str) -> tuple[list[dict], dict]:
@@ -164,8 +166,7 @@ CASES = {  # model, calibration, token -> the error code and words of advice (No
 def test_hub_refusals_say_what_to_do(source: Path, tmp_path: Path, case: str) -> None:
     model, calibration, token, expected = CASES[case]
     with fake_hub({REPO: source, GATED: source}, private={REPO}, gated={GATED}) as hub:
-        env = {**os.environ, **hub_env(hub.url, tmp_path / "cache"), "HF_TOKEN": token,
-               "HF_HOME": str(tmp_path / "home")}
+        env = {**os.environ, **hub_env(hub.url, tmp_path / "cache"), "HF_TOKEN": token}
         done = subprocess.run(
             [sys.executable, "-m", "app.cli", "quantize", "--model", model, "--out",
              str(tmp_path / "out"), "--calibration", calibration, "--num-samples", "8",

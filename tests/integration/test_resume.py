@@ -99,7 +99,8 @@ def test_killed_run_resumes_after_the_last_committed_block(model_dir, tmp_path, 
     assert assert_same_checkpoint(tmp_path / "clean", tmp_path / "resumed") > 10
     assert [m["name"] for m in resumed.modules] == [m["name"] for m in clean.modules]
     assert [m["loss"] for m in resumed.modules] == [m["loss"] for m in clean.modules]
-    assert not work.exists() or not any(work.iterdir())  # emptied once the checkpoint is written
+    # emptied once the checkpoint is written
+    assert not work.exists() or not any(work.iterdir()), sorted(p.name for p in work.iterdir())
 
 
 def test_resumed_whole_model_run_evaluates_the_restored_blocks(model_dir, tmp_path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -27,6 +28,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 COMMIT = "feedfacecafebeef0123456789abcdef01234567"
 LFS_SUFFIXES = (".safetensors", ".bin")  # served as LFS files, as the hub does for weights
 CHUNK = 64 * 1024
+HUBCHUNKS = Path(__file__).parent / "hubchunks"  # a sitecustomize: reports every MiB
 
 
 @dataclass
@@ -237,6 +239,16 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     hub.pace(len(block))
 
     return Handler
+
+
+def hub_env(hub_url: str, cache: Path) -> dict[str, str]:
+    """A process's environment to fetch from the fake hub into caches of its own under cache
+    (nothing from the machine's ~/.cache/huggingface), with reports every MiB
+    (tests/hubchunks)."""
+    path = os.pathsep.join(p for p in (str(HUBCHUNKS), os.environ.get("PYTHONPATH")) if p)
+    return {"HF_ENDPOINT": hub_url, "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"),
+            "HF_DATASETS_CACHE": str(cache / "datasets"), "HF_HUB_OFFLINE": "0",
+            "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": path}
 
 
 @contextmanager

@@ -17,22 +17,17 @@ from worker.progress_writer import verification_writer
 log = logging.getLogger("gptqd.worker")
 
 
-# a verification's share of its progress per stage: reading the checkpoint, then the windows
-# (and the sample text, at the end of evaluating)
-STAGE_ENDS = {"loading": 0.1, "evaluating": 1.0}
-
-
 def measure(
     spec: dict[str, Any], request: dict[str, Any], store: Store, settings: Settings,
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    from worker.gptq.api import RunProgress, compute_device
+    from worker.gptq.api import SCORING_STAGE_ENDS, RunProgress, compute_device
     from worker.gptq.evaluate import check_fits, eval_windows, generate_samples, load_texts
     from worker.gptq.residency import open_checkpoint, samples_skipped
     from worker.gptq.streameval import perplexity_of
 
     started = time.monotonic()
-    run = RunProgress(progress, None, STAGE_ENDS)
+    run = RunProgress(progress, None, SCORING_STAGE_ENDS)
     source, text_field = jobspec.eval_source(spec, request.get("dataset_id"), store, settings)
     seq_length = jobspec.eval_seq_length(spec, request.get("seq_length"))
     texts = load_texts(source, text_field)

@@ -38,8 +38,6 @@ class Load(StrEnum):
 
 
 LOAD_MODES = {Load.auto: None, Load.whole: False, Load.stream: True}  # api.quantize's lazy
-# `gptqd eval`'s share of its bar per stage: loading (a hub download), then the windows
-EVAL_STAGE_ENDS = {"loading": 0.1, "evaluating": 1.0}
 
 # options whose values the engine's config classes validate: field name -> option
 _FIELD_OPTIONS = {
@@ -354,13 +352,13 @@ def _perplexity(
     text_field: str, trust_remote_code: bool, device: str | None = None,
     progress: Callable[[Any], None] | None = None,
 ) -> dict:
-    from worker.gptq.api import RunProgress, compute_device
+    from worker.gptq.api import SCORING_STAGE_ENDS, RunProgress, compute_device
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts
     from worker.gptq.streameval import perplexity_of
 
     compute = compute_device(device)
-    run = RunProgress(progress, None, EVAL_STAGE_ENDS)
+    run = RunProgress(progress, None, SCORING_STAGE_ENDS)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
     with run.stage("loading"):
         loaded, tokenizer, kind, lazy = _load_for_eval(model, trust_remote_code, compute,

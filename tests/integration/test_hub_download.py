@@ -15,13 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import fake_hub
+from tests.fakehub import fake_hub, hub_env
 from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
 from worker.gptq.api import quantize
 from worker.gptq.config import CalibrationSpec, QuantizeConfig
 
 REPO = "acme/tiny-llama"
-HUBCHUNKS = Path(__file__).parents[1] / "hubchunks"
 RATE = 5_000_000  # bytes a second over both files: 20 MB take 4 s
 CHILD = textwrap.dedent("""
     import json, sys, time
@@ -58,16 +57,6 @@ def source(tmp_path_factory) -> Path:
     blocks stay tiny, so quantizing it takes a second)."""
     return tiny_llama(tmp_path_factory.mktemp("llama") / "model", layers=2, vocab=40000,
                       max_shard_size="12MB")
-
-
-def hub_env(hub_url: str, cache: Path) -> dict[str, str]:
-    """A process's environment to fetch from the fake hub into caches of its own under cache
-    (nothing from the machine's ~/.cache/huggingface), with reports every MiB
-    (tests/hubchunks)."""
-    path = os.pathsep.join(p for p in (str(HUBCHUNKS), os.environ.get("PYTHONPATH")) if p)
-    return {"HF_ENDPOINT": hub_url, "HF_HOME": str(cache), "HF_HUB_CACHE": str(cache / "hub"),
-            "HF_DATASETS_CACHE": str(cache / "datasets"), "HF_HUB_OFFLINE": "0",
-            "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": path}
 
 
 def _run(repo: str, hub_url: str, cache: Path, out: Path, mode: str) -> tuple[list[dict], dict]:

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fakehub import FakeHub, fake_hub, wikitext_repo
+from tests.fakehub import FakeHub, fake_hub, hub_env, wikitext_repo
 from tests.integration.checkpoints import assert_same_checkpoint, tiny_llama
-from tests.integration.test_hub_download import hub_env
 from tests.service.conftest import NO_VERIFY, TERMINAL, Box, start_box, wait_status
 from tests.service.helpers import download_all, wait_for
 

@@ -55,6 +55,11 @@ STAGE_WEIGHTS = {"loading": 5, "calibration": 3, "evaluating_before": 4, "quanti
                  "evaluating_after": 6, "saving": 8}
 
 
+# a run that only scores a model (`gptqd eval`, a verification): its share per stage, reading
+# the model (a hub download) then the windows (and any sample text, at the end)
+SCORING_STAGE_ENDS = {"loading": 0.1, "evaluating": 1.0}
+
+
 def stage_ends(with_evaluation: bool) -> dict[str, float]:
     """The fraction of the whole run reached at the end of each stage."""
     weights = {k: w for k, w in STAGE_WEIGHTS.items() if with_evaluation or "evaluating" not in k}
@@ -157,7 +162,9 @@ def quantize(
             if loaded is None and lazy:
                 raise EngineError(f"lazy loading is not possible for {model}: {why}")
         if loaded is None:
-            if not Path(model).expanduser().is_dir():  # from_pretrained then reads the cache
+            if not residency.stream and not Path(model).expanduser().is_dir():
+                # a hub model's files (open_streamed fetched them when it was tried), with
+                # progress; from_pretrained then reads the cache
                 hub_snapshot(model, **common, on_transfer=on_transfer)
             loaded = load_model(
                 model,

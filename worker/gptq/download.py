@@ -75,7 +75,7 @@ def fetch(repo_id: str, patterns: list[str], *, revision: str | None = None,
 
     common: dict[str, Any] = {"revision": revision, "token": token, "allow_patterns": patterns}
     plan = _plan(repo_id, common) if on_transfer is not None else []
-    if on_transfer is None or not plan:  # nothing to fetch, offline, or nobody listening
+    if not plan:  # nobody listening, nothing to fetch, or offline
         return Path(snapshot_download(repo_id, tqdm_class=_bar_class(None), **common))
     meter = _Meter(sum(plan), len(plan))
     outcome: dict[str, Any] = {}

@@ -193,15 +193,34 @@ class Client:
     def verification(self, job_id: str, verification_id: str) -> dict:
         return self._json("GET", f"/jobs/{job_id}/verifications/{verification_id}")
 
+    def publications(self, job_id: str) -> list[dict]:
+        return _items(self._json("GET", f"/jobs/{job_id}/publications"))
+
+    def publish(self, job_id: str, body: dict[str, Any]) -> dict:
+        return self._json("POST", f"/jobs/{job_id}/publications", json=body)
+
+    def publication(self, job_id: str, publication_id: str) -> dict:
+        return self._json("GET", f"/jobs/{job_id}/publications/{publication_id}")
+
     def wait_verification(self, job_id: str, verification_id: str,
                           on_poll: Callable[[dict], None] | None = None,
                           poll: float = 0.5) -> dict:
-        """Polls the verification until it ends (the server fails it if its worker is lost, so
-        there is no deadline here); on_poll sees each answer while it has not."""
-        while True:
-            v = self.verification(job_id, verification_id)
-            if v["status"] in TERMINAL:
-                return v
-            if on_poll is not None:
-                on_poll(v)
-            time.sleep(poll)
+        return _wait_ended(lambda: self.verification(job_id, verification_id), on_poll, poll)
+
+    def wait_publication(self, job_id: str, publication_id: str,
+                         on_poll: Callable[[dict], None] | None = None,
+                         poll: float = 0.5) -> dict:
+        return _wait_ended(lambda: self.publication(job_id, publication_id), on_poll, poll)
+
+
+def _wait_ended(get: Callable[[], dict], on_poll: Callable[[dict], None] | None,
+                poll: float) -> dict:
+    """Polls a verification or publication until it ends (the server fails it if its worker
+    is lost, so there is no deadline here); on_poll sees each answer while it has not."""
+    while True:
+        item = get()
+        if item["status"] in TERMINAL:
+            return item
+        if on_poll is not None:
+            on_poll(item)
+        time.sleep(poll)

@@ -1,4 +1,4 @@
-"""Sending work to the workers. A message names only the job (or verification) id."""
+"""Sending work to the workers. A message names only the job (or follow-up) id."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import re
 
 from celery import Celery
 
-from app.tasknames import RUN_JOB, RUN_VERIFICATION
+from app.tasknames import RUN_FOLLOW_UP, RUN_JOB
 
 log = logging.getLogger("gptqd.api")
-ITEM_ID = re.compile(rb"(?:job|ver)_[0-9a-f]{32}")
+ITEM_ID = re.compile(rb"(?:job|ver|pub)_[0-9a-f]{32}")
 
 
 class Dispatcher:
@@ -31,8 +31,9 @@ class Dispatcher:
     def send_job(self, job_id: str) -> bool:
         return self._send(RUN_JOB, job_id)
 
-    def send_verification(self, verification_id: str) -> bool:
-        return self._send(RUN_VERIFICATION, verification_id)
+    def send_follow_up(self, follow_up_id: str) -> bool:
+        """A verification or a publication."""
+        return self._send(RUN_FOLLOW_UP, follow_up_id)
 
     def declare(self) -> None:
         """Declares the queue and its binding afresh. Publishers remember what they declared,

@@ -21,6 +21,7 @@ from app.routes import (
     health,
     jobs,
     metrics,
+    publications,
     verifications,
 )
 from app.settings import Settings, get_settings
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(events.router)
     app.include_router(artifacts.router)
     app.include_router(verifications.router)
+    app.include_router(publications.router)
     app.include_router(datasets.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)

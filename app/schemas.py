@@ -31,6 +31,7 @@ _NAMEISH = re.compile(r"^[A-Za-z0-9_.\-]+$")
 # ids the store hands out (store.new_id): a prefix and 32 hex digits
 JOB_ID = re.compile(r"^job_[0-9a-f]{32}$")
 VERIFICATION_ID = re.compile(r"^ver_[0-9a-f]{32}$")
+PUBLICATION_ID = re.compile(r"^pub_[0-9a-f]{32}$")
 DATASET_ID = re.compile(r"^ds_[0-9a-f]{32}$")
 # C0 control characters but tab, LF and CR (legitimate in text such as prompts): NUL is refused
 # by PostgreSQL and the rest have no place in a request; refused in every string of a request.
@@ -176,6 +177,41 @@ class VerifyIn(VerificationIn):
     perplexity: bool = True
 
 
+# a hub repository, as the hub names them: namespace/name of letters, digits, '_', '-', '.'
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9_.\-]+$")
+
+
+class PublicationIn(Strict):
+    """Where a succeeded job's checkpoint goes on the Hugging Face hub. The worker's token
+    (GPTQD_HF_TOKEN) writes it; a token is never part of a request."""
+
+    repo_id: Annotated[str, Field(min_length=3, max_length=200)]
+    private: bool = True  # a repository created now; an existing one keeps its visibility
+    branch: Annotated[str, Field(min_length=1, max_length=100)] | None = None  # None: main
+    commit_message: Annotated[str, Field(min_length=1, max_length=500)] | None = None
+    model_card: bool = True  # a README.md saying how the model was quantized and what it lost
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        if not _REPO_ID.match(v):
+            raise ValueError("repo_id must be 'namespace/name' (a user or organisation, then "
+                             "letters, digits, '_', '-', '.')")
+        name = v.split("/", 1)[1]
+        if len(name) > 96:
+            raise ValueError("repo_id's name must be at most 96 characters")
+        if "--" in v or ".." in v or v.endswith(".git") or name.startswith((".", "-")):
+            raise ValueError("repo_id must not contain '--' or '..', nor end in '.git'")
+        return v
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, v: str | None) -> str | None:
+        if v is not None and (not _REVISION.match(v) or ".." in v or v.endswith(("/", ".lock"))):
+            raise ValueError("branch must be a git branch name (letters, digits, '_', '-', '.', '/')")
+        return v
+
+
 class JobIn(Strict):
     model_id: Annotated[str, Field(min_length=1, max_length=200)]
     revision: Annotated[str, Field(min_length=1, max_length=100)] | None = None
@@ -286,7 +322,10 @@ class DatasetOut(BaseModel):
     created_at: datetime
 
 
-class VerificationOut(BaseModel):
+class FollowUpOut(BaseModel):
+    """Work a worker does on a succeeded job's stored checkpoint: a verification or a
+    publication."""
+
     id: str
     job_id: str
     status: JobStatus
@@ -294,8 +333,16 @@ class VerificationOut(BaseModel):
     created_at: datetime
     finished_at: datetime | None
     attempts: int  # runs started; more than 1 when a worker died and another took over
-    # stage (loading, evaluating; done or failed at the end), block i/n of a streamed checkpoint,
-    # fraction, ETA; null while queued
+    # stage (a verification's loading, evaluating; a publication's preparing, uploading; done or
+    # failed at the end), block i/n of a streamed checkpoint, fraction, ETA; null while queued
     progress: Progress | None = None
     result: dict[str, Any] | None
     error: ErrorOut | None
+
+
+class VerificationOut(FollowUpOut):
+    """result: perplexity, samples, where the text came from."""
+
+
+class PublicationOut(FollowUpOut):
+    """result: the repository's url, the commit, files and bytes sent."""

@@ -1,5 +1,5 @@
 """The job store: the source of truth for jobs, their event log, uploaded datasets and
-verifications. API and workers share it; every state change is one short transaction, and the
+follow-ups (verifications and publications of a job's checkpoint). API and workers share it; every state change is one short transaction, and the
 ones that race (claim, cancel, finish) are single conditional UPDATEs.
 """
 
@@ -9,8 +9,9 @@ import re
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     JSON,
@@ -33,7 +34,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from app.cursor import decode_cursor, encode_cursor
 from app.db import WRITE, UTCDateTime, make_engine, utcnow
-from app.schemas import DATASET_ID, JOB_ID, TERMINAL, VERIFICATION_ID
+from app.schemas import DATASET_ID, JOB_ID, PUBLICATION_ID, TERMINAL, VERIFICATION_ID
 
 
 class Base(DeclarativeBase):
@@ -97,7 +98,32 @@ class Dataset(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
-class Verification(Base):
+FollowUpKind = Literal["verification", "publication"]
+
+
+@dataclass(frozen=True)
+class FollowUpShape:
+    prefix: str  # of its ids
+    id_shape: re.Pattern[str]
+    # why its worker kept dying, and what to do (a worker_lost failure's message)
+    lost_advice: str
+
+
+FOLLOW_UPS: dict[str, FollowUpShape] = {
+    "verification": FollowUpShape(
+        "ver", VERIFICATION_ID, "probably out of memory: use fewer max_windows or a shorter "
+        "seq_length, or a machine with more memory"),
+    "publication": FollowUpShape(
+        "pub", PUBLICATION_ID, "the upload ended its process each time; see the worker's log"),
+}
+
+
+class FollowUp(Base):
+    """Work a worker does on a succeeded job's stored checkpoint, one row each: a verification
+    (perplexity, samples) or a publication (an upload to the hub). Both are claimed, beat,
+    requeued and finished alike; the table keeps the name it had when it held verifications
+    only."""
+
     __tablename__ = "gptqd_verifications"
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -116,6 +142,13 @@ class Verification(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # stage, block i/n, fraction, ETA while it runs (added in 0.1: older stores gain it)
     progress: Mapped[dict | None] = mapped_column(JSON)
+    # verification or publication (added in 0.2: older rows, all verifications, have NULL)
+    kind: Mapped[str | None] = mapped_column(String(16))
+
+
+def _kind_is(kind: str) -> Any:
+    return FollowUp.kind == kind if kind != "verification" else or_(
+        FollowUp.kind.is_(None), FollowUp.kind == kind)
 
 
 class IdempotencyConflict(Exception):
@@ -503,7 +536,7 @@ class Store:
             job = s.get(Job, job_id)
             if job is None or job.status not in TERMINAL:
                 return False
-            s.execute(delete(Verification).where(Verification.job_id == job_id))
+            s.execute(delete(FollowUp).where(FollowUp.job_id == job_id))
             s.execute(delete(Event).where(Event.job_id == job_id))
             s.execute(delete(Job).where(Job.id == job_id))
         return True
@@ -527,46 +560,47 @@ class Store:
             q = q.where(Dataset.owner == owner)
         return self._page(q, Dataset, DATASET_ID, limit, cursor)
 
-    # -- verifications -----------------------------------------------------------------------
+    # -- follow-ups: verifications and publications ------------------------------------------
 
-    def create_verification(self, job_id: str, spec: dict) -> Verification:
-        v = Verification(
-            id=new_id("ver"), job_id=job_id, status="queued", spec=spec, created_at=utcnow(),
-            attempts=0,
+    def create_follow_up(self, job_id: str, spec: dict,
+                         kind: FollowUpKind = "verification") -> FollowUp:
+        v = FollowUp(
+            id=new_id(FOLLOW_UPS[kind].prefix), job_id=job_id, status="queued", spec=spec,
+            created_at=utcnow(), attempts=0, kind=kind,
         )
         with self._write() as s:
             s.add(v)
         return v
 
-    def queued_verifications(self) -> dict[str, datetime]:
-        """Queued verifications' ids with when each was created (one read per reconcile pass)."""
+    def queued_follow_ups(self) -> dict[str, datetime]:
+        """Queued follow-ups' ids with when each was created (one read per reconcile pass)."""
         with self._read() as s:
             return {vid: created for vid, created in s.execute(
-                select(Verification.id, Verification.created_at)
-                .where(Verification.status == "queued"))}
+                select(FollowUp.id, FollowUp.created_at)
+                .where(FollowUp.status == "queued"))}
 
-    def get_verification(self, verification_id: str) -> Verification | None:
+    def get_follow_up(self, verification_id: str) -> FollowUp | None:
         with self._read() as s:
-            return s.get(Verification, verification_id)
+            return s.get(FollowUp, verification_id)
 
-    def list_verifications(self, job_id: str, limit: int = 50, cursor: str | None = None
-                           ) -> tuple[list[Verification], str | None]:
-        """A job's verifications, newest first, a page at a time (see list_jobs)."""
-        q = select(Verification).where(Verification.job_id == job_id)
-        return self._page(q, Verification, VERIFICATION_ID, limit, cursor)
+    def list_follow_ups(self, job_id: str, limit: int = 50, cursor: str | None = None,
+                        kind: FollowUpKind = "verification") -> tuple[list[FollowUp], str | None]:
+        """A job's follow-ups of one kind, newest first, a page at a time (see list_jobs)."""
+        q = select(FollowUp).where(FollowUp.job_id == job_id, _kind_is(kind))
+        return self._page(q, FollowUp, FOLLOW_UPS[kind].id_shape, limit, cursor)
 
-    def claim_verification(self, verification_id: str) -> Verification | None:
+    def claim_follow_up(self, verification_id: str) -> FollowUp | None:
         now = utcnow()
         with self._write() as s:
             n = s.execute(
-                update(Verification)
-                .where(Verification.id == verification_id, Verification.status == "queued")
+                update(FollowUp)
+                .where(FollowUp.id == verification_id, FollowUp.status == "queued")
                 .values(status="running", started_at=now, heartbeat_at=now,
-                        attempts=Verification.attempts + 1)
+                        attempts=FollowUp.attempts + 1)
             ).rowcount
-        return self.get_verification(verification_id) if n else None
+        return self.get_follow_up(verification_id) if n else None
 
-    def heartbeat_verification(self, verification_id: str, attempt: int,
+    def heartbeat_follow_up(self, verification_id: str, attempt: int,
                                progress: dict | None = None) -> bool:
         """A running verification's beat, with its progress when given; False if no longer
         this attempt's."""
@@ -575,50 +609,50 @@ class Store:
             values["progress"] = progress
         with self._write() as s:
             return bool(s.execute(
-                update(Verification)
-                .where(Verification.id == verification_id, Verification.status == "running",
-                       Verification.attempts == attempt)
+                update(FollowUp)
+                .where(FollowUp.id == verification_id, FollowUp.status == "running",
+                       FollowUp.attempts == attempt)
                 .values(**values)
             ).rowcount)
 
-    def requeue_stale_verifications(
+    def requeue_stale_follow_ups(
         self, stale_before: datetime | None, max_attempts: int, *,
         only: tuple[str, int] | None = None,
     ) -> tuple[list[str], list[str]]:
-        """Running verifications whose worker stopped beating: queued again (the caller re-sends
+        """Running follow-ups whose worker stopped beating: queued again (the caller re-sends
         them), or failed as worker_lost once they used max_attempts. (requeued, failed).
-        only=(verification id, attempt) as in requeue_stale."""
+        only=(follow-up id, attempt) as in requeue_stale."""
         requeued, ended = [], []
         now = utcnow()
         # rows from before heartbeats were kept have only started_at
-        beat = func.coalesce(Verification.heartbeat_at, Verification.started_at)
+        beat = func.coalesce(FollowUp.heartbeat_at, FollowUp.started_at)
         with self._write() as s:
             rows = s.execute(
-                select(Verification.id, Verification.attempts).where(
-                    Verification.status == "running",
-                    *_stale_or_only(Verification, beat, stale_before, only),
+                select(FollowUp.id, FollowUp.attempts, FollowUp.kind).where(
+                    FollowUp.status == "running",
+                    *_stale_or_only(FollowUp, beat, stale_before, only),
                 )
             ).all()
-            for vid, attempts in rows:
+            for vid, attempts, kind in rows:
                 if attempts >= max_attempts:
+                    kind = kind or "verification"
                     values: dict[str, Any] = {
                         "status": "failed", "finished_at": now, "error_code": "worker_lost",
                         "error_message": f"the worker died {attempts} times while running this "
-                        "verification, probably out of memory: use fewer max_windows or a "
-                        "shorter seq_length, or a machine with more memory"}
+                        f"{kind}, {FOLLOW_UPS[kind].lost_advice}"}
                 else:
                     values = {"status": "queued", "heartbeat_at": None, "progress": None}
                 n = s.execute(
-                    update(Verification)
-                    .where(Verification.id == vid, Verification.status == "running",
-                           Verification.attempts == attempts)
+                    update(FollowUp)
+                    .where(FollowUp.id == vid, FollowUp.status == "running",
+                           FollowUp.attempts == attempts)
                     .values(**values)
                 ).rowcount
                 if n:
                     (requeued if values["status"] == "queued" else ended).append(vid)
         return requeued, ended
 
-    def finish_verification(
+    def finish_follow_up(
         self,
         verification_id: str,
         status: str,
@@ -636,13 +670,13 @@ class Store:
             values["progress"] = progress
         if error is not None:
             values["error_code"], values["error_message"] = error
-        mine = [Verification.id == verification_id, Verification.status == "running"]
+        mine = [FollowUp.id == verification_id, FollowUp.status == "running"]
         if attempt is not None:
-            mine.append(Verification.attempts == attempt)
+            mine.append(FollowUp.attempts == attempt)
         with self._write() as s:
             return bool(
                 s.execute(
-                    update(Verification)
+                    update(FollowUp)
                     .where(*mine)
                     .values(**values)
                 ).rowcount

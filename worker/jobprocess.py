@@ -1,4 +1,5 @@
-"""Every job and every verification runs in a process of its own that starts clean.
+"""Every job and every follow-up (verification, publication) runs in a process of its own
+that starts clean.
 
 A job process is exec'd (a new interpreter), never forked from the worker: whatever the
 worker's process imported or initialised cannot reach it. CUDA above all: a library that
@@ -7,7 +8,8 @@ after it ("Cannot re-initialize CUDA in forked subprocess").
 
 To keep a job's start cheap, the next job process is started ahead of its job (when the
 worker starts, and then as each job begins): it imports torch, transformers and the engine,
-then waits on its stdin for one line, `job <id>` or `verification <id>`. It runs that one item and exits, so everything it allocated (GPU memory
+then waits on its stdin for one line, `job <id>` or `follow-up <id>` (a verification or a
+publication). It runs that one item and exits, so everything it allocated (GPU memory
 included) goes back to the system. It dies with the process that started it (PR_SET_PDEATHSIG),
 so stopping a worker never leaves a job process behind.
 
@@ -31,7 +33,7 @@ from typing import Literal
 
 log = logging.getLogger("gptqd.worker")
 
-Kind = Literal["job", "verification"]
+Kind = Literal["job", "follow-up"]  # follow-up: a verification or a publication
 
 # what a job imports on first use (seconds per job otherwise): imported while the process waits
 PRELOAD = (
@@ -41,7 +43,7 @@ PRELOAD = (
     "transformers.generation.utils", "huggingface_hub.serialization",
     "worker.gptq.api", "worker.gptq.loader", "worker.gptq.lazyload", "worker.gptq.export",
     "worker.gptq.calibration", "worker.gptq.pipeline", "worker.gptq.blockstore",
-    "worker.gptq.evaluate", "worker.jobrunner", "worker.verifier",
+    "worker.gptq.evaluate", "worker.jobrunner", "worker.verifier", "worker.followup",
 )
 PARENT_ENV = "GPTQD_JOB_PARENT"  # the pid the job process must die with
 READY_ENV = "GPTQD_JOB_READY_FD"  # where it writes one byte once it has imported the engine
@@ -139,7 +141,7 @@ def _say_ready() -> None:
 
 
 def run_item(kind: Kind, item_id: str) -> str | None:
-    """Runs one job or verification in this process; its final status (None: skipped)."""
+    """Runs one job or follow-up in this process; its final status (None: skipped)."""
     from app.settings import get_settings
     from app.store import Store
 
@@ -154,9 +156,9 @@ def run_item(kind: Kind, item_id: str) -> str | None:
             from worker.jobrunner import run_job
 
             return run_job(item_id, store, settings)
-        from worker.verifier import run_verification
+        from worker.followup import run_follow_up
 
-        return run_verification(item_id, store, settings)
+        return run_follow_up(item_id, store, settings)
     finally:
         store.dispose()
 
@@ -175,7 +177,7 @@ def main() -> None:
     if not line:  # the worker stopped before giving this process a job
         return
     kind, item_id = line
-    if kind not in ("job", "verification"):
+    if kind not in ("job", "follow-up"):
         raise SystemExit(f"unknown item kind {kind!r}")
     status = run_item(kind, item_id)  # type: ignore[arg-type]
     log.info("%s %s: %s", kind, item_id, status or "skipped (not queued)")

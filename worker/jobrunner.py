@@ -220,13 +220,22 @@ def public_source(source: str) -> str:
     return Path(source).name if source.startswith("/") else source
 
 
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The engine's report as anyone may read it: server paths (where it was written, a local
+    model's or an uploaded text's path) show only their last name."""
+    out = {k: v for k, v in report.items() if k != "out_dir"}
+    if "model" in out:
+        out["model"] = public_source(str(out["model"]))
+    for key in ("calibration", "evaluation"):
+        if isinstance(out.get(key), dict) and "source" in out[key]:
+            out[key] = {**out[key], "source": public_source(str(out[key]["source"]))}
+    return out
+
+
 def metrics_of(report: dict[str, Any]) -> dict[str, Any]:
     """The job's metrics from the engine's report: the per-module list is summarised (the
     full one is in the checkpoint's report file) and server paths are left out."""
-    metrics = {k: v for k, v in report.items() if k not in ("modules", "out_dir", "model")}
-    for key in ("calibration", "evaluation"):
-        if isinstance(metrics.get(key), dict) and "source" in metrics[key]:
-            metrics[key] = {**metrics[key], "source": public_source(str(metrics[key]["source"]))}
+    metrics = {k: v for k, v in public_report(report).items() if k not in ("modules", "model")}
     losses = [(m["name"], m["loss"]) for m in report.get("modules") or []
               if m.get("loss") is not None]
     if losses:

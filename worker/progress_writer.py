@@ -40,7 +40,7 @@ class ProgressWriter:
         clock: Callable[[], float] = time.monotonic,
         floor: float = 0.0,
     ) -> None:
-        """record: stores the progress and its event (job_writer, verification_writer); floor:
+        """record: stores the progress and its event (job_writer, follow_up_writer); floor:
         the fraction earlier attempts reached; a resumed attempt never shows less."""
         self.record, self.interval, self.clock = record, interval, clock
         self.fraction = floor
@@ -82,9 +82,9 @@ def job_writer(store: Store, job_id: str, attempt: int, interval: float,
         interval, floor=floor)
 
 
-def verification_writer(store: Store, verification_id: str, attempt: int,
-                        interval: float) -> ProgressWriter:
-    """A verification attempt's progress: its row's (verifications keep no event log)."""
+def follow_up_writer(store: Store, follow_up_id: str, attempt: int,
+                     interval: float) -> ProgressWriter:
+    """A follow-up attempt's progress: its row's (follow-ups keep no event log)."""
     return ProgressWriter(
-        lambda progress, _event: store.heartbeat_verification(verification_id, attempt, progress),
+        lambda progress, _event: store.heartbeat_follow_up(follow_up_id, attempt, progress),
         interval)

@@ -57,7 +57,7 @@ def remove_leftovers(settings: Settings, job_id: str) -> None:
 class Sender(Protocol):
     def declare(self) -> None: ...
     def send_job(self, job_id: str) -> bool: ...
-    def send_verification(self, verification_id: str) -> bool: ...
+    def send_follow_up(self, follow_up_id: str) -> bool: ...
     def pending_ids(self) -> set[str] | None: ...
 
 
@@ -76,17 +76,17 @@ def reconcile(store: Store, settings: Settings, sender: Sender,
         remove_leftovers(settings, job_id)
     for job_id in done.requeued:
         send(job_id)
-    stale_verifications, failed_verifications = store.requeue_stale_verifications(
+    stale_verifications, failed_verifications = store.requeue_stale_follow_ups(
         now - timedelta(seconds=settings.stale_seconds), settings.max_attempts
     )
     for vid in stale_verifications:
-        sender.send_verification(vid)
+        sender.send_follow_up(vid)
     done.requeued += stale_verifications
     done.ended += failed_verifications
     pending = sender.pending_ids()
     queued_verifications: dict[str, datetime] = {}
     if pending is not None:
-        queued_verifications = store.queued_verifications()
+        queued_verifications = store.queued_follow_ups()
         done.missing = ({*store.queued_job_ids(), *queued_verifications} - pending)
         lost = done.missing & set(missing_before)
         # the cutoff keeps a job that another reconciler re-sent during this pass from going
@@ -101,7 +101,7 @@ def reconcile(store: Store, settings: Settings, sender: Sender,
         cutoff = now - timedelta(seconds=settings.resend_seconds)
         waited = {vid for vid, created in queued_verifications.items() if created < cutoff}
         for vid in sorted(done.missing & (waited | set(missing_before)) & queued_verifications.keys()):
-            sender.send_verification(vid)
+            sender.send_follow_up(vid)
             done.resent.append(vid)
     if done.requeued or done.ended or done.resent:
         log.warning("reconciled: requeued %s, failed %s, re-sent %s",

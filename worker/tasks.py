@@ -15,7 +15,7 @@ from functools import cache
 
 from app.settings import get_settings
 from app.store import Store
-from app.tasknames import RUN_JOB, RUN_VERIFICATION
+from app.tasknames import RUN_FOLLOW_UP, RUN_JOB
 from worker.celery_app import app
 from worker.jobprocess import Kind, Launcher
 
@@ -32,7 +32,7 @@ def _store() -> Store:
 
 def _is_queued(kind: Kind, item_id: str) -> bool:
     store = _store()
-    item = store.get_job(item_id) if kind == "job" else store.get_verification(item_id)
+    item = store.get_job(item_id) if kind == "job" else store.get_follow_up(item_id)
     return item is not None and item.status == "queued"
 
 
@@ -78,16 +78,16 @@ def _requeue_dead(kind: Kind, item_id: str, pid: int, code: int) -> None:
         # a job records the worker that runs it: another worker may hold it by now
         mine = item is not None and item.worker == worker_name(pid)
     else:
-        item, requeue, send = (store.get_verification(item_id), store.requeue_stale_verifications,
-                               dispatcher.send_verification)
+        item, requeue, send = (store.get_follow_up(item_id), store.requeue_stale_follow_ups,
+                               dispatcher.send_follow_up)
         mine = True
     if item is None or item.status != "running" or not mine:
         return
     if (message := memory_limit_abort(code, settings.job_memory_limit_mb)) is not None:
         log.warning("%s %s ran out of memory: %s", kind, item_id, message)
         error = ("out_of_memory", message)
-        if kind == "verification":
-            store.finish_verification(item_id, "failed", error=error, attempt=item.attempts)
+        if kind == "follow-up":
+            store.finish_follow_up(item_id, "failed", error=error, attempt=item.attempts)
         elif store.finish_job(item_id, item.attempts, "failed", error=error):
             remove_leftovers(settings, item_id)
         return
@@ -104,6 +104,7 @@ def run_job(job_id: str) -> None:
     _run("job", job_id)
 
 
-@app.task(name=RUN_VERIFICATION, acks_late=True, reject_on_worker_lost=True)
-def run_verification(verification_id: str) -> None:
-    _run("verification", verification_id)
+@app.task(name=RUN_FOLLOW_UP, acks_late=True, reject_on_worker_lost=True)
+def run_follow_up(follow_up_id: str) -> None:
+    """A verification or a publication of a succeeded job's checkpoint."""
+    _run("follow-up", follow_up_id)

@@ -11,8 +11,7 @@ from app.settings import Settings
 from app.store import Store
 from worker import jobspec
 from worker.gptq.progress import ProgressCallback
-from worker.jobrunner import error_of, heartbeat, public_source, scratch_dir
-from worker.progress_writer import verification_writer
+from worker.jobrunner import public_source
 
 log = logging.getLogger("gptqd.worker")
 
@@ -62,31 +61,3 @@ def measure(
         **skipped,
         "seconds": round(time.monotonic() - started, 3),
     }
-
-
-def run_verification(verification_id: str, store: Store, settings: Settings) -> str | None:
-    v = store.claim_verification(verification_id)
-    if v is None:
-        return None
-    job = store.get_job(v.job_id)
-    if job is None or job.status != "succeeded":
-        store.finish_verification(
-            verification_id, "failed",
-            error=("job_not_succeeded", "the job has no checkpoint (not succeeded or deleted)"),
-        )
-        return "failed"
-    attempt = v.attempts
-    beat = heartbeat(lambda: store.heartbeat_verification(verification_id, attempt),
-                     verification_id, settings.heartbeat_seconds)
-    writer = verification_writer(store, verification_id, attempt, settings.progress_interval)
-    try:
-        with beat, scratch_dir(settings, f"{verification_id}.{attempt}"):
-            result = measure(job.spec, {**v.spec, "job_id": job.id}, store, settings, writer)
-    except Exception as exc:
-        log.exception("verification %s failed", verification_id)
-        store.finish_verification(verification_id, "failed", error=error_of(exc), attempt=attempt,
-                                  progress=writer.final("failed", ""))
-        return "failed"
-    store.finish_verification(verification_id, "succeeded", result=result, attempt=attempt,
-                              progress=writer.final("done", "verified", 1.0))
-    return "succeeded"

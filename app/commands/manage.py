@@ -1,20 +1,23 @@
-"""`gptqd upload / datasets / verify / verifications / cancel`: the rest of what the API does,
-for jobs and calibration files already on a server."""
+"""`gptqd upload / datasets / verify / verifications / publish / publications / cancel`: the
+rest of what the API does, for jobs and calibration files already on a server."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
 from app.client import Client
 from app.commands.common import KEY, URL, age, eval_text, outcome, table, talking_to_server
-from app.commands.service import follow_verification
+from app.commands.service import follow_publication, follow_verification
+from worker.gptq.download import size_text
 
 
 def register(app: typer.Typer) -> None:
     for name, fn in (("upload", upload), ("datasets", datasets), ("verify", verify),
-                     ("verifications", verifications), ("cancel", cancel)):
+                     ("verifications", verifications), ("publish", publish),
+                     ("publications", publications), ("cancel", cancel)):
         app.command(name)(fn)
 
 
@@ -57,15 +60,23 @@ def verify(
                               "max_windows": max_windows, "prompts": prompts or None,
                               "max_new_tokens": max_new_tokens}.items() if v is not None}
     client = Client(url, api_key)
+    _start("verification", lambda: client.verify(job_id, body),
+           lambda vid: follow_verification(client, job_id, vid), describe_verification, wait)
+
+
+def _start(kind: str, start: Callable[[], dict], follow: Callable[[str], dict],
+           describe: Callable[[dict], str], wait: bool) -> None:
+    """Starts a follow-up and prints its id; with wait, follows it to its end, prints how it
+    ended and exits 1 unless it succeeded."""
     with talking_to_server():
-        v = client.verify(job_id, body)
+        item = start()
         if not wait:
-            typer.echo(v["id"])
+            typer.echo(item["id"])
             return
-        typer.echo(f"verification {v['id']} queued", err=True)
-        v = follow_verification(client, job_id, v["id"])
-    typer.echo(describe_verification(v))
-    if v["status"] != "succeeded":
+        typer.echo(f"{kind} {item['id']} queued", err=True)
+        item = follow(item["id"])
+    typer.echo(describe(item))
+    if item["status"] != "succeeded":
         raise typer.Exit(1)
 
 
@@ -96,12 +107,59 @@ def verifications(job_id: str = typer.Argument(..., help="A job id."),
 
 def _verification_row(v: dict) -> list[str]:
     ppl = (v.get("result") or {}).get("perplexity")
-    error, progress = v.get("error"), v.get("progress")
-    last = f"{ppl:.3f}" if ppl is not None else (error["code"] if error else "-")
-    status = v["status"]
+    return _follow_up_row(v, f"{ppl:.3f}" if ppl is not None else None)
+
+
+def _follow_up_row(item: dict, outcome_text: str | None) -> list[str]:
+    """id, status (with how far a running one is), age, and its outcome and error code."""
+    error, progress = item.get("error"), item.get("progress")
+    last = " ".join(filter(None, (outcome_text, f"({error['code']})" if error else None))) or "-"
+    status = item["status"]
     if status == "running" and progress:  # how far it is
         status += f" ({progress['stage']} {progress['fraction']:.0%})"
-    return [v["id"], status, age(v["created_at"]), last]
+    return [item["id"], status, age(item["created_at"]), last]
+
+
+def publish(
+    job_id: str = typer.Argument(..., help="A succeeded job."),
+    repo_id: str = typer.Argument(..., help="The hub repository: namespace/name (created if missing)."),
+    public: bool = typer.Option(False, "--public", help="Create the repository public (default: private; an existing one keeps its visibility)."),
+    branch: str = typer.Option(None, help="A branch other than main (created if missing)."),
+    message: str = typer.Option(None, help="The commit message."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write a README.md saying how the model was quantized and what it lost."),
+    wait: bool = typer.Option(False, "--wait", help="Wait until it is on the hub, showing the upload."),
+    url: str = URL, api_key: str = KEY,
+) -> None:
+    """Upload a succeeded job's checkpoint to a Hugging Face hub repository, from the server
+    (with the workers' token, GPTQD_HF_TOKEN)."""
+    body = {k: v for k, v in {"repo_id": repo_id, "private": not public, "branch": branch,
+                              "commit_message": message, "model_card": model_card}.items()
+            if v is not None}
+    client = Client(url, api_key)
+    _start("publication", lambda: client.publish(job_id, body),
+           lambda pid: follow_publication(client, job_id, pid), describe_publication, wait)
+
+
+def describe_publication(p: dict) -> str:
+    """A publication's status, then where the checkpoint is, or why it failed."""
+    lines = outcome("publication", p)
+    result = p.get("result") or {}
+    if result.get("url"):
+        lines.append(f"{result['url']} ({result['branch']}): commit {result['commit']}, "
+                     f"{len(result['files'])} files, {size_text(result['bytes'])}")
+    return "\n".join(lines)
+
+
+def publications(job_id: str = typer.Argument(..., help="A job id."),
+                 url: str = URL, api_key: str = KEY) -> None:
+    """A job's publications: where each went (or why it failed)."""
+    with talking_to_server():
+        items = Client(url, api_key).publications(job_id)
+    if not items:
+        typer.echo(f"no publications of {job_id} (`gptqd publish {job_id} ORG/NAME` starts one)")
+        return
+    typer.echo(table(["PUBLICATION", "STATUS", "CREATED", "REPOSITORY"],
+                     [_follow_up_row(p, p["spec"]["repo_id"]) for p in items]))
 
 
 def cancel(job_id: str = typer.Argument(..., help="A queued or running job."),

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,19 +122,32 @@ def follow(client: Client, job_id: str, progress: bool = True) -> dict:
 
 def follow_verification(client: Client, job_id: str, verification_id: str,
                         progress: bool = True) -> dict:
-    """Shows the verification's progress (a bar on stderr, from its polled state) until it
-    ends; returns it."""
+    """Shows the verification's progress until it ends; returns it."""
+    return follow_polled(lambda on_poll: client.wait_verification(job_id, verification_id,
+                                                                  on_poll), progress)
+
+
+def follow_publication(client: Client, job_id: str, publication_id: str,
+                       progress: bool = True) -> dict:
+    """Shows the publication's progress until it ends; returns it."""
+    return follow_polled(lambda on_poll: client.wait_publication(job_id, publication_id,
+                                                                 on_poll), progress)
+
+
+def follow_polled(wait: Callable[[Callable[[dict], None]], dict], progress: bool) -> dict:
+    """A follow-up's progress as a bar on stderr, from its polled state, until wait returns
+    the ended follow-up."""
     from app.commands.engine import ProgressBar
 
     bar = ProgressBar(enabled=progress)
     began = time.monotonic()
 
-    def on_poll(v: dict) -> None:
-        if v.get("progress"):
-            bar(progress_event({**v["progress"], "seconds": time.monotonic() - began}))
+    def on_poll(item: dict) -> None:
+        if item.get("progress"):
+            bar(progress_event({**item["progress"], "seconds": time.monotonic() - began}))
 
     try:
-        return client.wait_verification(job_id, verification_id, on_poll)
+        return wait(on_poll)
     finally:
         bar.close()
 

@@ -27,7 +27,8 @@ JobStatusQuery = Literal["queued", "running", "succeeded", "failed", "cancelled"
 
 def job_view(job: Job) -> JobOut:
     base = f"/jobs/{job.id}"
-    links = {"self": base, "events": f"{base}/events", "verifications": f"{base}/verifications"}
+    links = {"self": base, "events": f"{base}/events", "verifications": f"{base}/verifications",
+             "publications": f"{base}/publications"}
     if job.status not in TERMINAL:
         links["cancel"] = f"{base}/cancel"
     if job.status == "succeeded":

@@ -162,6 +162,44 @@ BODY = [
 ]
 
 
+# (case, publication body, the field its 422 names)
+PUBLICATION = [
+    ("missing repo_id", {}, "repo_id"),
+    ("repo_id without a namespace", {"repo_id": "tiny-gptq"}, "repo_id"),
+    ("repo_id of three parts", {"repo_id": "a/b/c"}, "repo_id"),
+    ("repo_id dotdot", {"repo_id": "team/a..b"}, "repo_id"),
+    ("repo_id double dash", {"repo_id": "team/a--b"}, "repo_id"),
+    ("repo_id ending .git", {"repo_id": "team/x.git"}, "repo_id"),
+    ("repo_id name too long", {"repo_id": "team/" + "a" * 97}, "repo_id"),
+    ("repo_id with a space", {"repo_id": "team/my model"}, "repo_id"),
+    ("private as a string", {"repo_id": "team/x", "private": "yes"}, "private"),
+    ("branch dotdot", {"repo_id": "team/x", "branch": "a..b"}, "branch"),
+    ("branch with a space", {"repo_id": "team/x", "branch": "a b"}, "branch"),
+    ("empty commit message", {"repo_id": "team/x", "commit_message": ""}, "commit_message"),
+    ("a token in the body (the workers' own is used)", {"repo_id": "team/x", "token": "hf_x"},
+     "token"),
+]
+
+
+@pytest.mark.parametrize("case,body,field", PUBLICATION, ids=[c[0] for c in PUBLICATION])
+def test_a_bad_publication_body_is_a_422_naming_the_field(
+        alice: httpx.Client, done_job: str, case: str, body: dict, field: str) -> None:
+    r = alice.post(f"/jobs/{done_job}/publications", json=body)
+    assert r.status_code == 422, (case, r.status_code, r.text)
+    assert field in json.dumps(r.json()["detail"]), (case, r.text)
+
+
+def test_a_publication_needs_a_hub_token_on_the_server(alice: httpx.Client, done_job: str) -> None:
+    """This server has none: refused before anything is queued, saying what to set; a
+    verification's id is not a publication's."""
+    r = alice.post(f"/jobs/{done_job}/publications", json={"repo_id": "team/tiny-gptq"})
+    assert r.status_code == 409 and "GPTQD_HF_TOKEN" in r.json()["detail"], r.text
+    assert alice.get(f"/jobs/{done_job}/publications").json()["items"] == []
+    v = alice.post(f"/jobs/{done_job}/verifications", json={}).json()
+    assert alice.get(f"/jobs/{done_job}/publications/{v['id']}").status_code == 404
+    assert alice.get(f"/jobs/{done_job}/publications/pub_{'0' * 32}").status_code == 404
+
+
 @pytest.mark.parametrize("case,body,field", BODY, ids=[c[0] for c in BODY])
 def test_a_bad_job_body_is_a_422_naming_the_field(alice: httpx.Client, case: str, body: object,
                                                   field: str) -> None:
@@ -241,6 +279,7 @@ RAW = [
     ("cancel a job id with a nul", "POST", "/jobs/job_%00x/cancel", {}, 404, ""),
     ("delete a job id with a nul", "DELETE", "/jobs/job_%00x", {}, 404, ""),
     ("verifications of a job id with a nul", "GET", "/jobs/job_%00x/verifications", {}, 404, ""),
+    ("publications of a job id with a nul", "GET", "/jobs/job_%00x/publications", {}, 404, ""),
     ("job id with upper-case hex", "GET", "/jobs/job_" + "A" * 32, {}, 404, ""),
     ("job id of the right shape, unknown", "GET", f"/jobs/{A_JOB_ID}", {}, 404, ""),
     ("idempotency key too long", "POST", "/jobs",
@@ -359,7 +398,10 @@ def test_a_key_over_its_queued_job_limit_gets_429_with_retry_after(box: Box,
     assert int(r.headers["retry-after"]) > 0
     assert "3" in r.json()["detail"]
     assert bob.post("/jobs", json=spec()).status_code == 202  # the limit is per key
-    assert set(alice.get(f"/jobs/{ids[0]}").json()["links"]) == {"self", "events", "verifications", "cancel"}
+    assert set(alice.get(f"/jobs/{ids[0]}").json()["links"]) == {
+        "self", "events", "verifications", "publications", "cancel"}
+    r = alice.post(f"/jobs/{ids[1]}/publications", json={"repo_id": "team/x"})
+    assert r.status_code == 409 and "only a succeeded job has a checkpoint" in r.text, r.text
     cancelled = alice.post(f"/jobs/{ids[0]}/cancel").json()
     assert cancelled["status"] == "cancelled"
     assert "cancel" not in cancelled["links"]  # an ended job offers no cancel (it would be a 409)
@@ -368,5 +410,6 @@ def test_a_key_over_its_queued_job_limit_gets_429_with_retry_after(box: Box,
 
 def test_a_succeeded_job_links_its_checkpoint_and_no_cancel(alice: httpx.Client, done_job: str) -> None:
     links = alice.get(f"/jobs/{done_job}").json()["links"]
-    assert set(links) == {"self", "events", "verifications", "artifacts", "archive"}
+    assert set(links) == {"self", "events", "verifications", "publications", "artifacts",
+                          "archive"}
     assert alice.get(links["artifacts"]).status_code == 200

@@ -96,23 +96,23 @@ def test_a_verification_reports_its_progress_and_keeps_where_it_ended(
 ) -> None:
     """Read block by block (no sample text asked) its progress goes block by block with the
     time left; held whole (sample text) batch by batch, then the sample text."""
-    from worker.verifier import run_verification
+    from worker.followup import run_follow_up
 
     store, settings = setup
     job_id = new_job(store)
     assert run_job(job_id, store, settings) == "succeeded"
     seen: list[dict] = []
-    beat = store.heartbeat_verification
+    beat = store.heartbeat_follow_up
 
     def watched(verification_id: str, attempt: int, progress: dict | None = None) -> bool:
         if progress is not None:
             seen.append(progress)
         return beat(verification_id, attempt, progress)
 
-    monkeypatch.setattr(store, "heartbeat_verification", watched)
-    v = store.create_verification(job_id, {"max_windows": 4, "prompts": prompts,
+    monkeypatch.setattr(store, "heartbeat_follow_up", watched)
+    v = store.create_follow_up(job_id, {"max_windows": 4, "prompts": prompts,
                                            "max_new_tokens": 4 if prompts else 0})
-    assert run_verification(v.id, store, settings) == "succeeded"
+    assert run_follow_up(v.id, store, settings) == "succeeded"
     assert [p["stage"] for p in seen][:1] == ["loading"]
     steps = [p for p in seen if p["stage"] == "evaluating"]
     fractions = [p["fraction"] for p in seen]
@@ -123,5 +123,5 @@ def test_a_verification_reports_its_progress_and_keeps_where_it_ended(
         assert blocks[-1]["eta_seconds"] == 0 and blocks[0]["eta_seconds"] >= 0
     else:
         assert [p["message"] for p in steps][-2:] == ["batch 1 of 1", "generating sample text"]
-    final = store.get_verification(v.id).progress
+    final = store.get_follow_up(v.id).progress
     assert final["stage"] == "done" and final["fraction"] == 1.0 and final["message"] == "verified"

@@ -167,7 +167,7 @@ class RecordingSender:
             self.sent.append(job_id)
         return True
 
-    send_verification = send_job
+    send_follow_up = send_job
 
 
 def test_reconcilers_in_several_workers_requeue_and_resend_each_job_once(
@@ -213,32 +213,32 @@ def test_a_verification_whose_worker_stopped_is_requeued_then_failed(store: Stor
     settings = Settings(data_dir=tmp_path, heartbeat_seconds=0.1, stale_seconds=0.3,
                         resend_seconds=60, max_attempts=2)
     job, _ = _job(store)
-    v = store.create_verification(job.id, {"max_windows": 1})
-    beating = store.create_verification(job.id, {"max_windows": 2})
+    v = store.create_follow_up(job.id, {"max_windows": 1})
+    beating = store.create_follow_up(job.id, {"max_windows": 2})
     for attempt in (1, 2):
-        assert store.claim_verification(v.id).attempts == attempt
+        assert store.claim_follow_up(v.id).attempts == attempt
         if attempt == 1:
-            store.claim_verification(beating.id)
+            store.claim_follow_up(beating.id)
         time.sleep(0.2)
-        assert store.heartbeat_verification(beating.id, 1)
-        assert store.heartbeat_verification(v.id, attempt)  # alive: left alone
+        assert store.heartbeat_follow_up(beating.id, 1)
+        assert store.heartbeat_follow_up(v.id, attempt)  # alive: left alone
         assert reconcile(store, settings, RecordingSender()).requeued == []
         time.sleep(0.5)
-        assert store.heartbeat_verification(beating.id, 1)
+        assert store.heartbeat_follow_up(beating.id, 1)
         sender = RecordingSender()
         done = reconcile(store, settings, sender)
         if attempt == 1:
             assert done.requeued == [v.id] and sender.sent == [v.id]
-            assert store.get_verification(v.id).status == "queued"
+            assert store.get_follow_up(v.id).status == "queued"
             # the presumed-dead attempt finishing late is fenced off
-            assert not store.finish_verification(v.id, "succeeded", result={}, attempt=1)
-            assert not store.heartbeat_verification(v.id, 1)
+            assert not store.finish_follow_up(v.id, "succeeded", result={}, attempt=1)
+            assert not store.heartbeat_follow_up(v.id, 1)
         else:
             assert done.ended == [v.id] and sender.sent == []
-    gone = store.get_verification(v.id)
+    gone = store.get_follow_up(v.id)
     assert gone.status == "failed" and gone.error_code == "worker_lost"
     assert "died 2 times" in gone.error_message and "max_windows" in gone.error_message
-    assert store.get_verification(beating.id).status == "running"
+    assert store.get_follow_up(beating.id).status == "running"
 
 
 def test_a_store_from_before_verification_heartbeats_gains_the_columns(tmp_path: Path) -> None:
@@ -258,11 +258,11 @@ def test_a_store_from_before_verification_heartbeats_gains_the_columns(tmp_path:
     db.close()
     store = Store(url)
     store.create_all()
-    old = store.get_verification("ver_old")
+    old = store.get_follow_up("ver_old")
     assert old.heartbeat_at is None and old.progress is None
-    assert store.claim_verification("ver_old").heartbeat_at is not None
-    assert store.heartbeat_verification("ver_old", 1, {"stage": "loading", "fraction": 0.0})
-    assert store.get_verification("ver_old").progress == {"stage": "loading", "fraction": 0.0}
+    assert store.claim_follow_up("ver_old").heartbeat_at is not None
+    assert store.heartbeat_follow_up("ver_old", 1, {"stage": "loading", "fraction": 0.0})
+    assert store.get_follow_up("ver_old").progress == {"stage": "loading", "fraction": 0.0}
 
 
 class BrokerHolding(RecordingSender):
@@ -285,7 +285,7 @@ def test_a_lost_message_is_resent_once_two_passes_missed_it(store: Store, tmp_pa
     # pass below it on a loaded machine, where 0.2 s once did not)
     settings = Settings(data_dir=tmp_path, reconcile_seconds=1.2, resend_seconds=3600)
     lost, held = _job(store)[0].id, _job(store)[0].id
-    v = store.create_verification(held, {"max_windows": 1})
+    v = store.create_follow_up(held, {"max_windows": 1})
     time.sleep(0.7)
     sender = BrokerHolding({held})
     first = reconcile(store, settings, sender)
@@ -333,15 +333,15 @@ def test_every_list_pages_the_same_way(store: Store) -> None:
         sha256="0" * 64, created_at=now + timedelta(seconds=i))) for i in range(3)]
     verifications = []
     for _ in range(3):
-        verifications.append(store.create_verification(job.id, {}))
+        verifications.append(store.create_follow_up(job.id, {}))
         time.sleep(0.01)
     for fetch, made in (
             (lambda limit, cursor: store.list_datasets("alice", limit, cursor), datasets),
-            (lambda limit, cursor: store.list_verifications(job.id, limit, cursor), verifications)):
+            (lambda limit, cursor: store.list_follow_ups(job.id, limit, cursor), verifications)):
         first, cursor = fetch(2, None)
         assert [x.id for x in first] == [made[2].id, made[1].id] and cursor
         rest, end = fetch(2, cursor)
         assert [x.id for x in rest] == [made[0].id] and end is None
     other = store.list_datasets("alice", 1)[1]
     with pytest.raises(ValueError, match="not one returned by this list"):
-        store.list_verifications(job.id, 2, other)  # a datasets cursor
+        store.list_follow_ups(job.id, 2, other)  # a datasets cursor

@@ -42,10 +42,10 @@ class Transfer:
         rate = self.rate
         return None if rate is None else max(0.0, self.total - self.done) / rate
 
-    def describe(self, what: str) -> str:
+    def describe(self, what: str, verb: str = "downloading") -> str:
         """e.g. 'downloading org/name: 3.2 GB of 16.1 GB in 4 files at 85.0 MB/s, about 2:43
-        left'."""
-        text = f"downloading {what}: {size_text(self.done)} of {size_text(self.total)}"
+        left' (or uploading)."""
+        text = f"{verb} {what}: {size_text(self.done)} of {size_text(self.total)}"
         if self.files > 1:
             text += f" in {self.files} files"
         if self.rate is not None and self.done < self.total:

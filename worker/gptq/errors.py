@@ -45,3 +45,20 @@ class DiskFull(EngineError):
 
 class InvalidCheckpoint(EngineError):
     code = "invalid_checkpoint"
+
+
+# publishing a checkpoint to the hub (hubupload.py)
+class HubAuthFailed(EngineError):
+    code = "hub_auth_failed"
+
+
+class HubAccessDenied(EngineError):
+    code = "hub_access_denied"
+
+
+class HubUnreachable(EngineError):
+    code = "hub_unreachable"
+
+
+class UploadFailed(EngineError):
+    code = "upload_failed"

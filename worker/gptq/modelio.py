@@ -192,7 +192,7 @@ def map_load_error(model_id: str, revision: str | None, exc: BaseException) -> E
     from huggingface_hub import errors as hub
 
     at = f"{model_id!r}" + (f" at revision {revision!r}" if revision else "")
-    for cause in _chain(exc):
+    for cause in chain(exc):
         if isinstance(cause, hub.GatedRepoError):
             return ModelAccessDenied(
                 f"model {at} is gated: accept its terms on the model page with your account, "
@@ -227,7 +227,7 @@ def map_load_error(model_id: str, revision: str | None, exc: BaseException) -> E
     return ModelNotFound(f"model {at} could not be loaded: {exc}")
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def chain(exc: BaseException) -> list[BaseException]:
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:

@@ -407,9 +407,12 @@ function renderJob(job) {
                                 ...(skipped ? [text("p", `No samples: ${skipped}.`)] : []));
   $("#samples-panel").hidden = samples.length === 0 && !skipped;
   $("#verify").hidden = job.status !== "succeeded";
+  $("#publish").hidden = job.status !== "succeeded";
   if (job.status === "succeeded") {
     $("#verify-button").onclick = () => verify(job.id);
     showVerifications(job.id).catch(() => { /* the panel stays empty */ });
+    $("#publish-form").onsubmit = (e) => { e.preventDefault(); publish(job.id); };
+    showPublications(job.id).catch(() => { /* the panel stays empty */ });
   }
   $("#cancel-button").hidden = !(job.status === "queued" || job.status === "running");
   $("#cancel-button").onclick = async () => { try { renderJob(await api(`/jobs/${job.id}/cancel`, { method: "POST" })); } catch (e) { $("#job-error").textContent = e.message; } };
@@ -434,27 +437,68 @@ function verificationRow(v) {
 }
 
 async function showVerifications(jobId) {
-  const body = await api(`/jobs/${jobId}/verifications`);
+  return showFollowUps(jobId, "verifications", verificationRow);
+}
+
+// --- publications of a succeeded job ---------------------------------------------------------
+function publicationRow(p) {
+  const result = p.result || {};
+  const tr = document.createElement("tr");
+  tr.className = "publication";
+  tr.dataset.status = p.status;
+  const td = document.createElement("td");
+  if (result.url) {
+    const link = text("a", `${p.spec.repo_id}${result.branch !== "main" ? ` (${result.branch})` : ""}`);
+    link.href = result.url;  // the hub's page of the repository
+    td.append(link, text("span", ` · ${result.files.length} files · commit ${result.commit.slice(0, 10)}`));
+  } else {
+    td.textContent = p.error ? `${p.spec.repo_id}: ${p.error.code}: ${p.error.message}`
+      : p.status === "running" && p.progress
+        ? `${p.spec.repo_id}: ${p.progress.message || p.progress.stage} (${Math.round(100 * (p.progress.fraction || 0))}%)`
+        : p.spec.repo_id;
+  }
+  tr.append(text("td", `${p.status} (${age(p.created_at)})`, `status ${p.status}`), td);
+  return tr;
+}
+
+async function showPublications(jobId) {
+  return showFollowUps(jobId, "publications", publicationRow);
+}
+
+async function publish(jobId) {
+  const form = $("#publish-form");
+  const body = { repo_id: form.elements.repo_id.value.trim(), private: form.elements.private.checked };
+  await startFollowUp(jobId, "publications", body, $("#publish-button"), showPublications);
+}
+
+// --- what verifications and publications share: a table of them, started from a button ------
+async function showFollowUps(jobId, kind, row) {
+  const body = await api(`/jobs/${jobId}/${kind}`);
   const items = Array.isArray(body) ? body : body.items; // a bare list or a page
-  $("#verifications tbody").replaceChildren(...items.map(verificationRow));
+  $(`#${kind} tbody`).replaceChildren(...items.map(row));
   return items;
 }
 
-async function verify(jobId) {
-  $("#verify-button").disabled = true;
+async function startFollowUp(jobId, kind, body, button, show) {
+  button.disabled = true;
+  $("#job-error").textContent = "";
   try {
-    await api(`/jobs/${jobId}/verifications`, { method: "POST", headers: { "Content-Type": "application/json" }, body: "{}" });
-    // poll until every verification of the job has ended (the page may have moved on)
+    await api(`/jobs/${jobId}/${kind}`, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+    // poll until every one of the job has ended (the page may have moved on)
     while (location.hash === `#/jobs/${jobId}`) {
-      const items = await showVerifications(jobId);
+      const items = await show(jobId);
       if (items.every((v) => ["succeeded", "failed", "cancelled"].includes(v.status))) break;
       await new Promise((r) => setTimeout(r, 1000));
     }
   } catch (e) {
     $("#job-error").textContent = e.message;
   } finally {
-    $("#verify-button").disabled = false;
+    button.disabled = false;
   }
+}
+
+async function verify(jobId) {
+  await startFollowUp(jobId, "verifications", {}, $("#verify-button"), showVerifications);
 }
 
 async function download(event, url, name) {

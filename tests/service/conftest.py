@@ -208,3 +208,25 @@ def tiny_spec(**overrides: object) -> dict:
     }
     spec.update(overrides)
     return spec
+
+
+CHROMIUM = os.environ.get("GPTQD_CHROMIUM", "/usr/bin/chromium")
+# a closed network: background services would only fill the log with refused connections
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
+        reason = f"chromium not found at {CHROMIUM} (make test installs Debian's chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        yield browser
+        browser.close()

@@ -4,9 +4,7 @@ drawn to the scale of its data; a failed job says why, once, in the list and on 
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import uuid
 from pathlib import Path
 
@@ -17,27 +15,7 @@ from tests.service.helpers import verify_stored
 
 pytestmark = pytest.mark.service
 
-CHROMIUM = os.environ.get("GPTQD_CHROMIUM", "/usr/bin/chromium")
-# a closed network: background services would only fill the log with refused connections
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "artifacts"
-
-
-@pytest.fixture
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
-        reason = f"chromium not found at {CHROMIUM} (make test installs Debian's chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        yield browser
-        browser.close()
 
 
 def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -> None:

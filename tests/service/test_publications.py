@@ -159,3 +159,30 @@ def test_a_token_that_may_not_write_there_fails_the_publication_saying_so(
     assert p["status"] == "failed" and p["error"]["code"] == "hub_access_denied", p
     assert "belongs to gptqd-bot, who may not create repositories under 'acme'" in p["error"]["message"]
     assert "acme/stolen" not in hub.repos and len(hub.commits) == commits
+
+
+def test_the_dashboard_publishes_a_job_and_lists_where_it_went(
+        pub_box: Box, hub: FakeHub, job: dict, browser) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(f"{pub_box.url}/#/jobs/{job['id']}")
+    form = page.locator("#publish-form")
+    form.wait_for()
+    form.locator("[name=repo_id]").fill("team/from-the-browser")
+    form.locator("[name=private]").uncheck()
+    form.locator("button[type=submit]").click()
+    done = page.locator("#publications tr.publication[data-status=succeeded]",
+                        has_text="team/from-the-browser")
+    done.wait_for(timeout=120_000)
+    link = done.locator("a")
+    assert link.get_attribute("href") == f"{hub.url}/team/from-the-browser"
+    assert re.search(r"\d+ files · commit [0-9a-f]{10}", done.inner_text()), done.inner_text()
+    assert "team/from-the-browser" in hub.repos and "team/from-the-browser" not in hub.private
+    # a repository the token may not write to: the row says why
+    form.locator("[name=repo_id]").fill("acme/nope")
+    form.locator("button[type=submit]").click()
+    failed = page.locator("#publications tr.publication[data-status=failed]", has_text="acme/nope")
+    failed.wait_for(timeout=60_000)
+    assert "hub_access_denied" in failed.inner_text()
+    assert errors == [], errors

@@ -252,17 +252,42 @@ def test_a_store_from_before_verification_heartbeats_gains_the_columns(tmp_path:
                "VALUES ('ver_old', 'job_x', 'queued', '{}', '2026-01-01 00:00:00', 0)")
     db.execute("ALTER TABLE gptqd_verifications DROP COLUMN heartbeat_at")
     db.execute("ALTER TABLE gptqd_verifications DROP COLUMN progress")  # and its progress
+    db.execute("ALTER TABLE gptqd_verifications DROP COLUMN kind")  # from before publications
     db.commit()
     columns = [r[1] for r in db.execute("PRAGMA table_info(gptqd_verifications)")]
-    assert "heartbeat_at" not in columns and "progress" not in columns
+    assert not {"heartbeat_at", "progress", "kind"} & set(columns)
     db.close()
     store = Store(url)
     store.create_all()
     old = store.get_follow_up("ver_old")
-    assert old.heartbeat_at is None and old.progress is None
+    assert old.heartbeat_at is None and old.progress is None and old.kind is None
+    # a row from before publications is a verification
+    assert [v.id for v in store.list_follow_ups("job_x")[0]] == ["ver_old"]
+    assert store.list_follow_ups("job_x", kind="publication")[0] == []
     assert store.claim_follow_up("ver_old").heartbeat_at is not None
     assert store.heartbeat_follow_up("ver_old", 1, {"stage": "loading", "fraction": 0.0})
     assert store.get_follow_up("ver_old").progress == {"stage": "loading", "fraction": 0.0}
+
+
+def test_publications_are_listed_apart_and_a_lost_one_fails_with_its_own_advice(
+        store: Store) -> None:
+    from app.dispatch import ITEM_ID
+
+    job, _ = _job(store)
+    v = store.create_follow_up(job.id, {"max_windows": 1})
+    p = store.create_follow_up(job.id, {"repo_id": "team/x"}, kind="publication")
+    assert p.id.startswith("pub_") and p.kind == "publication" and v.kind == "verification"
+    assert [x.id for x in store.list_follow_ups(job.id)[0]] == [v.id]
+    assert [x.id for x in store.list_follow_ups(job.id, kind="publication")[0]] == [p.id]
+    assert set(store.queued_follow_ups()) >= {v.id, p.id}  # the reconciler re-sends both kinds
+    # the broker's messages name it (a message the reconciler cannot see would be re-sent)
+    assert ITEM_ID.findall(f"['{p.id}']".encode()) == [p.id.encode()]
+    assert store.claim_follow_up(p.id).attempts == 1
+    requeued, ended = store.requeue_stale_follow_ups(None, 1, only=(p.id, 1))
+    assert (requeued, ended) == ([], [p.id])
+    lost = store.get_follow_up(p.id)
+    assert lost.status == "failed" and lost.error_code == "worker_lost"
+    assert "publication" in lost.error_message and "max_windows" not in lost.error_message
 
 
 class BrokerHolding(RecordingSender):

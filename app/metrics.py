@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from app.db import utcnow
 from app.schemas import JobStatus
-from app.store import Job, Store
+from app.store import FollowUp, Job, Store
 
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 24 * 3600, 48 * 3600)
 HISTORY_LIMIT = 10_000  # finished jobs looked at for the duration histogram and stage times
@@ -40,6 +40,9 @@ class StoreCollector:
                     Job.status == "running", Job.heartbeat_at >= utcnow() - self.stale_after
                 )
             )
+            follow_ups = conn.execute(
+                select(func.coalesce(FollowUp.kind, "verification"), FollowUp.status,
+                       func.count()).group_by(FollowUp.kind, FollowUp.status)).all()
             finished = conn.execute(
                 select(Job.started_at, Job.finished_at, Job.metrics)
                 .where(Job.status == "succeeded", Job.started_at.is_not(None))
@@ -57,6 +60,15 @@ class StoreCollector:
         yield GaugeMetricFamily(
             "gptqd_busy_workers", "Workers running a job (fresh heartbeat)", value=busy or 0
         )
+        by_kind = GaugeMetricFamily("gptqd_follow_ups", "Verifications and publications of "
+                                    "jobs' checkpoints by status", labels=["kind", "status"])
+        counted: dict[tuple[str, str], int] = {}
+        for kind, status, n in follow_ups:  # NULL and "verification" rows are one kind
+            counted[(kind, status)] = counted.get((kind, status), 0) + n
+        for kind in ("verification", "publication"):
+            for status in STATUSES:
+                by_kind.add_metric([kind, status], counted.get((kind, status), 0))
+        yield by_kind
 
         durations = [
             (f - s).total_seconds() for s, f, _ in finished if s is not None and f is not None

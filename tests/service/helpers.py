@@ -231,3 +231,18 @@ def wait_for(what: str, check: object, timeout: float = 60) -> object:
         assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s"
         time.sleep(0.1)
     return got
+
+
+def scrape(url: str) -> dict[tuple[str, tuple], float]:
+    """GET /metrics: every sample by (name, sorted labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with httpx.Client(base_url=url, timeout=30) as http:
+        r = http.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain")
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }

@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.conftest import Box, tiny_spec, wait_status
+from tests.service.helpers import scrape
 
 pytestmark = pytest.mark.service
-
-
-def scrape(box: Box) -> dict[tuple[str, tuple], float]:
-    with box.http as http:
-        r = http.get("/metrics")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain")
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(r.text)
-        for s in family.samples
-    }
 
 
 def count(box: Box, status: str) -> int:
@@ -41,7 +29,7 @@ def test_metrics_follow_the_jobs(team_box: Box) -> None:
         done = wait_status(http, job["id"], ("succeeded", "failed"))
     assert done["status"] == "succeeded", done["error"]
 
-    m = scrape(team_box)
+    m = scrape(team_box.url)
     for status in ("queued", "running", "succeeded", "failed", "cancelled"):
         assert m[("gptqd_jobs", (("status", status),))] == count(team_box, status), status
     assert m[("gptqd_queue_depth", ())] == count(team_box, "queued")

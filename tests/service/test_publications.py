@@ -20,7 +20,7 @@ import pytest
 from tests.fakehub import Account, FakeHub, fake_hub, hub_env
 from tests.integration.checkpoints import tiny_llama
 from tests.service.conftest import TERMINAL, Box, start_box, wait_status
-from tests.service.helpers import download_all, wait_for
+from tests.service.helpers import download_all, scrape, wait_for
 
 pytestmark = pytest.mark.service
 
@@ -125,6 +125,9 @@ def test_a_checkpoint_is_published_as_stored_with_a_card_and_not_sent_twice(
     listed = http.get(f"/jobs/{job['id']}/publications").json()["items"]
     assert [x["id"] for x in listed] == [again["id"], p["id"]]
     assert http.get(f"/jobs/{job['id']}/verifications").json()["items"] == []
+    m = scrape(pub_box.url)
+    assert m[("gptqd_follow_ups", (("kind", "publication"), ("status", "succeeded")))] == 2
+    assert m[("gptqd_follow_ups", (("kind", "verification"), ("status", "succeeded")))] == 0
 
 
 def test_the_cli_publishes_to_a_branch_and_shows_the_upload(

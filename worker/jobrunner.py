@@ -26,6 +26,7 @@ from typing import Any
 from app.settings import Settings
 from app.store import Job, Store, progress_fraction
 from worker import jobspec
+from worker.gptq.modelcard import public_report
 from worker.progress_writer import ProgressWriter, job_writer
 from worker.reconciler import remove_leftovers
 
@@ -213,23 +214,6 @@ def _attempt(job: Job, attempt: int, writer: ProgressWriter, store: Store,
             log.info("job %s failed: %s", job_id, code)
         return "failed", store.finish_job(job_id, attempt, "failed", error=(code, message),
                                           progress=writer.final("failed", message))
-
-
-def public_source(source: str) -> str:
-    """A source as users may see it: a server path shows only its file name."""
-    return Path(source).name if source.startswith("/") else source
-
-
-def public_report(report: dict[str, Any]) -> dict[str, Any]:
-    """The engine's report as anyone may read it: server paths (where it was written, a local
-    model's or an uploaded text's path) show only their last name."""
-    out = {k: v for k, v in report.items() if k != "out_dir"}
-    if "model" in out:
-        out["model"] = public_source(str(out["model"]))
-    for key in ("calibration", "evaluation"):
-        if isinstance(out.get(key), dict) and "source" in out[key]:
-            out[key] = {**out[key], "source": public_source(str(out[key]["source"]))}
-    return out
 
 
 def metrics_of(report: dict[str, Any]) -> dict[str, Any]:

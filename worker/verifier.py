@@ -10,8 +10,8 @@ from typing import Any
 from app.settings import Settings
 from app.store import Store
 from worker import jobspec
+from worker.gptq.modelcard import public_source
 from worker.gptq.progress import ProgressCallback
-from worker.jobrunner import public_source
 
 log = logging.getLogger("gptqd.worker")
 

@@ -79,3 +79,11 @@ def outcome(kind: str, item: dict) -> list[str]:
     if item.get("error"):
         lines.append(f"error [{item['error']['code']}]: {item['error']['message']}")
     return lines
+
+
+def published(result: dict) -> str:
+    """Where a publication put the checkpoint: url (branch): commit, files, bytes."""
+    from worker.gptq.download import size_text
+
+    return (f"{result['url']} ({result['branch']}): commit {result['commit']}, "
+            f"{len(result['files'])} files, {size_text(result['bytes'])}")

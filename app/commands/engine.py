@@ -8,6 +8,7 @@ one line `error [code]: message`. Neither prints a traceback.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from app.commands.common import sample_lines
+from app.commands.common import published, sample_lines
 
 T = TypeVar("T")
 
@@ -56,6 +57,7 @@ def register(app: typer.Typer) -> None:
     app.command("quantize")(quantize)
     app.command("eval")(evaluate)
     app.command("original-names")(original_names)
+    app.command("push")(push)
 
 
 def _build(make: Callable[[], T]) -> T:
@@ -345,6 +347,51 @@ def original_names(
 
     renamed = _run_engine(lambda _bar: write_with_original_names(checkpoint, out), progress=False)
     typer.echo(f"{out}: a copy of {checkpoint}, {renamed} tensors renamed")
+
+
+def push(
+    checkpoint: Path = typer.Argument(..., exists=True, file_okay=False, help="A checkpoint directory written by `gptqd quantize`."),
+    repo_id: str = typer.Argument(..., help="The hub repository: namespace/name (created if missing)."),
+    public: bool = typer.Option(False, "--public", help="Create the repository public (default: private; an existing one keeps its visibility)."),
+    branch: str = typer.Option(None, help="A branch other than main (created if missing)."),
+    message: str = typer.Option(None, help="The commit message."),
+    model_card: bool = typer.Option(True, "--model-card/--no-model-card", help="Write a README.md saying how the model was quantized and what it lost."),
+    base_model: str = typer.Option(None, help="The hub id it was quantized from, named in the card (default: the model its report names, when that is a hub id and not a local directory)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the upload's progress on stderr."),
+) -> None:
+    """Upload a checkpoint to a Hugging Face hub repository in one commit, with a model card
+    (with HF_TOKEN, or the token `hf auth login` stored; it needs write access). A server's
+    jobs are published with `gptqd publish JOB REPO` instead."""
+    from pydantic import ValidationError
+
+    from app.schemas import PublicationIn
+    from worker.gptq.hubupload import Destination, publish_checkpoint
+
+    try:  # the server's rules for a repository and a branch
+        PublicationIn(repo_id=repo_id, branch=branch)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        raise typer.BadParameter(error["msg"].removeprefix("Value error, "),
+                                 param_hint=f"'{error['loc'][0].upper()}'") from None
+    base = base_model if base_model is not None else _hub_model_of(checkpoint)
+    to = Destination(repo_id, private=not public, branch=branch, commit_message=message)
+    result = _run_engine(lambda bar: publish_checkpoint(
+        checkpoint, to, token=None, base_model=base, model_card=model_card, progress=bar),
+        progress)
+    typer.echo(published(result))
+
+
+def _hub_model_of(checkpoint: Path) -> str | None:
+    """The hub id the checkpoint's report says it was quantized from; None for a local model
+    (a path, or a name that is a directory here)."""
+    from worker.gptq.export import REPORT_NAME
+
+    try:
+        model = str(json.loads((checkpoint / REPORT_NAME).read_text()).get("model") or "")
+    except (OSError, ValueError):
+        return None  # publish_checkpoint says what is wrong with the checkpoint
+    hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model)
+    return model if hub_id and not Path(model).expanduser().is_dir() else None
 
 
 def _perplexity(

@@ -9,9 +9,17 @@ from pathlib import Path
 import typer
 
 from app.client import Client
-from app.commands.common import KEY, URL, age, eval_text, outcome, table, talking_to_server
+from app.commands.common import (
+    KEY,
+    URL,
+    age,
+    eval_text,
+    outcome,
+    published,
+    table,
+    talking_to_server,
+)
 from app.commands.service import follow_publication, follow_verification
-from worker.gptq.download import size_text
 
 
 def register(app: typer.Typer) -> None:
@@ -145,8 +153,7 @@ def describe_publication(p: dict) -> str:
     lines = outcome("publication", p)
     result = p.get("result") or {}
     if result.get("url"):
-        lines.append(f"{result['url']} ({result['branch']}): commit {result['commit']}, "
-                     f"{len(result['files'])} files, {size_text(result['bytes'])}")
+        lines.append(published(result))
     return "\n".join(lines)
 
 

@@ -16,11 +16,14 @@ SCRIPT = Path(sys.executable).parent / "gptqd"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def gptqd(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def gptqd(*args: str, timeout: float = 300,
+          env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The command with a bare environment: offline, unless env (e.g. a fake hub's) says."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "app.cli"]
     return subprocess.run(
         [*command, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1"},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "HF_HUB_OFFLINE": "1",
+             **(env or {})},
     )
 
 
@@ -158,3 +161,40 @@ def test_existing_output_is_not_overwritten(tiny_model, tmp_path):
     assert run.returncode == 2
     assert "--overwrite" in run.stderr and "Traceback" not in run.stderr
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_push_uploads_a_checkpoint_with_its_card(tiny_model, tmp_path):
+    """`gptqd push DIR REPO`: the checkpoint on a hub (tests/fakehub.py) as written, with a
+    card, its report without this machine's paths, the upload's progress on stderr; a token
+    that may not write there is one line saying so, and a bad repository id a usage error."""
+    from tests.fakehub import fake_hub, hub_env
+
+    out = tmp_path / "ckpt"
+    assert gptqd(*quantize_args(tiny_model, out)).returncode == 0
+    with fake_hub({}) as hub:
+        env = {**hub_env(hub.url, tmp_path / "hf"), "HF_TOKEN": hub.token}
+        run = gptqd("push", str(out), "team/tiny-4bit", env=env)
+        assert run.returncode == 0, run.stderr
+        head = hub.head("team/tiny-4bit")
+        assert re.fullmatch(rf"{hub.url}/team/tiny-4bit \(main\): commit {head}, \d+ files, "
+                            r"[\d.]+ KB\n", run.stdout), run.stdout
+        stages = [line.split()[0] for line in run.stderr.splitlines()]
+        assert stages[0] == "preparing" and "uploading" in stages and stages[-1] == "committing"
+        tree = hub.tree("team/tiny-4bit")
+        for path in out.iterdir():
+            if path.name != "quant_report.json":
+                assert (tree / path.name).read_bytes() == path.read_bytes(), path.name
+        local = json.loads((out / "quant_report.json").read_text())
+        public = json.loads((tree / "quant_report.json").read_text())
+        assert local["model"] == str(tiny_model) and public["model"] == tiny_model.name
+        card = (tree / "README.md").read_text()
+        assert "base_model" not in card and "\n\nA local llama model quantized to 4 bits" in card
+        assert str(tmp_path) not in card + json.dumps(public)
+
+        refused = gptqd("push", str(out), "acme/tiny", env=env)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert refused.stderr.splitlines()[-1].startswith("error [hub_access_denied]: the hub "
+                                                          "token belongs to gptqd-bot"), refused.stderr
+    bad = gptqd("push", str(out), "no-namespace")
+    assert bad.returncode == 2 and "repo_id must be 'namespace/name'" in bad.stderr, bad.stderr
+

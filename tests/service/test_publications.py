@@ -160,7 +160,7 @@ def test_a_token_that_may_not_write_there_fails_the_publication_saying_so(
     http, commits = pub_box.http, len(hub.commits)
     p = ended(http, job["id"], publish(http, job["id"], {"repo_id": "acme/stolen"})["id"])
     assert p["status"] == "failed" and p["error"]["code"] == "hub_access_denied", p
-    assert "belongs to gptqd-bot, who may not create repositories under 'acme'" in p["error"]["message"]
+    assert "token belongs to gptqd-bot, who may not create repositories under 'acme'" in p["error"]["message"]
     assert "acme/stolen" not in hub.repos and len(hub.commits) == commits
 
 

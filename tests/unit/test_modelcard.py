@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import yaml
 
-from worker.gptq.modelcard import model_card
-from worker.jobrunner import public_report
+from worker.gptq.modelcard import model_card, public_report
 
 REPORT = {
     "model": "/srv/gptqd/models/llama-local", "model_type": "llama",

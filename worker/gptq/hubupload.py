@@ -12,6 +12,7 @@ again sends no weights, and makes no commit when no file changed.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,14 @@ from worker.gptq.errors import (
     HubAccessDenied,
     HubAuthFailed,
     HubUnreachable,
+    InvalidCheckpoint,
     UploadFailed,
 )
+from worker.gptq.progress import ProgressCallback, ProgressEvent
+
+# where the token comes from, for the messages that ask for one
+SET_TOKEN = ("set HF_TOKEN (GPTQD_HF_TOKEN for a gptqd server and its workers) to a token with "
+             "write access to the repository's namespace")
 
 
 @dataclass(frozen=True)
@@ -117,17 +124,15 @@ def _writer(api: Any, repo_id: str) -> str:
     try:
         who = api.whoami()
     except hub.LocalTokenNotFoundError as exc:
-        raise HubAuthFailed("the workers have no hub token: set GPTQD_HF_TOKEN (or HF_TOKEN) "
-                            "for them to a token that can write to the repository") from exc
+        raise HubAuthFailed(f"there is no hub token: {SET_TOKEN}") from exc
     role = ((who.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
-        raise HubAccessDenied(f"the workers' hub token (of {who.get('name')}) is read-only: "
-                              "give them a token with write access")
+        raise HubAccessDenied(f"the hub token (of {who.get('name')}) is read-only: {SET_TOKEN}")
     namespace = repo_id.split("/", 1)[0]
     mine = [who.get("name"), *(org.get("name") for org in who.get("orgs") or [])]
     if namespace not in mine:
         raise HubAccessDenied(
-            f"the workers' hub token belongs to {who.get('name')}, who may not create "
+            f"the hub token belongs to {who.get('name')}, who may not create "
             f"repositories under {namespace!r}: use one of {', '.join(map(repr, mine))}, or a "
             f"token of a member of {namespace!r}")
     return str(who.get("name"))
@@ -153,12 +158,58 @@ def _error(exc: BaseException, to: Destination) -> EngineError | None:
         status = cause.response.status_code if cause.response is not None else None
         server = cause.server_message or str(cause).splitlines()[0]
         if status == 401:
-            return HubAuthFailed(f"the hub refused the workers' token for {where} (HTTP 401: "
-                                 f"{server}): set GPTQD_HF_TOKEN to a valid token with write "
-                                 "access")
+            return HubAuthFailed(f"the hub refused the token for {where} (HTTP 401: {server}): "
+                                 f"{SET_TOKEN}")
         if status == 403:
-            return HubAccessDenied(f"the workers' hub token may not write to {where} "
-                                   f"({server}): give it write access to the repository's "
-                                   "namespace")
+            return HubAccessDenied(f"the hub token may not write to {where} ({server}): give "
+                                   "it write access to the repository's namespace")
         return UploadFailed(f"the hub refused the upload to {where} (HTTP {status}: {server})")
     return None
+
+
+# a publication's fraction: checking the token and the repository, then the bytes, then the
+# commit
+UPLOAD_SHARE = (0.02, 0.98)
+
+
+def publish_checkpoint(checkpoint: Path, to: Destination, *, token: str | None,
+                       base_model: str | None, model_card: bool = True,
+                       progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """A checkpoint directory written by the engine, uploaded with a model card from its
+    report (unless model_card is False) and that report without the paths of the machine
+    that made it; progress hears preparing, uploading (bytes, rate, time left) and
+    committing. base_model: the hub id it was quantized from (None: a local model)."""
+    from worker.gptq.export import REPORT_NAME
+    from worker.gptq.modelcard import model_card as card_of
+    from worker.gptq.modelcard import public_report
+
+    started = time.monotonic()
+
+    def emit(stage: str, fraction: float, message: str, eta: float | None = None) -> None:
+        if progress is not None:
+            progress(ProgressEvent(stage=stage, fraction=fraction, message=message,
+                                   seconds=time.monotonic() - started, eta_seconds=eta))
+
+    emit("preparing", 0.0, f"checking the token and {to.repo_id}")
+    path = checkpoint / REPORT_NAME
+    if not path.is_file():
+        raise InvalidCheckpoint(f"{checkpoint} has no {REPORT_NAME}: not a checkpoint gptqd wrote")
+    stored = json.loads(path.read_text())
+    report = public_report(stored)
+    replaced: dict[str, bytes] = {}
+    if report != stored:  # a local model's or a local text's path
+        replaced[REPORT_NAME] = (json.dumps(report, indent=2) + "\n").encode()
+    if model_card:
+        replaced["README.md"] = card_of(report, to.repo_id, base_model).encode()
+
+    def on_transfer(t: Transfer) -> None:
+        low, high = UPLOAD_SHARE
+        share = t.done / t.total if t.total else 1.0
+        if t.done < t.total:
+            emit("uploading", low + (high - low) * share, t.describe(to.repo_id, "uploading"),
+                 t.eta_seconds)
+        else:
+            emit("committing", high, f"committing {t.files} files to {to.repo_id}", 0.0)
+
+    result = upload(Upload(checkpoint, replaced), to, token=token, on_transfer=on_transfer)
+    return {**result, "model_card": model_card}

@@ -1,11 +1,13 @@
 """A model card (the README.md of a hub repository) for a GPTQ checkpoint, written from its
 quantization report: what it was quantized from and how, what it lost (perplexity before and
 after, on which text), how big it is, and how to load it in the runtimes that read the format.
-A card states only what the report measured: a figure the run did not take is left out."""
+A card states only what the report measured: a figure the run did not take is left out. What a
+report may show in public (public_report) is here too: no path of the machine that made it."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from worker.gptq.download import size_text
@@ -102,3 +104,20 @@ def _usage(repo_id: str) -> list[str]:
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", device_map="auto")',
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```", "",
             "```bash", f"vllm serve {repo_id}", "```"]
+
+
+def public_source(source: str) -> str:
+    """A source as users may see it: a server path shows only its file name."""
+    return Path(source).name if source.startswith("/") else source
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The engine's report as anyone may read it: server paths (where it was written, a local
+    model's or an uploaded text's path) show only their last name."""
+    out = {k: v for k, v in report.items() if k != "out_dir"}
+    if "model" in out:
+        out["model"] = public_source(str(out["model"]))
+    for key in ("calibration", "evaluation"):
+        if isinstance(out.get(key), dict) and "source" in out[key]:
+            out[key] = {**out[key], "source": public_source(str(out[key]["source"]))}
+    return out

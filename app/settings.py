@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("HF_TOKEN", "GPTQD_HF_TOKEN")
     )
     allow_trust_remote_code: bool = False
+    # hub namespaces (users, organisations) publications may go to, comma separated; empty:
+    # wherever the hub token may write
+    publish_namespaces: str = ""
 
     # Redis redelivers an unacked message after this long: it must exceed the longest job.
     visibility_timeout: int = 72 * 3600
@@ -71,6 +74,10 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return value.expanduser().resolve() if value is not None else None
+
+    @property
+    def publish_to(self) -> list[str]:
+        return [n.strip() for n in self.publish_namespaces.split(",") if n.strip()]
 
     @property
     def store_url(self) -> str:

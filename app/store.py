@@ -1,6 +1,7 @@
 """The job store: the source of truth for jobs, their event log, uploaded datasets and
-follow-ups (verifications and publications of a job's checkpoint). API and workers share it; every state change is one short transaction, and the
-ones that race (claim, cancel, finish) are single conditional UPDATEs.
+follow-ups (verifications and publications of a job's checkpoint). API and workers share it;
+every state change is one short transaction, and the ones that race (claim, cancel, finish)
+are single conditional UPDATEs.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class FollowUpShape:
     lost_advice: str
 
 
-FOLLOW_UPS: dict[str, FollowUpShape] = {
+FOLLOW_UPS: dict[FollowUpKind, FollowUpShape] = {
     "verification": FollowUpShape(
         "ver", VERIFICATION_ID, "probably out of memory: use fewer max_windows or a shorter "
         "seq_length, or a machine with more memory"),
@@ -142,7 +143,8 @@ class FollowUp(Base):
     error_message: Mapped[str | None] = mapped_column(Text)
     # stage, block i/n, fraction, ETA while it runs (added in 0.1: older stores gain it)
     progress: Mapped[dict | None] = mapped_column(JSON)
-    # verification or publication (added in 0.2: older rows, all verifications, have NULL)
+    # verification or publication (added with publications: older rows, all verifications,
+    # have NULL)
     kind: Mapped[str | None] = mapped_column(String(16))
 
 
@@ -579,9 +581,9 @@ class Store:
                 select(FollowUp.id, FollowUp.created_at)
                 .where(FollowUp.status == "queued"))}
 
-    def get_follow_up(self, verification_id: str) -> FollowUp | None:
+    def get_follow_up(self, follow_up_id: str) -> FollowUp | None:
         with self._read() as s:
-            return s.get(FollowUp, verification_id)
+            return s.get(FollowUp, follow_up_id)
 
     def list_follow_ups(self, job_id: str, limit: int = 50, cursor: str | None = None,
                         kind: FollowUpKind = "verification") -> tuple[list[FollowUp], str | None]:
@@ -589,20 +591,20 @@ class Store:
         q = select(FollowUp).where(FollowUp.job_id == job_id, _kind_is(kind))
         return self._page(q, FollowUp, FOLLOW_UPS[kind].id_shape, limit, cursor)
 
-    def claim_follow_up(self, verification_id: str) -> FollowUp | None:
+    def claim_follow_up(self, follow_up_id: str) -> FollowUp | None:
         now = utcnow()
         with self._write() as s:
             n = s.execute(
                 update(FollowUp)
-                .where(FollowUp.id == verification_id, FollowUp.status == "queued")
+                .where(FollowUp.id == follow_up_id, FollowUp.status == "queued")
                 .values(status="running", started_at=now, heartbeat_at=now,
                         attempts=FollowUp.attempts + 1)
             ).rowcount
-        return self.get_follow_up(verification_id) if n else None
+        return self.get_follow_up(follow_up_id) if n else None
 
-    def heartbeat_follow_up(self, verification_id: str, attempt: int,
-                               progress: dict | None = None) -> bool:
-        """A running verification's beat, with its progress when given; False if no longer
+    def heartbeat_follow_up(self, follow_up_id: str, attempt: int,
+                            progress: dict | None = None) -> bool:
+        """A running follow-up's beat, with its progress when given; False if no longer
         this attempt's."""
         values: dict[str, Any] = {"heartbeat_at": utcnow()}
         if progress is not None:
@@ -610,7 +612,7 @@ class Store:
         with self._write() as s:
             return bool(s.execute(
                 update(FollowUp)
-                .where(FollowUp.id == verification_id, FollowUp.status == "running",
+                .where(FollowUp.id == follow_up_id, FollowUp.status == "running",
                        FollowUp.attempts == attempt)
                 .values(**values)
             ).rowcount)
@@ -654,7 +656,7 @@ class Store:
 
     def finish_follow_up(
         self,
-        verification_id: str,
+        follow_up_id: str,
         status: str,
         *,
         result: dict | None = None,
@@ -662,7 +664,7 @@ class Store:
         attempt: int | None = None,
         progress: dict | None = None,
     ) -> bool:
-        """attempt: only if the verification is still in that attempt (a worker presumed dead
+        """attempt: only if the follow-up is still in that attempt (a worker presumed dead
         and replaced must not overwrite its successor's result); progress: the last one, with
         where it ended."""
         values: dict[str, Any] = {"status": status, "finished_at": utcnow(), "result": result}
@@ -670,7 +672,7 @@ class Store:
             values["progress"] = progress
         if error is not None:
             values["error_code"], values["error_message"] = error
-        mine = [FollowUp.id == verification_id, FollowUp.status == "running"]
+        mine = [FollowUp.id == follow_up_id, FollowUp.status == "running"]
         if attempt is not None:
             mine.append(FollowUp.attempts == attempt)
         with self._write() as s:

@@ -9,7 +9,7 @@ from fastapi.encoders import jsonable_encoder
 
 from app.deps import DispatcherDep, JobDep, SettingsDep, StoreDep
 from app.routes.followups import follow_up_view, job_follow_up, require_checkpoint
-from app.routes.paging import PageDep, paged
+from app.routes.paging import PageDep, field_error, paged
 from app.routes.refusals import refusals
 from app.schemas import PUBLICATION_ID, Page, PublicationIn, PublicationOut
 from worker.gptq import hubstatus
@@ -25,6 +25,11 @@ def create_publication(
     store: StoreDep, dispatcher: DispatcherDep,
 ) -> PublicationOut:
     require_checkpoint(job)
+    namespace = body.repo_id.split("/", 1)[0]
+    if settings.publish_to and namespace not in settings.publish_to:
+        raise field_error(("body", "repo_id"), f"this server publishes only to "
+                          f"{', '.join(settings.publish_to)} (GPTQD_PUBLISH_NAMESPACES), not to "
+                          f"{namespace!r}")
     if settings.hf_token is None:
         raise HTTPException(409, "publishing needs a hub token with write access: set "
                                  "GPTQD_HF_TOKEN (or HF_TOKEN) for the server and its workers")

@@ -39,6 +39,7 @@ def box(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         b = start_box(tmp_path_factory.mktemp("bad-input"), models,
                       {"GPTQD_API_KEYS": keys, "GPTQD_ADMIN_KEYS": "",
                        "GPTQD_MAX_QUEUED_PER_KEY": "3", "GPTQD_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
+                       "GPTQD_PUBLISH_NAMESPACES": "team, labs",
                        **store}, workers=0)
         b.env["OUTSIDE"] = str(outside)
         yield b
@@ -190,8 +191,13 @@ def test_a_bad_publication_body_is_a_422_naming_the_field(
 
 
 def test_a_publication_needs_a_hub_token_on_the_server(alice: httpx.Client, done_job: str) -> None:
-    """This server has none: refused before anything is queued, saying what to set; a
-    verification's id is not a publication's."""
+    """This server publishes only to its namespaces (a 422 naming repo_id otherwise) and has no
+    token: refused before anything is queued, saying what to set; a verification's id is not a
+    publication's."""
+    r = alice.post(f"/jobs/{done_job}/publications", json={"repo_id": "acme/tiny-gptq"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == ["body", "repo_id"]
+    assert "publishes only to team, labs (GPTQD_PUBLISH_NAMESPACES), not to 'acme'" in r.text
     r = alice.post(f"/jobs/{done_job}/publications", json={"repo_id": "team/tiny-gptq"})
     assert r.status_code == 409 and "GPTQD_HF_TOKEN" in r.json()["detail"], r.text
     assert alice.get(f"/jobs/{done_job}/publications").json()["items"] == []

@@ -4,13 +4,13 @@ Every worker runs one (a thread in the worker's main process, at start and then 
 `reconcile_seconds`). Each pass:
 - requeues running jobs whose heartbeat is older than `stale_seconds` (their worker died:
   OOM-killed, machine lost) and re-sends them, or fails them once they used `max_attempts`;
-  running verifications the same way (they beat too);
+  running follow-ups (verifications, publications) the same way (they beat too);
 - re-sends queued jobs whose message the broker no longer holds (lost: Redis flushed or
   restarted without persistence) as soon as two passes in a row found it missing (one pass
   alone could catch a message between Redis's queue and its unacked set), and in any case
   once it went out more than `resend_seconds` ago unclaimed. On a broker that cannot be looked
   into (the embedded SQL one) a job waiting that long is re-sent anyway, at most once per
-  `resend_seconds`. Queued verifications whose message is gone are re-sent the same way
+  `resend_seconds`. Queued follow-ups whose message is gone are re-sent the same way
   (Redis only).
 
 Several reconcilers at once are safe: every change is a conditional UPDATE that one caller
@@ -40,7 +40,7 @@ class Pass:
     requeued: list[str] = field(default_factory=list)
     ended: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
-    # queued jobs and verifications whose message the broker did not hold (Redis only)
+    # queued jobs and follow-ups whose message the broker did not hold (Redis only)
     missing: set[str] = field(default_factory=set)
 
 
@@ -76,18 +76,18 @@ def reconcile(store: Store, settings: Settings, sender: Sender,
         remove_leftovers(settings, job_id)
     for job_id in done.requeued:
         send(job_id)
-    stale_verifications, failed_verifications = store.requeue_stale_follow_ups(
+    stale_follow_ups, failed_follow_ups = store.requeue_stale_follow_ups(
         now - timedelta(seconds=settings.stale_seconds), settings.max_attempts
     )
-    for vid in stale_verifications:
-        sender.send_follow_up(vid)
-    done.requeued += stale_verifications
-    done.ended += failed_verifications
+    for fid in stale_follow_ups:
+        sender.send_follow_up(fid)
+    done.requeued += stale_follow_ups
+    done.ended += failed_follow_ups
     pending = sender.pending_ids()
-    queued_verifications: dict[str, datetime] = {}
+    queued_follow_ups_at: dict[str, datetime] = {}
     if pending is not None:
-        queued_verifications = store.queued_follow_ups()
-        done.missing = ({*store.queued_job_ids(), *queued_verifications} - pending)
+        queued_follow_ups_at = store.queued_follow_ups()
+        done.missing = ({*store.queued_job_ids(), *queued_follow_ups_at} - pending)
         lost = done.missing & set(missing_before)
         # the cutoff keeps a job that another reconciler re-sent during this pass from going
         # out twice
@@ -97,12 +97,13 @@ def reconcile(store: Store, settings: Settings, sender: Sender,
                                         pending or frozenset())
     for job_id in done.resent:
         send(job_id)
-    if pending is not None:  # verifications keep no "sent" mark: re-sent only when seen lost
+    if pending is not None:  # follow-ups keep no "sent" mark: re-sent only when seen lost
         cutoff = now - timedelta(seconds=settings.resend_seconds)
-        waited = {vid for vid, created in queued_verifications.items() if created < cutoff}
-        for vid in sorted(done.missing & (waited | set(missing_before)) & queued_verifications.keys()):
-            sender.send_follow_up(vid)
-            done.resent.append(vid)
+        waited = {fid for fid, created in queued_follow_ups_at.items() if created < cutoff}
+        seen_lost = done.missing & (waited | set(missing_before))
+        for fid in sorted(seen_lost & queued_follow_ups_at.keys()):
+            sender.send_follow_up(fid)
+            done.resent.append(fid)
     if done.requeued or done.ended or done.resent:
         log.warning("reconciled: requeued %s, failed %s, re-sent %s",
                     done.requeued, done.ended, done.resent)

@@ -3,7 +3,6 @@ read back with the engine's own loader (the same files a user downloads)."""
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -12,8 +11,6 @@ from app.store import Store
 from worker import jobspec
 from worker.gptq.modelcard import public_source
 from worker.gptq.progress import ProgressCallback
-
-log = logging.getLogger("gptqd.worker")
 
 
 def measure(

@@ -16,7 +16,8 @@ Out = TypeVar("Out", bound=FollowUpOut)
 
 
 def follow_up_view(item: FollowUp, out: type[Out]) -> Out:
-    error = ErrorOut(code=item.error_code, message=item.error_message or "") if item.error_code else None
+    error = (ErrorOut(code=item.error_code, message=item.error_message or "")
+             if item.error_code else None)
     return out(id=item.id, job_id=item.job_id, status=item.status, spec=item.spec,
                created_at=item.created_at, finished_at=item.finished_at,
                attempts=item.attempts or 0, progress=item.progress, result=item.result,
@@ -25,7 +26,8 @@ def follow_up_view(item: FollowUp, out: type[Out]) -> Out:
 
 def require_checkpoint(job: Job) -> None:
     if job.status != "succeeded":
-        raise HTTPException(409, f"job {job.id} is {job.status}: only a succeeded job has a checkpoint")
+        raise HTTPException(
+            409, f"job {job.id} is {job.status}: only a succeeded job has a checkpoint")
 
 
 def job_follow_up(store: Store, job: Job, item_id: str, shape: re.Pattern[str],

@@ -133,7 +133,11 @@ def test_a_checkpoint_is_published_as_stored_with_a_card_and_not_sent_twice(
 def test_the_cli_publishes_to_a_branch_and_shows_the_upload(
         pub_box: Box, hub: FakeHub, job: dict) -> None:
     repo = "gptqd-bot/tiny-public"
-    hub.rate = 1_000_000  # slow enough for the polls to see the upload
+    # the hub would hold the weights from another test's upload and ask for none: forget them,
+    # so that they go up again, slowly enough for the polls to see the upload
+    hub.objects.clear()
+    received = hub.received
+    hub.rate = 1_000_000
     try:
         run = subprocess.run(
             [sys.executable, "-m", "app.cli", "publish", job["id"], repo, "--public",
@@ -149,6 +153,7 @@ def test_the_cli_publishes_to_a_branch_and_shows_the_upload(
     # off a terminal, the polled progress is a line a poll
     assert re.search(rf"^uploading +\d+%  uploading {repo}: ", run.stderr, re.M), run.stderr
     assert repo not in hub.private and hub.commits[-1]["revision"] == "gptq-4bit"
+    assert hub.received > received
     assert "README.md" not in hub.commits[-1]["paths"]
     listed = subprocess.run([sys.executable, "-m", "app.cli", "publications", job["id"],
                              "--url", pub_box.url], capture_output=True, text=True, timeout=60)

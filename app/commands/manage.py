@@ -104,13 +104,17 @@ def describe_verification(v: dict) -> str:
 def verifications(job_id: str = typer.Argument(..., help="A job id."),
                   url: str = URL, api_key: str = KEY) -> None:
     """A job's verifications, with their perplexity (or why one failed)."""
+    _list(lambda: Client(url, api_key).verifications(job_id), "VERIFICATION", "PERPLEXITY",
+          _verification_row, f"no verifications of {job_id} (`gptqd verify {job_id}` starts one)")
+
+
+def _list(fetch: Callable[[], list[dict]], kind: str, last: str,
+          row: Callable[[dict], list[str]], none: str) -> None:
+    """A job's follow-ups as a table (id, status, age, last), or what to run when it has none."""
     with talking_to_server():
-        items = Client(url, api_key).verifications(job_id)
-    if not items:
-        typer.echo(f"no verifications of {job_id} (`gptqd verify {job_id}` starts one)")
-        return
-    typer.echo(table(["VERIFICATION", "STATUS", "CREATED", "PERPLEXITY"],
-                     [_verification_row(v) for v in items]))
+        items = fetch()
+    typer.echo(table([kind, "STATUS", "CREATED", last], [row(i) for i in items]) if items
+               else none)
 
 
 def _verification_row(v: dict) -> list[str]:
@@ -160,13 +164,9 @@ def describe_publication(p: dict) -> str:
 def publications(job_id: str = typer.Argument(..., help="A job id."),
                  url: str = URL, api_key: str = KEY) -> None:
     """A job's publications: where each went (or why it failed)."""
-    with talking_to_server():
-        items = Client(url, api_key).publications(job_id)
-    if not items:
-        typer.echo(f"no publications of {job_id} (`gptqd publish {job_id} ORG/NAME` starts one)")
-        return
-    typer.echo(table(["PUBLICATION", "STATUS", "CREATED", "REPOSITORY"],
-                     [_follow_up_row(p, p["spec"]["repo_id"]) for p in items]))
+    _list(lambda: Client(url, api_key).publications(job_id), "PUBLICATION", "REPOSITORY",
+          lambda p: _follow_up_row(p, p["spec"]["repo_id"]),
+          f"no publications of {job_id} (`gptqd publish {job_id} ORG/NAME` starts one)")
 
 
 def cancel(job_id: str = typer.Argument(..., help="A queued or running job."),

@@ -323,6 +323,17 @@ class Workbench:
 
         return self._once(("ours", model, setting), make)
 
+    def mixed(self) -> Path:
+        """The llama fixture quantized with MIXED_RULES."""
+
+        def make() -> Path:
+            out = self.root / "gptqd-llama-mixed"
+            config = replace(quantize_config("llama", (4, True, False)), dynamic=MIXED_RULES)
+            quantize(str(self.source("llama")), out, config, self.calibration("llama"), device="cpu")
+            return out
+
+        return self._once("mixed", make)
+
     def reference(self, checkpoint: Path, model: str) -> Reference:
         return self._once(("ref", checkpoint), lambda: our_reading(checkpoint, self.windows(model)))
 
@@ -411,6 +422,53 @@ def test_gpt2_through_transformers_still_fails(bench: Workbench) -> None:
     checkpoint = bench.ours("gpt2", (4, True, False))
     with pytest.raises(AttributeError, match="normal_"):
         transformers_loader(checkpoint, torch.float16)
+
+
+# --- settings per module (dynamic rules) ------------------------------------------------------
+
+# one layer left in fp16, wider codes for down_proj, and k_proj apart from q/v (its own bits and
+# act-order: the shared XᵀX is solved in two parts)
+MIXED_RULES = {
+    r"-:model\.layers\.0\.self_attn\.o_proj$": {},
+    r"+:.*\.mlp\.down_proj": {"bits": 8, "group_size": 32},
+    r"+:.*\.self_attn\.k_proj": {"bits": 3, "desc_act": True},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_gptqmodel_loads_our_mixed_checkpoint(bench: Workbench) -> None:
+    """GPTQModel reads the rules written in the config as we applied them: the same bits per
+    layer (bit-exact weights), the skipped layer as a plain one, the same logits."""
+    require("gptqmodel")
+    out = bench.mixed()
+    written = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert written["dynamic"] == MIXED_RULES
+    ref = our_reading(out, bench.windows("llama"))
+    assert "model.layers.0.self_attn.o_proj" not in ref.weights
+    peer = gptqmodel_loader(out, torch.float16)
+    modules = dict(peer.named_modules())
+    bits = {name: modules[name].bits for name in ref.weights}
+    assert {b for n, b in bits.items() if n.endswith("down_proj")} == {8}
+    assert {b for n, b in bits.items() if n.endswith("k_proj")} == {3}
+    assert {b for n, b in bits.items() if n.endswith(("q_proj", "up_proj"))} == {4}
+    assert isinstance(modules["model.layers.0.self_attn.o_proj"], nn.Linear)
+    assert_same_weights(peer, ref.weights, "GPTQModel on gptqd llama mixed")
+    measured = compare(logits_of(peer, ref.windows), ref.logits, ref.windows)
+    record("GPTQModel on gptqd llama mixed", torch.float16, measured)
+    measured.check(TOLERANCE[torch.float16], "GPTQModel on gptqd llama mixed")
+
+
+@pytest.mark.slow
+@pytest.mark.fixtures
+def test_transformers_refuses_a_mixed_checkpoint(bench: Workbench) -> None:
+    """transformers' GPTQ integration ignores `dynamic` (docs/interop.md): it builds every layer
+    at the config's bits, and refuses the wider and narrower tensors instead of loading garbage.
+    If this starts loading, add mixed checkpoints to the transformers tests."""
+    require("gptqmodel")
+    require("optimum")
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers_plain_loader(bench.mixed(), torch.float16)
 
 
 # --- GPTQModel checkpoints in our loader ------------------------------------------------------

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES, QuantizeConfig
-from worker.gptq.errors import LayerShapeError, UnsupportedArchitecture
+from worker.gptq.errors import LayerShapeError, UnmatchedRule, UnsupportedArchitecture
 from worker.gptq.experts import ExpertLinears, unfuse_experts
+from worker.gptq.module_rules import unmatched_rules
 from worker.gptq.packing import word_multiple
 
 # What one chunk of experts may hold while it is calibrated and solved: their Hessians (and
@@ -373,11 +374,23 @@ def validate_layers(model: nn.Module, arch: ArchSpec, config: QuantizeConfig) ->
         for rel, module in arch.block_linears(block, index).items():
             full = f"{arch.block_prefix(index)}.{rel}"
             names.append(full)
+            own = config.for_module(full)
+            if own is None:  # left unquantized by a rule
+                continue
             out_features, in_features = linear_shape(module)
-            shapes.add((out_features, in_features))
-            problems = shape_problems(out_features, in_features, config)
+            if own is config:
+                shapes.add((out_features, in_features))
+            problems = shape_problems(out_features, in_features, own)
             if problems:
-                refused.append(f"{full} [out {out_features}, in {in_features}]: " + "; ".join(problems))
+                where = "" if own is config else f" (bits={own.bits}, group_size={own.group_size} by its rule)"
+                refused.append(f"{full} [out {out_features}, in {in_features}]{where}: " + "; ".join(problems))
+    unmatched = unmatched_rules(config.dynamic, names)
+    if unmatched:
+        raise UnmatchedRule(
+            f"dynamic rule(s) {', '.join(map(repr, unmatched))} decide none of the model's "
+            f"{len(names)} quantizable layers (refused before any work); their names look like "
+            f"{names[0]!r}, {names[-1]!r}"
+        )
     if refused:
         shown = refused[:8]
         more = f"\n  ... and {len(refused) - len(shown)} more" if len(refused) > len(shown) else ""

@@ -243,6 +243,7 @@ def dequantize_stored(
 ) -> torch.Tensor:
     """W'[n,k] = scales[g_idx[k], n] * (codes[n,k] - zeros[g_idx[k], n]) from packed tensors."""
     N, K = layer.codes.shape
+    config = config.quantized_with(name)
     codes = unpack_qweight(stored[f"{name}.qweight"], config.bits, K).float()
     zeros = unpack_qzeros(stored[f"{name}.qzeros"], config.bits, N, config.checkpoint_format).float()
     scales = stored[f"{name}.scales"].float()

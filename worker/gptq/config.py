@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from .module_rules import check_rules, matching_rule
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
@@ -48,6 +50,9 @@ class QuantizeConfig:
     # (what GPTQModel writes and reads), or "original", as the model's own checkpoints name
     # them (Mixtral's experts: what vLLM reads); the same for most families (tensornames.py)
     tensor_names: str = "module"
+    # per-module settings, GPTQModel's `dynamic` (module_rules.py): regex -> overrides, first
+    # match wins; "-:regex" leaves the module unquantized
+    dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
@@ -64,6 +69,30 @@ class QuantizeConfig:
             raise ValueError(f"tensor_names must be one of {', '.join(TENSOR_NAMES)}, got {self.tensor_names!r}")
         if self.desc_act or self.group_size == -1:
             object.__setattr__(self, "act_group_aware", False)  # frozen: set once, here
+        if self.dynamic:
+            if self.tensor_names != "module":
+                # loaders match the rules against the checkpoint's names: they must be the modules'
+                raise ValueError("dynamic rules need tensor_names 'module' (they match module names)")
+            check_rules(self.dynamic, self)
+
+    def for_module(self, name: str) -> QuantizeConfig | None:
+        """The settings module `name` is quantized with (its first matching `dynamic` rule
+        applied), or None when a rule leaves it unquantized."""
+        if not self.dynamic:
+            return self
+        rule = matching_rule(self.dynamic, name)
+        if rule is None:
+            return self
+        skip, overrides = rule
+        return None if skip else replace(self, dynamic={}, **overrides)
+
+    def quantized_with(self, name: str) -> QuantizeConfig:
+        """The settings of module `name`, which was quantized (a rule leaving it unquantized
+        means the caller mixed up its modules)."""
+        own = self.for_module(name)
+        if own is None:
+            raise ValueError(f"{name} is quantized although a dynamic rule leaves it unquantized")
+        return own
 
     @property
     def maxq(self) -> int:

@@ -27,6 +27,12 @@ class LayerShapeError(EngineError):
     code = "layer_shape"
 
 
+class UnmatchedRule(EngineError):
+    """A `dynamic` rule that decides none of the model's layers: a typo, or another family's names."""
+
+    code = "unmatched_rule"
+
+
 class CalibrationError(EngineError):
     code = "calibration"
 

@@ -176,6 +176,7 @@ def _quantized_entry(
 ) -> _Entry:
     N, K = layer.codes.shape
     G = layer.scales.shape[0]
+    config = config.quantized_with(name)
     bias = getattr(model.get_submodule(name), "bias", None)
     # what pack_layer makes: b-bit values packed along K (qweight) and N (qzeros) in int32
     specs = {
@@ -362,10 +363,14 @@ def save_checkpoint(
     paths = _write_weights(entries, out_dir, max_shard_size, rename, on_written)
     qconfig = quantization_config_dict(config)
     skipped = unquantized_block_layers(model, arch, layers) if arch is not None else []
-    if skipped:
-        # GPTQModel/vLLM syntax: "-:" + regex = leave this module unquantized
-        # (named as the tensors are: the renaming tables match whole name parts, "x.")
-        qconfig["dynamic"] = {f"-:^{re.escape(rename(name + '.')[:-1])}$": {} for name in skipped}
+    # GPTQModel/vLLM syntax: "-:" + regex = leave this module unquantized (named as the tensors
+    # are: the renaming tables match whole name parts, "x."); the run's own rules follow as
+    # given: vLLM matches them against its fused layers' names (qkv_proj), not only ours
+    rules = {f"-:^{re.escape(rename(name + '.')[:-1])}$": {} for name in skipped
+             if config.for_module(name) is not None}
+    rules.update(config.dynamic)
+    if rules:
+        qconfig["dynamic"] = rules
     paths.append(_write_json(out_dir / "config.json", _model_config_dict(model, qconfig, dtype)))
     paths.append(_write_json(out_dir / "quantize_config.json", qconfig))
     generation_config = getattr(model, "generation_config", None)

@@ -22,6 +22,7 @@ from .config import SUPPORTED_BITS
 from .errors import InvalidCheckpoint
 from .experts import unfuse_experts
 from .lazyload import INDEX_FILE
+from .module_rules import matching_rule
 from .packing import FORMATS, unpack_qweight, unpack_qzeros
 from .tensornames import in_memory_names
 
@@ -142,6 +143,20 @@ def _check_qconfig(qconfig: dict[str, Any]) -> int:
     return bits
 
 
+def module_settings(qconfig: dict[str, Any], name: str, bits: int) -> tuple[int, int | None]:
+    """(bits, group_size) of module `name`: the checkpoint's, or its first matching `dynamic`
+    rule's (mixed-precision checkpoints, GPTQModel's format)."""
+    group_size = qconfig.get("group_size", -1)
+    rule = matching_rule(qconfig.get("dynamic") or {}, name)
+    if rule is None or rule[0]:
+        return bits, group_size
+    overrides = rule[1]
+    own = overrides.get("bits", bits)
+    if own not in SUPPORTED_BITS:
+        raise InvalidCheckpoint(f"{name}: its dynamic rule sets bits={own!r} (expected one of {SUPPORTED_BITS})")
+    return own, overrides.get("group_size", group_size)
+
+
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: from its index when sharded."""
     index = path / INDEX_FILE
@@ -186,9 +201,8 @@ def replace_quantized_layers(
     cache: bool = True,
 ) -> list[str]:
     """Swap every module with a `.qweight` tensor for a DequantLinear; pops the tensors it uses."""
-    bits = _check_qconfig(qconfig)
+    base_bits = _check_qconfig(qconfig)
     fmt = checkpoint_format_of(qconfig)
-    group_size = qconfig.get("group_size", -1)
     names = sorted(k.removesuffix(".qweight") for k in tensors if k.endswith(".qweight"))
     if not names:
         raise InvalidCheckpoint("the checkpoint has no .qweight tensor: it is not GPTQ-quantized")
@@ -198,6 +212,7 @@ def replace_quantized_layers(
         except AttributeError as exc:
             raise InvalidCheckpoint(f"{name}.qweight names no module of the model") from exc
         qweight = tensors.pop(f"{name}.qweight")
+        bits, group_size = module_settings(qconfig, name, base_bits)
         expected = _expected_shape(module)
         in_features = expected[0] if expected else qweight.shape[0] * 32 // bits
         g_idx = tensors.pop(f"{name}.g_idx", None)

@@ -186,6 +186,20 @@ def sharing_sets(solvers: dict[str, GPTQ]) -> list[list[str]]:
     return list(sets.values())
 
 
+def same_settings(names: list[str], settings: dict[str, QuantizeConfig]) -> list[list[str]]:
+    """Layers sharing an XᵀX split by their settings (a dynamic rule may give k_proj other bits
+    than q_proj), in order of first appearance: each part is one stacked solve."""
+    parts: list[tuple[QuantizeConfig, list[str]]] = []
+    for name in names:
+        for config, part in parts:
+            if config == settings[name]:
+                part.append(name)
+                break
+        else:
+            parts.append((settings[name], [name]))
+    return [part for _, part in parts]
+
+
 # Tokens per calibration forward call. A block's intermediates grow with it (an MLP 5632 wide
 # makes 44 MiB per intermediate at 2048 tokens; 8 windows of 2048 tokens through a 7B model's
 # 11008-wide MLP would make 720 MiB each). Fewer tokens per call cost time: each call makes
@@ -393,6 +407,11 @@ class _Run:
             self._check_stop(f"at block {index + 1}/{self.num_blocks}")
             if self.finished_children is not None:
                 self.finished_children.install(groups_done)
+            settings = self._settings(index, group)
+            done += len(group) - len(settings)  # left unquantized by a rule: nothing to do
+            group = tuple(settings)
+            if not group:
+                continue
             solvers = {name: GPTQ(weight_view(linears[name])) for name in group}
             pending: set[str] = set()
             shared = _SharedInputs()
@@ -411,16 +430,27 @@ class _Run:
             self.routed = routed_tokens(experts, group)
             for names in sharing_sets(solvers):
                 self._check_stop(f"at block {index + 1}/{self.num_blocks}, module {names[0]}")
-                done = self._solve(index, names, solvers, linears, done)
+                alike = same_settings(names, settings)
+                for i, subset in enumerate(alike):
+                    # the shared XᵀX is consumed by the last solve that uses it
+                    done = self._solve(index, subset, solvers, linears, done, settings[subset[0]],
+                                       consume=i == len(alike) - 1)
+
+    def _settings(self, index: int, group: tuple[str, ...]) -> dict[str, QuantizeConfig]:
+        """The settings of each of the group's layers that is quantized (dynamic rules)."""
+        prefix = self.arch.block_prefix(index)
+        own = {name: self.config.for_module(f"{prefix}.{name}") for name in group}
+        return {name: config for name, config in own.items() if config is not None}
 
     def _solve(
-        self, index: int, names: list[str], solvers: dict[str, GPTQ], linears: dict[str, nn.Module], done: int
+        self, index: int, names: list[str], solvers: dict[str, GPTQ], linears: dict[str, nn.Module], done: int,
+        config: QuantizeConfig, consume: bool,
     ) -> int:
-        """Solve layers that share one XᵀX as one stacked problem (a lone layer alone), write
-        their dequantized weights back and record them; returns the modules done in the block.
-        Their XᵀX is used by no one else: consumed."""
+        """Solve layers that share one XᵀX and one setting as one stacked problem (a lone layer
+        alone), write their dequantized weights back and record them; returns the modules done
+        in the block. consume: their XᵀX is used by no one else."""
         began = time.perf_counter()
-        layers = solve_together([solvers[name] for name in names], self.config, consume=True)
+        layers = solve_together([solvers[name] for name in names], config, consume=consume)
         for name in names:
             layer = next(layers)  # made one at a time: one layer's copies in memory at once
             solvers[name].free()

@@ -12,11 +12,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from worker.gptq.module_rules import MAX_RULES, OVERRIDABLE, rule_problem
 
 T = TypeVar("T")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -212,6 +214,18 @@ class PublicationIn(Strict):
         return v
 
 
+class ModuleSettings(Strict):
+    """What a `dynamic` rule sets for the layers it matches; the rest are the job's."""
+
+    bits: Bits | None = None
+    group_size: GroupSize | None = None
+    desc_act: bool | None = None
+    damp_percent: float | None = Field(None, gt=0, lt=1)
+
+
+assert set(ModuleSettings.model_fields) == set(OVERRIDABLE)  # the engine's list, one source
+
+
 class JobIn(Strict):
     model_id: Annotated[str, Field(min_length=1, max_length=200)]
     revision: Annotated[str, Field(min_length=1, max_length=100)] | None = None
@@ -227,10 +241,38 @@ class JobIn(Strict):
     # the checkpoint's tensor names: as transformers names the modules (what GPTQModel reads),
     # or as the model's own checkpoints do (what vLLM reads for Mixtral; the same elsewhere)
     tensor_names: Literal["module", "original"] = "module"
+    # per-layer settings, GPTQModel's `dynamic` syntax (docs/api.md "Settings per layer"):
+    # {"+:regex": {"bits": 8}} overrides, {"-:regex": {}} leaves layers unquantized
+    dynamic: dict[str, ModuleSettings] | None = None
     trust_remote_code: bool = False
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
     verify: VerifyIn = Field(default_factory=VerifyIn)
     name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+
+    @field_validator("dynamic", mode="before")
+    @classmethod
+    def _dynamic_rules(cls, v: Any) -> Any:
+        """The rules' own shape (regexes, skip rules without settings, known keys), with the
+        engine's words; the settings' values are then checked as ModuleSettings."""
+        if isinstance(v, dict):
+            if len(v) > MAX_RULES:
+                raise ValueError(f"at most {MAX_RULES} rules are allowed, got {len(v)}")
+            for key, overrides in v.items():
+                problem = rule_problem(key, overrides)
+                if problem:
+                    raise ValueError(problem)
+        return v
+
+    @field_serializer("dynamic")
+    def _dynamic_compact(self, rules: dict[str, ModuleSettings] | None) -> dict[str, dict] | None:
+        # stored and shown as given: a rule's unset settings are the job's, not nulls
+        return None if rules is None else {k: v.model_dump(exclude_none=True) for k, v in rules.items()}
+
+    @model_validator(mode="after")
+    def _dynamic_names(self) -> JobIn:
+        if self.dynamic and self.tensor_names != "module":
+            raise ValueError("dynamic rules match module names: they need tensor_names 'module'")
+        return self
 
     @field_validator("model_id")
     @classmethod

@@ -18,7 +18,12 @@ QUANT_FIELDS = ("bits", "group_size", "damp_percent", "desc_act", "sym", "static
 
 def quantize_config(spec: dict[str, Any]) -> QuantizeConfig:
     # a spec stored before a field existed runs with the engine's default for it
-    return QuantizeConfig(**{k: spec[k] for k in QUANT_FIELDS if k in spec})
+    fields = {k: spec[k] for k in QUANT_FIELDS if k in spec}
+    if spec.get("dynamic"):
+        # a rule's unset settings (stored as null) are the job's own
+        fields["dynamic"] = {key: {k: v for k, v in settings.items() if v is not None}
+                             for key, settings in spec["dynamic"].items()}
+    return QuantizeConfig(**fields)
 
 
 def dataset_file(store: Store, settings: Settings, dataset_id: str) -> Path:

@@ -3,9 +3,11 @@ refusal or a server that is not there is told to the user (one line, exit code 1
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 
 import typer
 
@@ -87,3 +89,27 @@ def published(result: dict) -> str:
 
     return (f"{result['url']} ({result['branch']}): commit {result['commit']}, "
             f"{len(result['files'])} files, {size_text(result['bytes'])}")
+
+
+DYNAMIC_HELP = ("Per-layer settings, GPTQModel's `dynamic` rules, as JSON or @FILE: "
+                '\'{"+:.*down_proj": {"bits": 8}, "-:.*\\.0\\.self_attn\\.o_proj": {}}\' '
+                "(the first rule whose regex matches a layer's name decides; -: leaves it unquantized).")
+
+
+def rules_option(value: str | None) -> dict | None:
+    """--dynamic: a JSON object given inline or as @path to a file holding one."""
+    if value is None:
+        return None
+    text = value
+    if value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text()
+        except OSError as exc:
+            raise typer.BadParameter(f"cannot read {value[1:]}: {exc.strerror}", param_hint="'--dynamic'") from exc
+    try:
+        rules = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(f"not JSON ({exc})", param_hint="'--dynamic'") from exc
+    if not isinstance(rules, dict):
+        raise typer.BadParameter("must be a JSON object of rules", param_hint="'--dynamic'")
+    return rules

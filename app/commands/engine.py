@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from app.commands.common import published, sample_lines
+from app.commands.common import DYNAMIC_HELP, published, rules_option, sample_lines
 
 T = TypeVar("T")
 
@@ -45,6 +45,7 @@ _FIELD_OPTIONS = {
     "bits": "--bits",
     "group_size": "--group-size",
     "damp_percent": "--damp-percent",
+    "dynamic": "--dynamic",
     "num_samples": "--num-samples",
     "seq_length": "--seq-length",
     "eval seq_length": "--seq-length",
@@ -196,6 +197,7 @@ def quantize(
     num_samples: int = typer.Option(128, "--num-samples", help="Calibration windows."),
     seq_length: int = typer.Option(512, "--seq-length", help="Tokens per calibration (and eval) window."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing the calibration windows."),
+    dynamic: str | None = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
     revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the model's own code."),
     device: str | None = typer.Option(None, "--device", help="Compute device (default: cuda if present, else cpu)."),
@@ -219,6 +221,7 @@ def quantize(
         bits=bits, group_size=group_size, sym=not asym, desc_act=desc_act,
         static_groups=static_groups, damp_percent=damp_percent, true_sequential=true_sequential,
         mse=mse, act_group_aware=act_group_aware, tensor_names=tensor_names.value,
+        dynamic=rules_option(dynamic) or {},
     ))
     calib = _build(lambda: CalibrationSpec(
         source=calibration, text_field=text_field, num_samples=num_samples,

@@ -18,11 +18,13 @@ import typer
 
 from app.client import Client
 from app.commands.common import (
+    DYNAMIC_HELP,
     KEY,
     URL,
     age,
     eval_text,
     outcome,
+    rules_option,
     sample_lines,
     table,
     talking_to_server,
@@ -213,6 +215,7 @@ def submit(
     mse: bool = _opt("mse", "Search a clipping range per group minimising the MSE.", "--mse/--no-mse"),
     tensor_names: str = _opt("tensor_names", "Checkpoint tensor names: module (what GPTQModel reads) or "
                              "original (the model's own; what vLLM reads for Mixtral).", "--tensor-names"),
+    dynamic: str = typer.Option(None, "--dynamic", help=DYNAMIC_HELP),
     revision: str = typer.Option(None, help="Hub branch, tag or commit."),
     dataset: str = _opt("calibration.dataset", "Calibration: a hub dataset, or 'builtin' (offline)."),
     dataset_config: str = _opt("calibration.config", "The hub dataset's config."),
@@ -232,7 +235,7 @@ def submit(
                       damp_percent=damp_percent, desc_act=desc_act, sym=sym,
                       static_groups=static_groups, true_sequential=true_sequential,
                       act_group_aware=act_group_aware, mse=mse, tensor_names=tensor_names,
-                      revision=revision, dataset=dataset, dataset_config=dataset_config,
+                      dynamic=rules_option(dynamic), revision=revision, dataset=dataset, dataset_config=dataset_config,
                       split=split, text_field=text_field, dataset_id=dataset_id,
                       num_samples=num_samples, seq_length=seq_length, seed=seed, name=name)
     client = Client(url, api_key)

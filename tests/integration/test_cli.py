@@ -129,6 +129,8 @@ def test_quantize_streamed_measures_what_the_whole_model_run_measures(tiny_model
         (["--num-samples", "0"], "num_samples must be >= 1"),
         (["--bits", "four"], "'--bits'"),
         (["--load", "lazy"], "'--load'"),
+        (["--dynamic", '{"+:(": {}}'], "is not a valid regex"),
+        (["--dynamic", "{bits: 8}"], "not JSON"),
     ],
 )
 def test_bad_arguments_are_refused_cleanly(tmp_path, args, needle):

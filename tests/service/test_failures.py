@@ -6,6 +6,7 @@ left on disk, and the same worker goes on to run the next job.
   (the hub is offline here);
 - unsupported_architecture: a BERT model directory;
 - layer_shape: hidden size 64 with group_size 128;
+- unmatched_rule: a per-layer rule (`dynamic`) with a typo, matching none of the layers;
 - calibration: an uploaded text that is too short, a JSON-lines file without the text field;
 - cholesky_failed: a model whose weights are NaN, so every Hessian is;
 - out_of_memory: the worker's job processes are limited (RLIMIT_AS, GPTQD_JOB_MEMORY_LIMIT_MB)
@@ -123,6 +124,7 @@ CASES = {
     "model_not_found": lambda box: tiny_spec(model_id="no-such-model"),
     "unsupported_architecture": lambda box: tiny_spec(model_id="bert"),
     "layer_shape": lambda box: tiny_spec(group_size=128),
+    "unmatched_rule": lambda box: tiny_spec(dynamic={"+:.*gate_projj": {"bits": 8}}),
     "calibration_too_short": lambda box: tiny_spec(
         calibration={"dataset_id": upload(box, "short.txt", b"far too short"),
                      "num_samples": 8, "seq_length": 64}),
@@ -142,6 +144,8 @@ ADVICE = {
     "model_not_found": ["no-such-model", "GPTQD_MODELS_DIR", "tiny-deep"],
     "unsupported_architecture": ["bert", "supported"],
     "layer_shape": ["group_size 128"],
+    # the rule, and what the model's layers are called
+    "unmatched_rule": ["gate_projj", "model.layers.0."],
     "calibration_too_short": ["too short"],
     "calibration_no_text_field": ["text"],
     "cholesky_failed": ["damp_percent"],

@@ -75,3 +75,43 @@ def test_tensor_names_reach_the_engine() -> None:
     stored = JobIn.model_validate({"model_id": "m"}).model_dump()
     del stored["tensor_names"]  # a spec stored before the field existed
     assert quantize_config(stored).tensor_names == "module"
+
+
+def test_per_layer_rules_reach_the_engine_as_given() -> None:
+    from worker.jobspec import quantize_config
+
+    body = {"model_id": "m", "bits": 4, "dynamic": {
+        r"+:.*\.down_proj": {"bits": 8, "group_size": 32}, r"-:.*\.0\.self_attn\.o_proj": {}}}
+    spec = JobIn.model_validate(body).model_dump(mode="json")
+    # stored and echoed as sent: unset settings are the job's own, not nulls
+    assert spec["dynamic"] == body["dynamic"]
+    config = quantize_config(spec)
+    assert config.for_module("model.layers.3.mlp.down_proj").bits == 8
+    assert config.for_module("model.layers.3.mlp.down_proj").group_size == 32
+    assert config.for_module("model.layers.3.mlp.up_proj") is config
+    assert config.for_module("model.layers.0.self_attn.o_proj") is None
+    assert JobIn.model_validate({"model_id": "m"}).model_dump()["dynamic"] is None
+
+
+@pytest.mark.parametrize(("rules", "says"), [
+    ({"+:(": {"bits": 8}}, "not a valid regex"),
+    ({"-:.*o_proj": {"bits": 8}}, "takes no settings"),
+    ({".*o_proj": {"sym": False}}, "may set only bits, group_size, desc_act, damp_percent"),
+    ({"+:": {"bits": 8}}, "empty regex"),
+    ({".*o_proj": {"bits": 5}}, "bits"),
+    ({".*o_proj": {"group_size": 100}}, "group_size"),
+    ({".*o_proj": {"damp_percent": 1.5}}, "damp_percent"),
+    ({".*o_proj": {"bits": "8"}}, "bits"),
+    ({".*o_proj": 8}, "must map to an object"),
+    ({f"+:layer{i}": {} for i in range(65)}, "at most 64 rules"),
+])
+def test_a_bad_rule_is_refused_saying_why(rules: dict, says: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        JobIn.model_validate({"model_id": "m", "dynamic": rules})
+    assert says in str(caught.value)
+    assert "dynamic" in str(caught.value)
+
+
+def test_rules_need_module_names() -> None:
+    with pytest.raises(ValidationError, match="tensor_names 'module'"):
+        JobIn.model_validate({"model_id": "m", "tensor_names": "original", "dynamic": {".*": {"bits": 8}}})

@@ -33,9 +33,9 @@ def rule_problem(key: str, overrides: Any) -> str | None:
     """Why a rule is malformed (its regex, its shape, its keys), or None. Values are checked
     by the settings they override."""
     if not isinstance(key, str) or not key:
-        return "a rule's key must be a non-empty regex"
+        return "rule keys must be non-empty regexes"
     if len(key) > MAX_PATTERN:
-        return f"a rule's regex must be at most {MAX_PATTERN} characters"
+        return f"rule {key[:40]!r}... is longer than {MAX_PATTERN} characters"
     skip, pattern = split_rule(key)
     if not pattern:
         return f"rule {key!r} has an empty regex"
@@ -61,11 +61,11 @@ def check_rules(rules: dict[str, dict[str, Any]], base: Any) -> None:
     for key, overrides in rules.items():
         problem = rule_problem(key, overrides)
         if problem:
-            raise ValueError(f"dynamic: {problem}")
+            raise ValueError(f"dynamic {problem}")
         try:
             replace(base, dynamic={}, **overrides)
         except (TypeError, ValueError) as exc:
-            raise ValueError(f"dynamic: rule {key!r}: {exc}") from exc
+            raise ValueError(f"dynamic rule {key!r}: {exc}") from exc
 
 
 def matching_rule(rules: dict[str, dict[str, Any]], name: str) -> tuple[bool, dict[str, Any]] | None:

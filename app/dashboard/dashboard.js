@@ -142,7 +142,9 @@ const rows = new Map();
 
 function settingsOf(job) {
   const s = job.spec || {};
-  return `${s.bits ?? "?"}-bit g${s.group_size ?? "?"}${s.desc_act ? " act-order" : ""}${s.sym === false ? " asym" : ""}`;
+  const rules = Object.keys(s.dynamic || {}).length;
+  return `${s.bits ?? "?"}-bit g${s.group_size ?? "?"}${s.desc_act ? " act-order" : ""}${s.sym === false ? " asym" : ""}`
+    + (rules ? ` +${rules} rule${rules > 1 ? "s" : ""}` : "");
 }
 
 function renderRow(job) {
@@ -255,6 +257,14 @@ $("#submit-form").addEventListener("submit", async (event) => {
   };
   if (f.name.value.trim()) spec.name = f.name.value.trim();
   $("#submit-error").textContent = "";
+  if (f.dynamic.value.trim()) {
+    try {
+      spec.dynamic = JSON.parse(f.dynamic.value);
+    } catch (e) {
+      $("#submit-error").textContent = `Per-layer rules: not JSON (${e.message})`;
+      return;
+    }
+  }
   try {
     const job = await api("/jobs", { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(spec) });
     $("#jobs tbody").prepend(renderRow(job));

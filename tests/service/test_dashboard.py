@@ -1,9 +1,10 @@
 """The dashboard in a real headless browser (Debian's chromium driven by Playwright): submit a
-job from the form, watch its progress bar reach succeeded, open its page, see the loss chart
+job from the form (with per-layer rules), watch its progress bar reach succeeded, open its page, see the loss chart
 drawn to the scale of its data; a failed job says why, once, in the list and on its page."""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from pathlib import Path
@@ -16,6 +17,11 @@ from tests.service.helpers import verify_stored
 pytestmark = pytest.mark.service
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "artifacts"
+
+
+# one layer left unquantized, the output projections at 8 bits (the job's verification then
+# reads a mixed checkpoint)
+RULES = {r"-:model\.layers\.1\.mlp\.down_proj$": {}, r"+:.*\.o_proj": {"bits": 8}}
 
 
 def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -> None:
@@ -32,13 +38,26 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     form.locator("[name=dataset]").fill("builtin")
     form.locator("[name=num_samples]").fill("8")
     form.locator("[name=seq_length]").fill("64")
-    form.locator("[name=original_names]").check()  # a Llama: the same names either way
+    # per-layer rules: text that is not JSON is refused on the page, before any request
+    rules = form.locator("[name=dynamic]")
+    rules.fill("{down_proj: 8}")
+    form.locator("button[type=submit]").click()
+    assert "Per-layer rules: not JSON" in page.locator("#submit-error").inner_text()
+    # the server's refusal is shown as it says it: rules match module names, which the
+    # "names for vLLM" box (tensor_names "original") would change
+    rules.fill(json.dumps(RULES))
+    form.locator("[name=original_names]").check()
+    form.locator("button[type=submit]").click()
+    page.wait_for_function("() => document.querySelector('#submit-error').textContent.includes('module')")
+    assert "tensor_names 'module'" in page.locator("#submit-error").inner_text()
+    form.locator("[name=original_names]").uncheck()
     form.locator("button[type=submit]").click()
 
     row = page.locator("#jobs tbody tr", has_text="browser-job")
     row.wait_for(timeout=30_000)
     [job] = [j for j in team_box.http.get("/jobs").json()["items"] if j["name"] == "browser-job"]
-    assert job["spec"]["tensor_names"] == "original"
+    assert job["spec"]["dynamic"] == RULES and job["spec"]["tensor_names"] == "module"
+    assert "+2 rules" in row.inner_text()
     # the row's progress bar follows the event stream until the job is done
     page.wait_for_function(
         "() => [...document.querySelectorAll('#jobs tbody tr')].some("
@@ -50,8 +69,8 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
 
     row.click()
     page.wait_for_selector("#job-view:not([hidden])")
-    # 2 blocks x 7 Llama linears: one bar per module, read from the checkpoint's report
-    page.wait_for_function("() => document.querySelectorAll('#loss-chart rect.bar').length === 14",
+    # 2 blocks x 7 Llama linears but the one a rule skipped: a bar per module, from the report
+    page.wait_for_function("() => document.querySelectorAll('#loss-chart rect.bar').length === 13",
                            timeout=30_000)
     check_chart_scale(page)
     metrics = page.locator("#job-metrics").inner_text()

@@ -66,3 +66,20 @@ def test_the_public_report_keeps_everything_but_server_paths() -> None:
     assert public["evaluation"]["source"] == "Salesforce/wikitext"  # a hub id stays
     assert public["modules"] == REPORT["modules"] and public["config"] == REPORT["config"]
     assert public_report(public) == public  # nothing left to hide: a hub model's is unchanged
+
+
+def test_a_card_with_per_layer_rules_lists_them_and_how_to_load_it() -> None:
+    rules = {r"-:model\.layers\.0\.self_attn\.o_proj$": {}, r"+:.*\.mlp\.down_proj": {"bits": 8}}
+    report = {**REPORT, "config": {**REPORT["config"], "bits": 4, "group_size": 128, "dynamic": rules}}
+    card = model_card(public_report(report), "team/llama-mixed", None)
+    assert "quantized to 4 bits (group size 128, some layers otherwise: below)" in card
+    assert r"| `+:.*\.mlp\.down_proj` | bits 8 |" in card
+    assert r"| `-:model\.layers\.0\.self_attn\.o_proj$` | unquantized |" in card
+    # transformers refuses such a checkpoint: the card shows GPTQModel's loader instead
+    assert 'GPTQModel.load("team/llama-mixed")' in card and "from_pretrained" in card
+    assert 'AutoModelForCausalLM.from_pretrained("team/llama-mixed"' not in card
+    assert "vllm serve team/llama-mixed\n" in card  # 4 and 8 bits, group 128: Marlin runs them
+    three = {**report, "config": {**report["config"], "dynamic": {".*(k|v)_proj": {"bits": 3}}}}
+    card = model_card(three, "team/llama-mixed", None)
+    assert "vllm serve team/llama-mixed --quantization gptq" in card
+    assert r"| `.*(k\|v)_proj` | bits 3 |" in card  # the table's cell survives the regex's |

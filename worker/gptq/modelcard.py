@@ -31,11 +31,12 @@ def model_card(report: dict[str, Any], repo_id: str, base_model: str | None) -> 
     version = (report.get("versions") or {}).get("gptqd")
     lines = ["---", *_yaml(meta), "---", "",
              f"# {repo_id.split('/', 1)[1]}", "",
-             f"{source} quantized to {bits} bits ({groups}) with GPTQ (Frantar et al., 2022) by "
-             f"gptqd{f' {version}' if version else ''}.", ""]
+             f"{source} quantized to {bits} bits ({groups}"
+             f"{', some layers otherwise: below' if config.get('dynamic') else ''}) with GPTQ "
+             f"(Frantar et al., 2022) by gptqd{f' {version}' if version else ''}.", ""]
     lines += _settings(config, report.get("calibration") or {})
     lines += _losses(report)
-    lines += _usage(repo_id)
+    lines += _usage(repo_id, config)
     return "\n".join(lines) + "\n"
 
 
@@ -62,6 +63,12 @@ def _link(hub_id: str) -> str:
 def _settings(config: dict[str, Any], calibration: dict[str, Any]) -> list[str]:
     rows = [f"| {key} | {json.dumps(config[key])} |" for key in SHOWN_SETTINGS if key in config]
     lines = ["## Quantization", "", "| setting | value |", "|---|---|", *rows, ""]
+    rules = config.get("dynamic") or {}
+    if rules:
+        # GPTQModel's syntax; the first rule whose regex matches a layer's name decides
+        lines += ["Per-layer rules (`dynamic`; the first whose regex matches a layer's name "
+                  "decides, `-:` leaves it unquantized):", "", "| rule | settings |", "|---|---|",
+                  *(f"| `{_cell(key)}` | {_rule_settings(value)} |" for key, value in rules.items()), ""]
     if calibration.get("num_samples"):
         where = _text(calibration.get("source") or "the job's text")
         lines += [f"Calibrated on {calibration['num_samples']} windows of "
@@ -96,7 +103,35 @@ def _losses(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _usage(repo_id: str) -> list[str]:
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a regex's alternation would end the table's cell
+
+
+def _rule_settings(settings: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {json.dumps(v)}" for k, v in settings.items()) or "unquantized"
+
+
+# vLLM picks Marlin from the checkpoint's own settings, then refuses a layer whose rule Marlin
+# cannot run (gptq_marlin TYPE_MAP: 4 and 8 bits; groups -1, 32, 64, 128)
+MARLIN_BITS, MARLIN_GROUPS = (4, 8), (-1, 32, 64, 128)
+
+
+def _vllm_kernel(config: dict[str, Any]) -> str:
+    layers = [{**config, **rule} for rule in config["dynamic"].values()]
+    off_marlin = any(c.get("bits") not in MARLIN_BITS or c.get("group_size") not in MARLIN_GROUPS
+                     for c in layers)
+    return " --quantization gptq" if off_marlin else ""
+
+
+def _usage(repo_id: str, config: dict[str, Any]) -> list[str]:
+    if config.get("dynamic"):
+        # transformers builds every layer at the config's bits: it refuses the others' tensors
+        return ["## Use", "",
+                "GPTQModel and vLLM load this checkpoint with its per-layer rules; transformers' "
+                "`from_pretrained` ignores them and refuses it:", "",
+                "```python", "from gptqmodel import GPTQModel", "",
+                f'model = GPTQModel.load("{repo_id}")', "```", "",
+                "```bash", f"vllm serve {repo_id}{_vllm_kernel(config)}", "```"]
     return ["## Use", "",
             "The checkpoint is in the GPTQ format that transformers (with GPTQModel "
             "installed), GPTQModel and vLLM load:", "",

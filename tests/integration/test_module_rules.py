@@ -92,3 +92,26 @@ def test_a_rule_that_does_not_fit_a_layer_is_refused_naming_it(tmp_path: Path) -
     config = QuantizeConfig(bits=4, group_size=64, dynamic={r".*down_proj": {"group_size": 256}})
     with pytest.raises(Exception, match=r"down_proj.*group_size=256 by its rule"):
         quantize(str(model), tmp_path / "out", config, CALIB)
+
+
+@pytest.mark.slow
+def test_rules_reach_single_experts(tmp_path: Path) -> None:
+    """An MoE's experts are layers of their own (unfused for the solve): a rule picks some of
+    them out of the one stacked solve of a block's experts."""
+    from tests.integration.checkpoints import saved_tiny_model
+
+    model = saved_tiny_model("qwen2_moe", tmp_path / "model")
+    rules = {r"+:.*\.experts\.0\.": {"bits": 8}, r"-:.*\.experts\.1\.down_proj$": {}}
+    config = QuantizeConfig(bits=4, group_size=32, dynamic=rules)
+    calib = CalibrationSpec(source="builtin", num_samples=4, seq_length=32)
+    quantize(str(model), tmp_path / "whole", config, calib, lazy=False)
+    quantize(str(model), tmp_path / "streamed", config, calib, lazy=True)
+    assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed")
+    saved = tensors(tmp_path / "whole")
+    expert = "model.layers.0.mlp.experts"
+    K = saved[f"{expert}.2.gate_proj.g_idx"].numel()
+    assert saved[f"{expert}.0.gate_proj.qweight"].shape[0] == K * 8 // 32
+    assert saved[f"{expert}.2.gate_proj.qweight"].shape[0] == K * 4 // 32
+    assert f"{expert}.1.down_proj.weight" in saved and f"{expert}.1.down_proj.qweight" not in saved
+    loaded, _ = load_quantized(tmp_path / "whole")
+    assert loaded.get_submodule(f"{expert}.0.gate_proj").bits == 8

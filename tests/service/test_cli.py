@@ -101,13 +101,16 @@ def test_help_shows_flags_as_flags_and_the_server_defaults() -> None:
     assert "(server default: 512)" in options["--seq-length"]
 
 
-def test_a_flag_not_given_leaves_the_server_default(team_box: Box) -> None:
+def test_a_flag_not_given_leaves_the_server_default(team_box: Box, tmp_path: Path) -> None:
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({r"+:.*\.mlp\.down_proj": {"bits": 8}}))
     run = gptqd("submit", "tiny", "--no-sym", "--dataset", "builtin", "--num-samples", "8",
-                "--seq-length", "64", "--url", team_box.url)
+                "--seq-length", "64", "--dynamic", f"@{rules}", "--url", team_box.url)
     assert run.returncode == 0, run.stderr
     job = wait_status(team_box.http, run.stdout.strip(), TERMINAL)
     assert job["spec"]["sym"] is False and job["spec"]["desc_act"] is False
     assert job["spec"]["group_size"] == 128
+    assert job["spec"]["dynamic"] == {r"+:.*\.mlp\.down_proj": {"bits": 8}}
 
 
 def test_jobs_lists_a_header_names_ages_and_why_a_job_failed(team_box: Box) -> None:

@@ -59,6 +59,8 @@ def test_each_layer_gets_its_rule_streamed_or_whole(tmp_path: Path) -> None:
     assert "model.layers.1.self_attn.o_proj" not in modules
     assert modules["model.layers.0.self_attn.k_proj"]["damp_percent"] == pytest.approx(0.05)
     assert modules["model.layers.0.self_attn.q_proj"]["damp_percent"] == pytest.approx(0.01)
+    assert (modules["model.layers.0.mlp.down_proj"]["bits"], modules["model.layers.0.mlp.down_proj"]["group_size"]) == (8, 32)
+    assert (modules["model.layers.0.mlp.up_proj"]["bits"], modules["model.layers.0.mlp.up_proj"]["group_size"]) == (4, 64)
     # 8-bit codes lose far less than 4-bit ones on the same layer
     four = quantize(str(model), tmp_path / "four", QuantizeConfig(bits=4, group_size=32), CALIB, lazy=False)
     plain = {m["name"]: m for m in four.to_dict()["modules"]}

@@ -54,6 +54,9 @@ class ModuleReport:
     # a routed expert's linear: the calibration tokens the router sent to its expert (in the
     # pass that calibrated it); None for every other layer
     routed_tokens: int | None = None
+    # what it was quantized with: the run's settings, or its per-layer rule's
+    bits: int | None = None
+    group_size: int | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -457,7 +460,7 @@ class _Run:
             set_weight(linears[name], layer.weight)
             settle(self.device)
             self.stage_seconds["solve"] += time.perf_counter() - began
-            self._record(index, name, linears[name], layer)
+            self._record(index, name, linears[name], layer, config)
             del layer  # before the next one is made
             done += 1
             report = self.result.modules[-1]
@@ -465,7 +468,9 @@ class _Run:
             began = time.perf_counter()
         return done
 
-    def _record(self, index: int, name: str, module: nn.Module, layer: LayerQuantResult) -> None:
+    def _record(
+        self, index: int, name: str, module: nn.Module, layer: LayerQuantResult, config: QuantizeConfig
+    ) -> None:
         """Hand a solved layer to the hooks (or keep it on the CPU) and report it."""
         full = f"{self.arch.block_prefix(index)}.{name}"
         if self.hooks is not None:
@@ -486,6 +491,8 @@ class _Run:
                 nsamples=layer.nsamples,
                 seconds=layer.seconds,
                 routed_tokens=self.routed.get(name),
+                bits=config.bits,
+                group_size=config.group_size,
             )
         )
 

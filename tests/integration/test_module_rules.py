@@ -117,3 +117,21 @@ def test_rules_reach_single_experts(tmp_path: Path) -> None:
     assert f"{expert}.1.down_proj.weight" in saved and f"{expert}.1.down_proj.qweight" not in saved
     loaded, _ = load_quantized(tmp_path / "whole")
     assert loaded.get_submodule(f"{expert}.0.gate_proj").bits == 8
+
+
+def test_a_rule_on_k_proj_leaves_q_and_v_as_they_were(tmp_path: Path) -> None:
+    """q/k/v share one XᵀX: with a rule on k_proj they are solved in two parts, q and v still on
+    the untouched XᵀX. In the first block (same inputs either way) they come out bit for bit as
+    in a run without the rule."""
+    model = tiny_llama(tmp_path / "model", layers=1)
+    base = QuantizeConfig(bits=4, group_size=64)
+    quantize(str(model), tmp_path / "plain", base, CALIB, lazy=False)
+    ruled = QuantizeConfig(bits=4, group_size=64, dynamic={r".*k_proj": {"bits": 8}})
+    quantize(str(model), tmp_path / "ruled", ruled, CALIB, lazy=False)
+    plain, mixed = tensors(tmp_path / "plain"), tensors(tmp_path / "ruled")
+    for layer in ("q_proj", "v_proj"):
+        for part in ("qweight", "qzeros", "scales"):
+            key = f"model.layers.0.self_attn.{layer}.{part}"
+            assert torch.equal(plain[key], mixed[key]), key
+    k = "model.layers.0.self_attn.k_proj.qweight"
+    assert mixed[k].shape[0] == 2 * plain[k].shape[0]  # 8 bits against 4

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +35,18 @@ def unpack_bits(words: torch.Tensor, bits: int, axis: int) -> torch.Tensor:
     return codes if axis == 1 else codes.t()
 
 
+def layer_bits(config: dict, name: str) -> int:
+    """A layer's bits: the first `dynamic` rule whose regex matches the start of its name
+    (GPTQModel's and vLLM's reading, from the format notes), else the checkpoint's."""
+    for key, settings in (config.get("dynamic") or {}).items():
+        if re.match(key[2:] if key[:2] in ("+:", "-:") else key, name):
+            return int(settings.get("bits", config["bits"]))
+    return int(config["bits"])
+
+
 def dequantized_layers(checkpoint: Path) -> dict[str, torch.Tensor]:
     """{layer name: dequantized weight [K, N] fp32} of every quantized layer in a checkpoint."""
     config = json.loads((checkpoint / "quantize_config.json").read_text())
-    bits = int(config["bits"])
     fmt = config.get("checkpoint_format") or config.get("format") or "gptq"
     zero_offset = 1 if fmt == "gptq" else 0  # v1 stores zero - 1
     tensors: dict[str, torch.Tensor] = {}
@@ -48,6 +57,7 @@ def dequantized_layers(checkpoint: Path) -> dict[str, torch.Tensor]:
         if not key.endswith(".qweight"):
             continue
         name = key.removesuffix(".qweight")
+        bits = layer_bits(config, name)
         q = unpack_bits(tensors[key], bits, axis=0)  # [K, N]
         zeros = unpack_bits(tensors[f"{name}.qzeros"], bits, axis=1) + zero_offset  # [G, N]
         scales = tensors[f"{name}.scales"].float()  # [G, N]

@@ -56,3 +56,15 @@ def test_layers_sharing_inputs_are_solved_together_only_with_one_setting() -> No
     settings = {"q_proj": base, "k_proj": k, "v_proj": base}
     assert same_settings(["q_proj", "k_proj", "v_proj"], settings) == [["q_proj", "v_proj"], ["k_proj"]]
     assert same_settings(["q_proj", "v_proj"], settings) == [["q_proj", "v_proj"]]
+
+
+def test_our_loader_reads_a_layers_rule_and_refuses_unreadable_rules() -> None:
+    from worker.gptq.errors import InvalidCheckpoint
+    from worker.gptq.loader import module_settings
+
+    qconfig = {"bits": 4, "group_size": 128, "dynamic": {r"+:.*down_proj": {"bits": 8, "group_size": 32}}}
+    assert module_settings(qconfig, "model.layers.0.mlp.down_proj", 4) == (8, 32)
+    assert module_settings(qconfig, "model.layers.0.mlp.up_proj", 4) == (4, 128)
+    for rules in ({"+:(": {}}, {".*": {"bits": 5}}):
+        with pytest.raises(InvalidCheckpoint):
+            module_settings({"bits": 4, "dynamic": rules}, "model.layers.0.mlp.up_proj", 4)

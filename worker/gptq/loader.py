@@ -10,6 +10,7 @@ with its [in, out] weight. Everything else is loaded into a model built from con
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +148,10 @@ def module_settings(qconfig: dict[str, Any], name: str, bits: int) -> tuple[int,
     """(bits, group_size) of module `name`: the checkpoint's, or its first matching `dynamic`
     rule's (mixed-precision checkpoints, GPTQModel's format)."""
     group_size = qconfig.get("group_size", -1)
-    rule = matching_rule(qconfig.get("dynamic") or {}, name)
+    try:
+        rule = matching_rule(qconfig.get("dynamic") or {}, name)
+    except (re.error, TypeError, AttributeError) as exc:  # another tool's malformed rules
+        raise InvalidCheckpoint(f"the checkpoint's dynamic rules cannot be read: {exc}") from exc
     if rule is None or rule[0]:
         return bits, group_size
     overrides = rule[1]

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from worker.gptq.config import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from worker.gptq.module_rules import MAX_RULES, OVERRIDABLE, rule_problem
+from worker.gptq.module_rules import OVERRIDABLE, rules_problem
 
 T = TypeVar("T")
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -254,13 +254,9 @@ class JobIn(Strict):
     def _dynamic_rules(cls, v: Any) -> Any:
         """The rules' own shape (regexes, skip rules without settings, known keys), with the
         engine's words; the settings' values are then checked as ModuleSettings."""
-        if isinstance(v, dict):
-            if len(v) > MAX_RULES:
-                raise ValueError(f"at most {MAX_RULES} rules are allowed, got {len(v)}")
-            for key, overrides in v.items():
-                problem = rule_problem(key, overrides)
-                if problem:
-                    raise ValueError(problem)
+        problem = rules_problem(v) if isinstance(v, dict) else None
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_serializer("dynamic")

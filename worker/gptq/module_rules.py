@@ -54,35 +54,38 @@ def rule_problem(key: str, overrides: Any) -> str | None:
     return None
 
 
+def rules_problem(rules: dict[str, Any]) -> str | None:
+    """Why a set of rules is malformed (too many, or its first malformed rule), or None: what
+    the API refuses at the edge and the engine refuses on its own."""
+    if len(rules) > MAX_RULES:
+        return f"holds {len(rules)} rules: at most {MAX_RULES} rules are allowed"
+    return next((p for p in (rule_problem(k, v) for k, v in rules.items()) if p), None)
+
+
 def check_rules(rules: dict[str, dict[str, Any]], base: Any) -> None:
     """Raise ValueError naming the first bad rule: malformed, or settings the engine refuses."""
-    if len(rules) > MAX_RULES:
-        raise ValueError(f"dynamic holds {len(rules)} rules, at most {MAX_RULES} are allowed")
+    problem = rules_problem(rules)
+    if problem:
+        raise ValueError(f"dynamic {problem}")
     for key, overrides in rules.items():
-        problem = rule_problem(key, overrides)
-        if problem:
-            raise ValueError(f"dynamic {problem}")
         try:
             replace(base, dynamic={}, **overrides)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"dynamic rule {key!r}: {exc}") from exc
 
 
+def deciding_rule(rules: dict[str, Any], name: str) -> str | None:
+    """The key of the first rule whose regex matches the start of module `name`, or None."""
+    return next((key for key in rules if re.match(split_rule(key)[1], name)), None)
+
+
 def matching_rule(rules: dict[str, dict[str, Any]], name: str) -> tuple[bool, dict[str, Any]] | None:
     """(skip, overrides) of the first rule matching module `name`, or None."""
-    for key, overrides in rules.items():
-        skip, pattern = split_rule(key)
-        if re.match(pattern, name):
-            return skip, overrides
-    return None
+    key = deciding_rule(rules, name)
+    return None if key is None else (split_rule(key)[0], rules[key])
 
 
 def unmatched_rules(rules: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
     """The rules that decide none of these modules (a typo, or a name of another family)."""
-    used = set()
-    for name in names:
-        for key in rules:
-            if re.match(split_rule(key)[1], name):
-                used.add(key)
-                break
+    used = {deciding_rule(rules, name) for name in names}
     return [key for key in rules if key not in used]

@@ -67,6 +67,15 @@ def eval_text(evaluation: dict) -> str:
     return f" on {evaluation['source']}{same}"
 
 
+def agreement_lines(metrics: dict) -> list[str]:
+    """How far the quantized model's next-token distributions are from the original's, when
+    the run measured it (the finer measure: perplexity can stay put while they move)."""
+    if metrics.get("kl_divergence") is None or metrics.get("top1_agreement") is None:
+        return []
+    return [f"agreement with the original: top-1 token {100 * metrics['top1_agreement']:.1f}%, "
+            f"KL {metrics['kl_divergence']:.3g} nats per token"]
+
+
 def sample_lines(evaluation: dict) -> list[str]:
     """The quantized model's sample texts, or why there are none (a streamed run)."""
     lines = [f"sample: {text!r}" for text in evaluation.get("samples_after") or []]

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from app.commands.common import DYNAMIC_HELP, published, rules_option, sample_lines
+from app.commands.common import DYNAMIC_HELP, agreement_lines, published, rules_option, sample_lines
 
 T = TypeVar("T")
 
@@ -299,6 +299,8 @@ def _print_summary(report: Any, out: Path) -> None:
     for key in ("perplexity_before", "perplexity_after"):
         if data.get(key) is not None:
             typer.echo(f"{key.replace('_', ' ')}: {data[key]:.4f}")
+    for line in agreement_lines(data):
+        typer.echo(line)
     for line in sample_lines(data.get("evaluation") or {}):
         typer.echo(line)
 

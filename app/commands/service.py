@@ -22,6 +22,7 @@ from app.commands.common import (
     KEY,
     URL,
     age,
+    agreement_lines,
     eval_text,
     outcome,
     rules_option,
@@ -170,6 +171,7 @@ def summary(job: dict) -> str:
         lines.append(f"perplexity: {metrics['perplexity_before']:.3f} before, "
                      f"{metrics['perplexity_after']:.3f} after quantization"
                      f"{eval_text(metrics.get('evaluation') or {})}")
+    lines.extend(agreement_lines(metrics))
     sizes = metrics.get("sizes") or {}
     if sizes.get("original_bytes") and sizes.get("checkpoint_bytes"):
         lines.append(f"size: {sizes['original_bytes'] / 1e6:.2f} MB of weights -> "

@@ -365,6 +365,9 @@ function metricRows(job) {
     ["settings", settingsOf(job)],
     ["perplexity before", m.perplexity_before],
     ["perplexity after", m.perplexity_after],
+    // the finer measure: how far the next-token distributions moved from the original's
+    ["top-1 agreement", m.top1_agreement == null ? null : `${(100 * m.top1_agreement).toFixed(1)}%`],
+    ["KL to the original", m.kl_divergence == null ? null : `${m.kl_divergence.toPrecision(3)} nats/token`],
     ["scored on", m.evaluation ? evalText(m.evaluation.source, m.evaluation.held_out) : null],
     ["size before", formatBytes(sizes.original_bytes)],
     ["size after", formatBytes(sizes.checkpoint_bytes)],

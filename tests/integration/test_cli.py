@@ -116,6 +116,11 @@ def test_quantize_streamed_measures_what_the_whole_model_run_measures(tiny_model
     assert "model: held whole in memory" in whole_out and "model: read block by block" in stream_out
     assert (stream["perplexity_before"], stream["perplexity_after"]) == (
         whole["perplexity_before"], whole["perplexity_after"])
+    assert (stream["kl_divergence"], stream["top1_agreement"]) == (
+        whole["kl_divergence"], whole["top1_agreement"])
+    shown = (f"agreement with the original: top-1 token {100 * whole['top1_agreement']:.1f}%, "
+             f"KL {whole['kl_divergence']:.3g} nats per token")
+    assert shown in whole_out and shown in stream_out
     assert "sample: 'Once upon a time" in whole_out
     assert "no samples: greedy samples need the whole model: lazy loading was asked for" in stream_out
 

@@ -75,3 +75,30 @@ def test_group_aware_order_loses_no_more_than_the_natural_order_on_tiny_gpt2():
                    for layer in result.layers.values())
         kl[group_aware] = agreement(model, quantized, windows)["kl"]
     assert kl[True] <= kl[False], kl
+
+
+def test_a_run_reports_the_kl_and_agreement_its_checkpoint_has(tmp_path):
+    """quantize(evaluate=...) reports how far quantizing moved the next-token distributions:
+    the KL and top-1 agreement that a judge finds between the original and the checkpoint read
+    back from disk, on the same windows; 3-bit moves them further than 4-bit."""
+    from worker.gptq.api import quantize
+    from worker.gptq.evaluate import EvalSpec
+    from worker.gptq.loader import load_quantized
+
+    model_dir = fixture_path("models", "babyllama-tok105")
+    spec = EvalSpec(source=str(fixture_path("tinystories", "tinystories_sample_cs336.txt")),
+                    seq_length=128, max_windows=16, prompts=())
+    calibration = CalibrationSpec(source=str(fixture_path("tinystories", "tinystories_valid_excerpt.txt")),
+                                  num_samples=16, seq_length=128)
+    reports = {bits: quantize(str(model_dir), tmp_path / f"{bits}bit", QuantizeConfig(bits=bits, group_size=32),
+                              calibration, device="cpu", evaluate=spec)
+               for bits in (4, 3)}
+    original = load_model(str(model_dir))
+    windows = eval_windows(original.tokenizer, load_texts(spec.source), 128, 16)
+    for bits, report in reports.items():
+        checkpoint, _ = load_quantized(tmp_path / f"{bits}bit", dtype=torch.float32)
+        judged = agreement(original.model, checkpoint, windows)
+        assert report.kl_divergence == pytest.approx(judged["kl"], rel=0.002), bits
+        assert report.top1_agreement == pytest.approx(judged["top1"], abs=0.003), bits
+    assert reports[3].kl_divergence > 2 * reports[4].kl_divergence
+    assert reports[3].top1_agreement < reports[4].top1_agreement

@@ -115,6 +115,7 @@ def test_resumed_whole_model_run_evaluates_the_restored_blocks(model_dir, tmp_pa
                        evaluate=spec, work_dir=work)
     assert resumed.perplexity_after == clean.perplexity_after
     assert resumed.perplexity_after != resumed.perplexity_before
+    assert (resumed.kl_divergence, resumed.top1_agreement) == (clean.kl_divergence, clean.top1_agreement)
 
 
 @pytest.mark.parametrize("kill_after", [KILL_AFTER, BLOCKS])
@@ -134,6 +135,7 @@ def test_resumed_streamed_run_measures_what_the_clean_run_measures(model_dir, tm
     where = f"at block {finished + 1}/{BLOCKS}" if finished < BLOCKS else "after the last block"
     assert _block_messages(events)[0] == f"resumed {where}: blocks 1-{finished} restored from the work dir"
     assert (resumed.perplexity_before, resumed.perplexity_after) == (clean.perplexity_before, clean.perplexity_after)
+    assert (resumed.kl_divergence, resumed.top1_agreement) == (clean.kl_divergence, clean.top1_agreement)
     assert assert_same_checkpoint(tmp_path / "clean", tmp_path / "resumed") > 10
 
 

@@ -103,6 +103,8 @@ def test_a_streamed_run_on_cuda_places_every_tensor_and_loses_what_the_cpu_loses
     # (CPU runs on 1 and 2 threads differ 1.6%), at 4 bits it is not
     assert device.perplexity_before == pytest.approx(host.perplexity_before, rel=1e-5)
     assert device.perplexity_after == pytest.approx(host.perplexity_after, rel=0.005)
+    assert device.kl_divergence == pytest.approx(host.kl_divergence, rel=0.02)
+    assert device.top1_agreement == pytest.approx(host.top1_agreement, abs=0.005)
     loss = [sum(m["loss"] for m in r.modules) for r in (host, device)]
     assert loss[1] == pytest.approx(loss[0], rel=0.005)
     # the checkpoint packed on the card reads back to the model the run measured
@@ -135,6 +137,9 @@ def test_a_whole_fp16_model_on_cuda_with_samples_then_verified_there(tmp_path: P
     # fp16 on the card against fp32 on the host: close, not equal
     assert device.perplexity_before == pytest.approx(host.perplexity_before, rel=0.01)
     assert device.perplexity_after == pytest.approx(host.perplexity_after, rel=0.03)
+    # the original's last states kept on the host from the card, brought back for the divergence
+    assert device.kl_divergence == pytest.approx(host.kl_divergence, rel=0.2)
+    assert device.top1_agreement == pytest.approx(host.top1_agreement, abs=0.02)
     assert verified == pytest.approx(device.perplexity_after, rel=0.01)
 
 

@@ -50,6 +50,11 @@ def test_streamed_perplexity_is_the_whole_model_s(kind: str, tmp_path: Path) -> 
     assert streamed.perplexity_before == whole.perplexity_before
     assert streamed.perplexity_after == whole.perplexity_after
     assert streamed.perplexity_after != streamed.perplexity_before
+    # how far the distributions moved: the same numbers, from the original's states kept
+    # before quantizing (whole) or carried along (streamed)
+    assert streamed.kl_divergence == whole.kl_divergence > 0
+    assert streamed.top1_agreement == whole.top1_agreement
+    assert 0 < whole.top1_agreement < 1
     assert streamed.evaluation["windows"] == whole.evaluation["windows"] == 5
     assert assert_same_checkpoint(tmp_path / "whole", tmp_path / "streamed") > 10
 

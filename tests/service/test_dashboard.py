@@ -75,6 +75,11 @@ def test_submit_watch_and_inspect_a_job_in_the_browser(team_box: Box, browser) -
     check_chart_scale(page)
     metrics = page.locator("#job-metrics").inner_text()
     assert "perplexity before" in metrics and "perplexity after" in metrics
+    job = next(j for j in team_box.http.get("/jobs").json()["items"] if j["name"] == "browser-job")
+    agreement = re.search(r"top-1 agreement\s+([\d.]+)%", metrics).group(1)
+    assert agreement == f"{100 * job['metrics']['top1_agreement']:.1f}", metrics
+    kl = float(re.search(r"KL to the original\s+([\d.e-]+) nats/token", metrics).group(1))
+    assert kl == pytest.approx(job["metrics"]["kl_divergence"], rel=5e-3), metrics
     assert re.search(r"scored on\s+builtin-heldout", metrics), metrics  # not the calibration text
     links = page.locator("#artifacts a")
     names = [links.nth(i).inner_text() for i in range(links.count())]
@@ -195,6 +200,7 @@ def test_a_streamed_job_scores_perplexity_and_says_why_it_has_no_samples(streami
     assert job["status"] == "succeeded", job
     metrics = job["metrics"]
     assert metrics["perplexity_before"] > 1 and metrics["perplexity_after"] > 1
+    assert metrics["kl_divergence"] > 0 and 0 < metrics["top1_agreement"] < 1  # carried along too
     evaluation = metrics["evaluation"]
     assert "samples_after" not in evaluation
     why = evaluation["samples_skipped"]

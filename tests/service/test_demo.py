@@ -26,6 +26,9 @@ def _run_demo(tmp_path: Path, extra_env: dict[str, str]) -> str:
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]
     assert re.search(r"job job_\w+: succeeded", out)
     assert re.search(r"perplexity: [\d.]+ before, [\d.]+ after quantization", out)
+    top1, kl = re.search(r"agreement with the original: top-1 token ([\d.]+)%, KL ([\d.]+) nats per token",
+                         out).groups()
+    assert 50 < float(top1) < 100 and 0 < float(kl) < 1, (top1, kl)
     assert "[demo] verification: perplexity" in out
     assert "[demo] generated: 'Once upon a time" in out
     checkpoint = Path(re.search(r"\[demo\] checkpoint: (\S+)", out).group(1))
@@ -37,7 +40,8 @@ def _run_demo(tmp_path: Path, extra_env: dict[str, str]) -> str:
     assert "http://" not in out.split("[demo] checkpoint:")[1]
     # nothing but the demo's own lines (third-party banners, warnings and progress bars from
     # importing and saving models stay out; the box's processes log in full to their files)
-    ours = ("[demo] ", "job ", "perplexity: ", "size: ", "sample: ", "artifacts: ")
+    ours = ("[demo] ", "job ", "perplexity: ", "agreement with the original: ", "size: ", "sample: ",
+            "artifacts: ")
     assert [line for line in out.splitlines() if not line.startswith(ours)] == [], out
     progress = re.compile(r"^\w+ +\d+%  ")  # the job's progress, one line per event
     assert [line for line in proc.stderr.splitlines() if not progress.match(line)] == [], proc.stderr

@@ -9,7 +9,8 @@ def _job(evaluation: dict) -> dict:
     return {
         "id": "job_1", "status": "succeeded", "error": None, "artifacts": ["a", "b"],
         "links": {"archive": "/jobs/job_1/archive"},
-        "metrics": {"perplexity_before": 12.5, "perplexity_after": 12.75, "evaluation": evaluation},
+        "metrics": {"perplexity_before": 12.5, "perplexity_after": 12.75, "evaluation": evaluation,
+                    "kl_divergence": 0.01234, "top1_agreement": 0.96875},
     }
 
 
@@ -18,6 +19,7 @@ def test_samples_or_why_there_are_none() -> None:
     assert shown.splitlines() == [
         "job job_1: succeeded",
         "perplexity: 12.500 before, 12.750 after quantization on builtin-heldout",
+        "agreement with the original: top-1 token 96.9%, KL 0.0123 nats per token",
         "sample: 'Once upon a hill'",
         "artifacts: 2 files, GET /jobs/job_1/archive",
     ]

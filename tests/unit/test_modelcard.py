@@ -18,6 +18,7 @@ REPORT = {
     "evaluation": {"source": "Salesforce/wikitext", "windows": 40, "seq_length": 2048,
                    "held_out": True},
     "perplexity_before": 6.125, "perplexity_after": 6.4321,
+    "kl_divergence": 0.04567, "top1_agreement": 0.91234,
     "sizes": {"original_bytes": 16_060_000_000, "checkpoint_bytes": 4_500_000_000},
     "modules": [{"module": "model.layers.0.mlp.down_proj", "loss": 0.5},
                 {"module": "model.layers.3.self_attn.q_proj", "loss": 2.0},
@@ -42,6 +43,7 @@ def test_a_hub_models_card_names_its_base_and_what_it_lost() -> None:
     assert "block_size" not in card  # an engine detail, not a setting a reader weighs
     assert "| original | 6.125 |" in card and "| this checkpoint | 6.432 |" in card
     assert "+5.01% perplexity" in card and "40 windows of 2048 tokens" in card
+    assert "the original's at 91.2% of positions" in card and "0.0457 nats per token" in card
     assert "Size: 4.5 GB (the original weights: 16.1 GB)" in card
     # the layers with a loss: the largest named
     assert "over 2 layers: mean 1.25, largest 2 (model.layers.3.self_attn.q_proj)" in card
@@ -51,11 +53,13 @@ def test_a_hub_models_card_names_its_base_and_what_it_lost() -> None:
 
 def test_a_local_models_card_cites_no_base_and_leaves_out_what_was_not_measured() -> None:
     report = {k: v for k, v in REPORT.items()
-              if k not in ("perplexity_before", "perplexity_after", "evaluation", "modules")}
+              if k not in ("perplexity_before", "perplexity_after", "kl_divergence", "top1_agreement",
+                           "evaluation", "modules")}
     card = model_card(public_report(report), "me/local-gptq", None)
     assert "base_model" not in front_matter(card)
     assert "\n\nA local llama model quantized to 3 bits" in card
     assert "What quantization lost" not in card and "GPTQ loss" not in card
+    assert "nats per token" not in card
     assert "Calibrated on 128 windows of 2048 tokens from ds_1.jsonl (seed 7)." in card
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from worker.gptq import __version__
-from worker.gptq.arch import validate_layers
+from worker.gptq.arch import ArchSpec, validate_layers
 from worker.gptq.blockstore import BlockStore
 from worker.gptq.calibration import build_calibration, check_source
 from worker.gptq.columnkernel import choice as column_kernel_choice
@@ -85,6 +85,10 @@ class QuantizeReport:
     sizes: dict[str, int] = field(default_factory=dict)
     perplexity_before: float | None = None
     perplexity_after: float | None = None
+    # how far the quantized model's next-token distributions are from the original's on the
+    # same windows (evaluate.Divergence): mean KL in nats, share of equal top-1 tokens
+    kl_divergence: float | None = None
+    top1_agreement: float | None = None
     evaluation: dict | None = None  # eval source, windows, samples before/after
     peak_memory: dict[str, int] = field(default_factory=dict)
     duration_seconds: float = 0.0
@@ -232,7 +236,7 @@ def _quantize_loaded(
     streamed = loaded.lazy is not None
     evaluation = None
     if evaluate is not None:
-        evaluation = _Evaluation(evaluate, loaded.tokenizer, loaded.model, streamed, why_streamed)
+        evaluation = _Evaluation(evaluate, loaded.tokenizer, loaded.model, arch, streamed, why_streamed)
     if evaluation is not None and not streamed:
         with run.stage("evaluating", "evaluating_before", message="original model"):
             evaluation.measure(loaded.model, "before", compute,
@@ -264,8 +268,8 @@ def _quantize_loaded(
         # whether the score is on text the Hessians never saw (say so when it is not)
         report.evaluation = {**evaluation.summary,
                              "held_out": evaluate.source != calibration.source}
-        report.perplexity_before = evaluation.summary.get("perplexity_before")
-        report.perplexity_after = evaluation.summary.get("perplexity_after")
+        for key in ("perplexity_before", "perplexity_after", "kl_divergence", "top1_agreement"):
+            setattr(report, key, evaluation.summary.get(key))
 
     with run.stage("saving"):
         from worker.gptq.export import save_checkpoint
@@ -490,16 +494,18 @@ def _device_numbers(text: str) -> str:
 
 
 class _Evaluation:
-    """Perplexity and sample text of the original and the quantized model on one eval text;
-    for a streamed run, perplexity measured as the blocks go by (why_streamed: why it streamed,
-    for the samples it cannot give)."""
+    """Perplexity and sample text of the original and the quantized model on one eval text,
+    and how far the quantized model's distributions moved from the original's; for a streamed
+    run, measured as the blocks go by (why_streamed: why it streamed, for the samples it
+    cannot give)."""
 
-    def __init__(self, spec: Any, tokenizer: Any, model: torch.nn.Module, streamed: bool = False,
-                 why_streamed: str = "") -> None:
+    def __init__(self, spec: Any, tokenizer: Any, model: torch.nn.Module, arch: ArchSpec,
+                 streamed: bool = False, why_streamed: str = "") -> None:
         from worker.gptq.evaluate import eval_windows, load_texts, logits_batch
         from worker.gptq.streameval import EvalPassengers
 
-        self.spec, self.tokenizer = spec, tokenizer
+        self.spec, self.tokenizer, self.arch = spec, tokenizer, arch
+        self.original_states: list[torch.Tensor] = []  # the original's last block outputs
         self.with_perplexity = bool(spec.extra.get("perplexity", True))
         self.windows = None
         if self.with_perplexity:
@@ -521,23 +527,31 @@ class _Evaluation:
                 self.summary["samples_skipped"] = samples_skipped(why_streamed)
 
     def score_streamed(self, lazy: Any, device: torch.device) -> None:
-        """Perplexity before and after from the windows' last hidden states."""
+        """Perplexity before and after, and the divergence, from the windows' last hidden
+        states."""
         if self.passengers is None:
             return
         scores = self.passengers.scores(lazy, device)
-        self.summary["perplexity_before"] = scores["before"]
-        self.summary["perplexity_after"] = scores["after"]
+        self.summary["perplexity_before"] = scores.pop("before")
+        self.summary["perplexity_after"] = scores.pop("after")
+        self.summary.update(scores)
 
     def measure(self, model: torch.nn.Module, when: str, device: torch.device,
                 on_step: StepCallback | None = None) -> None:
-        from worker.gptq.evaluate import generate_samples, window_perplexity
+        from worker.gptq.evaluate import generate_samples
+        from worker.gptq.streameval import whole_model_scores
 
         home = next(model.parameters()).device
         model.to(device)
         try:
             if self.windows is not None:
-                self.summary[f"perplexity_{when}"] = window_perplexity(model, self.windows,
-                                                                      on_step=on_step)
+                # before: keep the original's last states; after: compare with them
+                scores = whole_model_scores(
+                    model, self.arch, self.windows, keep_states=when == "before",
+                    original=self.original_states if when == "after" else None, on_step=on_step)
+                self.summary[f"perplexity_{when}"] = scores.perplexity
+                self.summary.update(scores.divergence or {})
+                self.original_states = scores.states
             if self.spec.prompts and self.spec.max_new_tokens > 0:
                 self.summary[f"samples_{when}"] = generate_samples(
                     model, self.tokenizer, self.spec.prompts, self.spec.max_new_tokens

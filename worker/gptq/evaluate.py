@@ -134,7 +134,7 @@ def logits_batch(model: torch.nn.Module, seq_length: int, most: int = 8) -> int:
 
 
 @torch.inference_mode()
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def model_logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = model(input_ids=ids.to(_model_device(model)), use_cache=False)
     return out.logits.float()
 
@@ -162,7 +162,7 @@ def window_perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size:
     batches = windows.split(batch_size or logits_batch(model, windows.shape[1]))
     nll = 0.0
     for index, batch in enumerate(batches, 1):
-        nll += token_nll(_logits(model, batch), batch)
+        nll += token_nll(model_logits(model, batch), batch)
         if on_step is not None:
             on_step(index, len(batches))
     return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
@@ -176,6 +176,33 @@ def token_nll(logits: torch.Tensor, windows: torch.Tensor) -> float:
                                  reduction="sum"))
 
 
+class Divergence:
+    """How far a quantized model's next-token distributions are from the original's, summed
+    as batches of logits come: KL(original ‖ quantized) in nats and how often the two top-1
+    tokens agree, averaged over every position (the finer measures of what quantizing lost:
+    perplexity can stay put while the distributions move). Sums stay on the logits' device
+    until summary(): no host sync per batch."""
+
+    def __init__(self) -> None:
+        self._kl: torch.Tensor | float = 0.0
+        self._same: torch.Tensor | int = 0
+        self.positions = 0
+
+    def add(self, original: torch.Tensor, quantized: torch.Tensor) -> None:
+        """original, quantized: [B, T, V] logits on the same windows."""
+        for ref, q in zip(original, quantized, strict=True):  # a window at a time: [T, V] copies
+            ref = F.log_softmax(ref.float(), dim=-1)
+            q = F.log_softmax(q.float().to(ref.device), dim=-1)
+            self._kl = self._kl + F.kl_div(q, ref, log_target=True, reduction="sum")
+            self._same = self._same + (ref.argmax(-1) == q.argmax(-1)).sum()
+            self.positions += ref.shape[0]
+
+    def summary(self) -> dict[str, float]:
+        """{"kl_divergence": mean nats per position, "top1_agreement": fraction of positions}."""
+        return {"kl_divergence": float(self._kl) / self.positions,
+                "top1_agreement": int(self._same) / self.positions}
+
+
 @torch.inference_mode()
 def agreement(
     ref_model: torch.nn.Module,
@@ -183,18 +210,13 @@ def agreement(
     input_ids: torch.Tensor,
     batch_size: int | None = None,
 ) -> dict[str, float]:
-    """How often the quantized model's top-1 token equals the original's, and KL(ref ‖ quantized).
-
-    Both are averaged over every position of input_ids ([B, T] long); KL is in nats.
-    """
-    same, kl, positions = 0, 0.0, 0
+    """How often the quantized model's top-1 token equals the original's ("top1"), and
+    KL(ref ‖ quantized) ("kl", nats), averaged over every position of input_ids ([B, T] long)."""
+    divergence = Divergence()
     for batch in input_ids.split(batch_size or logits_batch(ref_model, input_ids.shape[1])):
-        ref = F.log_softmax(_logits(ref_model, batch), dim=-1)
-        q = F.log_softmax(_logits(q_model, batch), dim=-1).to(ref.device)
-        same += int((ref.argmax(-1) == q.argmax(-1)).sum())
-        kl += float((ref.exp() * (ref - q)).sum())
-        positions += ref.shape[0] * ref.shape[1]
-    return {"top1": same / positions, "kl": kl / positions}
+        divergence.add(model_logits(ref_model, batch), model_logits(q_model, batch))
+    summary = divergence.summary()
+    return {"top1": summary["top1_agreement"], "kl": summary["kl_divergence"]}
 
 
 @torch.inference_mode()

@@ -89,6 +89,12 @@ def _losses(report: dict[str, Any]) -> list[str]:
                   f"Measured on {text}{same}, {ev.get('windows', '?')} windows of "
                   f"{ev.get('seq_length', '?')} tokens: {100 * (after / before - 1):+.2f}% "
                   "perplexity.", ""]
+        kl, top1 = report.get("kl_divergence"), report.get("top1_agreement")
+        if kl is not None and top1 is not None:
+            lines += [f"On the same windows this checkpoint's most likely next token is the "
+                      f"original's at {100 * top1:.1f}% of positions, and its next-token "
+                      f"distributions are {kl:.3g} nats per token from the original's (mean "
+                      "KL divergence): finer measures of what was lost than perplexity.", ""]
     sizes = report.get("sizes") or {}
     if sizes.get("original_bytes") and sizes.get("checkpoint_bytes"):
         lines += [f"Size: {size_text(sizes['checkpoint_bytes'])} "

@@ -9,18 +9,32 @@ what they computed, turns both into logits. The same windows, batches and arithm
 window_perplexity on the whole model: the same numbers, at one block's memory.
 `streamed_perplexity` does the same for a model that is only scored (`gptqd eval`).
 
+Both streams' last states also give how far the quantized model's next-token distributions
+moved from the original's (evaluate.Divergence: KL and top-1 agreement). A run that holds the
+whole model scores it whole (whole_model_scores) and keeps the original's last states from
+before quantizing for the same comparison: the same numbers either way.
+
 Greedy samples cannot ride along: every new token needs every block once more.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from worker.gptq.arch import ArchSpec
-from worker.gptq.evaluate import logits_batch, token_nll, window_perplexity
+from worker.gptq.evaluate import (
+    Divergence,
+    check_fits,
+    logits_batch,
+    model_logits,
+    token_nll,
+    window_perplexity,
+)
 from worker.gptq.lazyload import LazyModel
 from worker.gptq.memory import trim
 from worker.gptq.pipeline import BlockCall, capture_inputs, logits_after_blocks, run_block
@@ -65,19 +79,75 @@ class EvalPassengers:
 
     @torch.inference_mode()
     def scores(self, lazy: LazyModel, device: torch.device) -> dict[str, float]:
-        """Each stream's perplexity ({"before", "after"}), once every block is done: the final
-        norm and head are read for it, then let go."""
+        """Each stream's perplexity ({"before", "after"}) and, with both streams, how far the
+        quantized model's distributions are from the original's (Divergence.summary), once
+        every block is done: the final norm and head are read for it, then let go."""
         model, arch = lazy.model, lazy.arch
-        tokens = self.windows.shape[0] * (self.windows.shape[1] - 1)
+        nll = dict.fromkeys(self.states_of, 0.0)
+        divergence = Divergence() if len(self.states_of) == 2 else None
         lazy.load_outside_blocks(head=True)
         try:
-            return {
-                stream: math.exp(sum(token_nll(logits_after_blocks(model, arch, ids, last, device), ids)
-                                     for ids, last in zip(self.batches, states, strict=True)) / tokens)
-                for stream, states in self.states_of.items()
-            }
+            for index, ids in enumerate(self.batches):
+                logits = {stream: logits_after_blocks(model, arch, ids, states[index], device)
+                          for stream, states in self.states_of.items()}
+                for stream, batch_logits in logits.items():
+                    nll[stream] += token_nll(batch_logits, ids)
+                if divergence is not None:
+                    divergence.add(logits[ORIGINAL], logits[QUANTIZED])
+                del logits
         finally:
             lazy.release_outside_blocks()
+        tokens = self.windows.shape[0] * (self.windows.shape[1] - 1)
+        scores = {stream: math.exp(total / tokens) for stream, total in nll.items()}
+        return {**scores, **(divergence.summary() if divergence is not None else {})}
+
+
+@dataclass
+class WholeScores:
+    """A whole model's perplexity on the windows, with what its last block output for each
+    batch (kept on the CPU when asked: the original's, to compare the quantized model with)
+    and, given such states, Divergence.summary() against them."""
+
+    perplexity: float
+    states: list[torch.Tensor] = field(default_factory=list)
+    divergence: dict[str, float] | None = None
+
+
+def whole_model_scores(model: nn.Module, arch: ArchSpec, windows: torch.Tensor, *,
+                       keep_states: bool = False, original: list[torch.Tensor] | None = None,
+                       on_step: StepCallback | None = None) -> WholeScores:
+    """window_perplexity of a model held whole (the same batches and arithmetic); keep_states
+    keeps its last block's outputs; original (another run's kept states) turns them into the
+    original's logits (logits_after_blocks: this model's own norm and head, which quantizing
+    leaves alone) for the divergence. on_step hears each batch done (i of n)."""
+    check_fits(model, windows.shape[1])
+    batches = windows.split(logits_batch(model, windows.shape[1]))
+    kept: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: Any, out: Any) -> None:
+        kept.append((out[0] if isinstance(out, tuple | list) else out).to("cpu"))
+
+    # outside inference mode: the first arch.blocks() of a mixture makes its expert linears
+    hook = arch.blocks(model)[-1].register_forward_hook(keep) if keep_states else None
+    divergence = Divergence() if original is not None else None
+    nll = 0.0
+    try:
+        with torch.inference_mode():
+            for index, batch in enumerate(batches, 1):
+                logits = model_logits(model, batch)
+                nll += token_nll(logits, batch)
+                if divergence is not None:
+                    device = logits.device
+                    before = logits_after_blocks(model, arch, batch, original[index - 1].to(device), device)
+                    divergence.add(before, logits)
+                del logits
+                if on_step is not None:
+                    on_step(index, len(batches))
+    finally:
+        if hook is not None:
+            hook.remove()
+    return WholeScores(math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))), kept,
+                       divergence.summary() if divergence is not None else None)
 
 
 @torch.inference_mode()

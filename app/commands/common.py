@@ -67,12 +67,12 @@ def eval_text(evaluation: dict) -> str:
     return f" on {evaluation['source']}{same}"
 
 
-def agreement_lines(metrics: dict) -> list[str]:
-    """How far the quantized model's next-token distributions are from the original's, when
-    the run measured it (the finer measure: perplexity can stay put while they move)."""
+def agreement_lines(metrics: dict, other: str = "the original") -> list[str]:
+    """How far the quantized model's next-token distributions are from the other model's, when
+    that was measured (the finer measure: perplexity can stay put while they move)."""
     if metrics.get("kl_divergence") is None or metrics.get("top1_agreement") is None:
         return []
-    return [f"agreement with the original: top-1 token {100 * metrics['top1_agreement']:.1f}%, "
+    return [f"agreement with {other}: top-1 token {100 * metrics['top1_agreement']:.1f}%, "
             f"KL {metrics['kl_divergence']:.3g} nats per token"]
 
 

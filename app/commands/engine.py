@@ -322,23 +322,36 @@ def evaluate(
     device: str | None = typer.Option(
         None, "--device", help="Compute device (default: cuda if present, else cpu; on a GPU the "
                                "model runs in its checkpoint dtype)."),
+    reference: str | None = typer.Option(
+        None, "--reference",
+        help="Another model with the same tokenizer (e.g. the original a checkpoint was made "
+             "from): its perplexity too, and how far --model's next-token distributions are "
+             "from its own on the same windows (KL divergence, top-1 agreement)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Print the perplexity of an original or a GPTQ-quantized model on a text."""
+    """Print the perplexity of an original or a GPTQ-quantized model on a text (and, with
+    --reference, how far it is from another model)."""
     result = _run_engine(
         lambda bar: _perplexity(model, text, seq_length, max_windows, text_field, trust_remote_code,
-                                device, bar),
+                                device, bar, reference),
         progress,
     )
     if as_json:
         typer.echo(json.dumps(result))
-    else:
-        typer.echo(
-            f"perplexity {result['perplexity']:.4f} ({result['windows']} windows of "
-            f"{result['seq_length']} tokens, {result['kind']} model {model}"
-            f"{', read block by block' if result['streamed'] else ''})"
-        )
+        return
+    typer.echo(f"perplexity {result['perplexity']:.4f} ({result['windows']} windows of "
+               f"{result['seq_length']} tokens, {_scored(result, model)})")
+    if reference is not None:
+        typer.echo(f"reference perplexity {result['reference']['perplexity']:.4f} "
+                   f"({_scored(result['reference'], reference)})")
+        for line in agreement_lines(result, "the reference"):
+            typer.echo(line)
+
+
+def _scored(result: dict, model: str) -> str:
+    """'quantized model DIR, read block by block': what was scored, and how."""
+    return f"{result['kind']} model {model}{', read block by block' if result['streamed'] else ''}"
 
 
 def original_names(
@@ -399,18 +412,23 @@ def _hub_model_of(checkpoint: Path) -> str | None:
     return model if hub_id and not Path(model).expanduser().is_dir() else None
 
 
+# gptqd eval --reference: each model's load and its pass over the windows
+COMPARING_STAGE_ENDS = {"loading": 0.05, "loading_reference": 0.1, "evaluating": 0.55,
+                        "evaluating_reference": 1.0}
+
+
 def _perplexity(
     model: str, text: str, seq_length: int | None, max_windows: int | None,
     text_field: str, trust_remote_code: bool, device: str | None = None,
-    progress: Callable[[Any], None] | None = None,
+    progress: Callable[[Any], None] | None = None, reference: str | None = None,
 ) -> dict:
     from worker.gptq.api import SCORING_STAGE_ENDS, RunProgress, compute_device
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts
-    from worker.gptq.streameval import perplexity_of
+    from worker.gptq.streameval import Held, compare_models, last_states, perplexity_of
 
     compute = compute_device(device)
-    run = RunProgress(progress, None, SCORING_STAGE_ENDS)
+    run = RunProgress(progress, None, COMPARING_STAGE_ENDS if reference else SCORING_STAGE_ENDS)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
     with run.stage("loading"):
         loaded, tokenizer, kind, lazy = _load_for_eval(model, trust_remote_code, compute,
@@ -427,16 +445,48 @@ def _perplexity(
         windows = eval_windows(tokenizer, texts, length, max_windows)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--text'") from exc
+    result: dict[str, Any] = {"windows": int(windows.shape[0]), "seq_length": length, "kind": kind,
+                              "streamed": lazy is not None}
+    if reference is None:
+        with run.stage("evaluating"):
+            score = perplexity_of(loaded, lazy, windows, compute,
+                                  run.steps("evaluating", "block" if lazy else "batch", with_eta=True))
+        return {"perplexity": score, **result}
+    # both read before either is scored: a reference that cannot be compared is refused early
+    with run.stage("loading", "loading_reference", message=f"reference {reference}"):
+        other, other_tokenizer, other_kind, other_lazy = _load_for_eval(
+            reference, trust_remote_code, compute, run.transfer_reporter(reference, "loading_reference"))
+    _check_same_tokens(model, reference, loaded, other, tokenizer, other_tokenizer, texts, windows)
+    held, other_held = Held(loaded, lazy), Held(other, other_lazy)
     with run.stage("evaluating"):
-        score = perplexity_of(loaded, lazy, windows, compute,
-                              run.steps("evaluating", "block" if lazy else "batch", with_eta=True))
-    return {
-        "perplexity": score,
-        "windows": int(windows.shape[0]),
-        "seq_length": length,
-        "kind": kind,
-        "streamed": lazy is not None,
-    }
+        states = last_states(held, windows, compute,
+                             run.steps("evaluating", "block" if lazy else "batch"))
+    with run.stage("evaluating", "evaluating_reference", message=f"reference {reference}"):
+        other_states = last_states(other_held, windows, compute,
+                                   run.steps("evaluating", "block" if other_lazy else "batch",
+                                             "evaluating_reference", with_eta=True))
+        scores = compare_models(other_held, held, windows, (other_states, states), compute)
+    return {"perplexity": scores["perplexity"], **result,
+            "reference": {"model": reference, "perplexity": scores["reference_perplexity"],
+                          "kind": other_kind, "streamed": other_lazy is not None},
+            "kl_divergence": scores["kl_divergence"], "top1_agreement": scores["top1_agreement"]}
+
+
+def _check_same_tokens(model: str, reference: str, loaded: Any, other: Any, tokenizer: Any,
+                       other_tokenizer: Any, texts: list[str], windows: Any) -> None:
+    """Two models' distributions compare only over one vocabulary, on the same token ids."""
+    from worker.gptq.evaluate import eval_windows
+
+    sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (loaded, other)]
+    same = sizes[0] == sizes[1] and other_tokenizer is not None
+    if same:
+        theirs = eval_windows(other_tokenizer, texts, windows.shape[1], windows.shape[0])
+        same = theirs.shape == windows.shape and bool((theirs == windows).all())
+    if not same:
+        raise typer.BadParameter(
+            f"{reference} does not share {model}'s tokenizer (vocabularies of {sizes[1]} and "
+            f"{sizes[0]} tokens, or other token ids for the text): their next-token "
+            "distributions cannot be compared", param_hint="'--reference'")
 
 
 def _load_for_eval(model: str, trust_remote_code: bool, compute: Any,

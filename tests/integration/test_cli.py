@@ -101,6 +101,45 @@ def test_quantize_then_eval(tiny_model, eval_text, tmp_path):
     streamed = json.loads(gptqd(*args, "--json").stdout)
     assert streamed["streamed"] and streamed["perplexity"] == report["perplexity_before"]
 
+    # the checkpoint against its original (read block by block) on the same windows: what
+    # each scores alone, and the divergence the run measured from the weights in memory
+    compared = gptqd("eval", "--model", str(out), "--reference", str(tiny_model), "--text",
+                     str(eval_text), "--seq-length", "64", "--max-windows", "4", "--json")
+    assert compared.returncode == 0, compared.stderr
+    both = json.loads(compared.stdout)
+    assert both["perplexity"] == result["perplexity"]
+    assert both["reference"] == {"model": str(tiny_model), "perplexity": report["perplexity_before"],
+                                 "kind": "original", "streamed": True}
+    assert both["kl_divergence"] == pytest.approx(report["kl_divergence"], rel=0.01)
+    assert both["top1_agreement"] == pytest.approx(report["top1_agreement"], abs=0.01)
+    shown = gptqd("eval", "--model", str(out), "--reference", str(tiny_model), "--text",
+                  str(eval_text), "--seq-length", "64", "--max-windows", "4")
+    assert shown.stdout.splitlines() == [
+        f"perplexity {both['perplexity']:.4f} (4 windows of 64 tokens, quantized model {out}"
+        f"{', read block by block' if both['streamed'] else ''})",
+        f"reference perplexity {both['reference']['perplexity']:.4f} (original model {tiny_model}, "
+        "read block by block)",
+        f"agreement with the reference: top-1 token {100 * both['top1_agreement']:.1f}%, "
+        f"KL {both['kl_divergence']:.3g} nats per token",
+    ], shown.stdout + shown.stderr
+    # through both models' passes to the end
+    assert any(line.startswith("evaluating") and "reference" in line for line in shown.stderr.splitlines())
+    assert shown.stderr.splitlines()[-1].startswith("evaluating  100%"), shown.stderr
+
+
+def test_eval_refuses_a_reference_with_another_tokenizer(tiny_model, eval_text, tmp_path):
+    from app.tinymodel import TinySpec
+
+    other = build_tiny_llama(tmp_path / "other", TinySpec(vocab=384))
+    run = gptqd("eval", "--model", str(tiny_model), "--reference", str(other), "--text",
+                str(eval_text), "--seq-length", "64", "--max-windows", "2", env={"COLUMNS": "400"})
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "Invalid value for '--reference'" in run.stderr
+    assert (f"{other} does not share {tiny_model}'s tokenizer (vocabularies of 384 and 512 "
+            "tokens, or other token ids for the text)") in run.stderr
+    # before either model is scored
+    assert not any(line.startswith("evaluating") for line in run.stderr.splitlines()), run.stderr
+
 
 def test_quantize_streamed_measures_what_the_whole_model_run_measures(tiny_model, eval_text, tmp_path):
     """--load stream: perplexity measured as the blocks go by (the same numbers); the sample

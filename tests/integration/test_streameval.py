@@ -146,3 +146,39 @@ def test_a_checkpoint_scored_block_by_block_gives_the_whole_checkpoint_s_perplex
     assert streamed_perplexity(lazy, windows, torch.device("cpu")) == window_perplexity(whole, windows)
     assert all(t.device.type == "meta" for block in lazy.arch.blocks(lazy.model)
                for t in [*block.parameters(), *block.buffers()])
+
+
+@pytest.mark.parametrize("kind", ["llama-untied", "gemma2"])
+def test_two_models_compare_alike_held_whole_or_read_block_by_block(kind: str, tmp_path: Path) -> None:
+    """streameval.compare_models (`gptqd eval --reference`): a checkpoint against its original,
+    each held whole or read block by block, gives the numbers the two whole models give."""
+    from worker.gptq.evaluate import agreement, eval_windows, load_texts, window_perplexity
+    from worker.gptq.lazycheckpoint import open_lazy_checkpoint
+    from worker.gptq.lazyload import open_lazy
+    from worker.gptq.loader import load_quantized
+    from worker.gptq.modelio import load_config, load_model
+    from worker.gptq.streameval import Held, compare_models, last_states
+
+    source = _source(kind, tmp_path)
+    quantize(str(source), tmp_path / "ckpt", CONFIG, CALIBRATION, device="cpu")
+    original = load_model(str(source)).model
+    checkpoint, tokenizer = load_quantized(tmp_path / "ckpt")
+    windows = eval_windows(tokenizer, load_texts(EVAL.source), 64, 6)
+    cpu = torch.device("cpu")
+    config, arch = load_config(str(source))
+    ways = {}
+    for streamed in (False, True):
+        if streamed:
+            lazy, _ = open_lazy(source, config, arch, torch.float32)
+            lazy_checkpoint = open_lazy_checkpoint(tmp_path / "ckpt", cpu)
+            reference, candidate = Held(lazy.model, lazy), Held(lazy_checkpoint.model, lazy_checkpoint)
+        else:
+            reference, candidate = Held(original, None), Held(checkpoint, None)
+        states = (last_states(reference, windows, cpu), last_states(candidate, windows, cpu))
+        ways[streamed] = compare_models(reference, candidate, windows, states, cpu)
+    assert ways[True] == ways[False]
+    judged = agreement(original, checkpoint, windows)
+    assert ways[False]["kl_divergence"] == pytest.approx(judged["kl"], rel=1e-6)
+    assert ways[False]["top1_agreement"] == judged["top1"] < 1
+    assert ways[False]["perplexity"] == window_perplexity(checkpoint, windows)
+    assert ways[False]["reference_perplexity"] == window_perplexity(original, windows)

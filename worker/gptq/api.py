@@ -400,11 +400,11 @@ class RunProgress:
 
         return forward
 
-    def transfer_reporter(self, model: str) -> OnTransfer:
+    def transfer_reporter(self, model: str, key: str = "loading") -> OnTransfer:
         """A hub download's progress as loading events (the bytes move the fraction through
-        most of the stage); raises Cancelled, which stops the download, once the run is no
-        longer wanted."""
-        low, high = self.fraction, self.ends["loading"]
+        most of the stage, `key` in ends); raises Cancelled, which stops the download, once
+        the run is no longer wanted."""
+        low, high = self.fraction, self.ends[key]
 
         def report(transfer: Transfer) -> None:
             if self.should_stop is not None and self.should_stop():

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from worker.gptq.arch import ArchSpec
+from worker.gptq.arch import ArchSpec, get_arch
 from worker.gptq.evaluate import (
     Divergence,
     check_fits,
@@ -151,10 +151,10 @@ def whole_model_scores(model: nn.Module, arch: ArchSpec, windows: torch.Tensor, 
 
 
 @torch.inference_mode()
-def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.device,
-                        on_step: StepCallback | None = None) -> float:
-    """window_perplexity of a lazily loaded model (an original one, or a GPTQ checkpoint:
-    lazycheckpoint.py), reading one block at a time (the same number); on_step hears each
+def _streamed(lazy: LazyModel, windows: torch.Tensor, device: torch.device,
+              on_step: StepCallback | None = None) -> EvalPassengers:
+    """The windows carried through every block of a lazily loaded model (an original one, or
+    a GPTQ checkpoint: lazycheckpoint.py), one block in memory at a time; on_step hears each
     block done (i of n)."""
     model, arch = lazy.model, lazy.arch
     passengers = EvalPassengers(windows, logits_batch(model, windows.shape[1]), streams=(ORIGINAL,))
@@ -170,7 +170,14 @@ def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.de
         if on_step is not None:
             on_step(index + 1, len(blocks))
     lazy.close()  # no read ahead of a block after the last
-    return passengers.scores(lazy, device)[ORIGINAL]
+    return passengers
+
+
+def streamed_perplexity(lazy: LazyModel, windows: torch.Tensor, device: torch.device,
+                        on_step: StepCallback | None = None) -> float:
+    """window_perplexity of a lazily loaded model, reading one block at a time (the same
+    number); on_step hears each block done (i of n)."""
+    return _streamed(lazy, windows, device, on_step).scores(lazy, device)[ORIGINAL]
 
 
 def perplexity_of(model: nn.Module, lazy: LazyModel | None, windows: torch.Tensor,
@@ -180,3 +187,57 @@ def perplexity_of(model: nn.Module, lazy: LazyModel | None, windows: torch.Tenso
     if lazy is not None:
         return streamed_perplexity(lazy, windows, device, on_step)
     return window_perplexity(model, windows, on_step=on_step)
+
+
+@dataclass
+class Held:
+    """A model to score: held whole (lazy None) or read block by block (lazy)."""
+
+    model: nn.Module
+    lazy: LazyModel | None
+
+    @property
+    def arch(self) -> ArchSpec:
+        return self.lazy.arch if self.lazy is not None else get_arch(self.model)
+
+
+def last_states(held: Held, windows: torch.Tensor, device: torch.device,
+                on_step: StepCallback | None = None) -> list[torch.Tensor]:
+    """What the model's last block outputs for each batch of windows (logits_batch's), on the
+    CPU: one whole forward per batch, or the windows carried block by block."""
+    if held.lazy is None:
+        return whole_model_scores(held.model, held.arch, windows, keep_states=True,
+                                  on_step=on_step).states
+    passengers = _streamed(held.lazy, windows, device, on_step)
+    return [states.to("cpu") for states in passengers.states_of[ORIGINAL]]
+
+
+@torch.inference_mode()
+def compare_models(reference: Held, candidate: Held, windows: torch.Tensor,
+                   states: tuple[list[torch.Tensor], list[torch.Tensor]],
+                   device: torch.device) -> dict[str, float]:
+    """Both models' perplexities and how far the candidate's next-token distributions are from
+    the reference's (Divergence.summary), from what each one's last block output (last_states);
+    each model's own final norm and head make its logits, the same numbers its perplexity
+    alone gives."""
+    models = (reference, candidate)
+    nll = [0.0, 0.0]
+    divergence = Divergence()
+    for held in models:
+        if held.lazy is not None:
+            held.lazy.load_outside_blocks(head=True)
+    try:
+        for index, ids in enumerate(windows.split(logits_batch(candidate.model, windows.shape[1]))):
+            logits = [logits_after_blocks(held.model, held.arch, ids, kept[index].to(device), device)
+                      for held, kept in zip(models, states, strict=True)]
+            for which, batch_logits in enumerate(logits):
+                nll[which] += token_nll(batch_logits, ids)
+            divergence.add(*logits)
+            del logits
+    finally:
+        for held in models:
+            if held.lazy is not None:
+                held.lazy.release_outside_blocks()
+    tokens = windows.shape[0] * (windows.shape[1] - 1)
+    return {"reference_perplexity": math.exp(nll[0] / tokens), "perplexity": math.exp(nll[1] / tokens),
+            **divergence.summary()}

@@ -412,29 +412,36 @@ def _hub_model_of(checkpoint: Path) -> str | None:
     return model if hub_id and not Path(model).expanduser().is_dir() else None
 
 
-# gptqd eval --reference: each model's load and its pass over the windows
-COMPARING_STAGE_ENDS = {"loading": 0.05, "loading_reference": 0.1, "evaluating": 0.55,
-                        "evaluating_reference": 1.0}
-
-
 def _perplexity(
     model: str, text: str, seq_length: int | None, max_windows: int | None,
     text_field: str, trust_remote_code: bool, device: str | None = None,
     progress: Callable[[Any], None] | None = None, reference: str | None = None,
 ) -> dict:
-    from worker.gptq.api import SCORING_STAGE_ENDS, RunProgress, compute_device
+    from worker.gptq.api import (
+        COMPARING_STAGE_ENDS,
+        SCORING_STAGE_ENDS,
+        RunProgress,
+        compute_device,
+    )
     from worker.gptq.errors import EngineError
     from worker.gptq.evaluate import context_length, eval_windows, load_texts
-    from worker.gptq.streameval import Held, compare_models, last_states, perplexity_of
+    from worker.gptq.scoring import (
+        IncomparableModels,
+        check_same_tokens,
+        open_for_scoring,
+        score_against,
+    )
+    from worker.gptq.streameval import perplexity_of
 
     compute = compute_device(device)
     run = RunProgress(progress, None, COMPARING_STAGE_ENDS if reference else SCORING_STAGE_ENDS)
     texts = load_texts(text, text_field)  # a bad source is refused before the model loads
     with run.stage("loading"):
-        loaded, tokenizer, kind, lazy = _load_for_eval(model, trust_remote_code, compute,
-                                                       run.transfer_reporter(model))
-    if tokenizer is None:
+        opened = open_for_scoring(model, compute, trust_remote_code=trust_remote_code,
+                                  on_transfer=run.transfer_reporter(model))
+    if opened.tokenizer is None:
         raise EngineError(f"{model} has no tokenizer files")
+    loaded, lazy = opened.held.model, opened.held.lazy
     length = seq_length or context_length(loaded) or 512
     limit = context_length(loaded)
     if limit is not None and length > limit:
@@ -442,11 +449,11 @@ def _perplexity(
             f"{length} exceeds the model's context length {limit}", param_hint="'--seq-length'"
         )
     try:
-        windows = eval_windows(tokenizer, texts, length, max_windows)
+        windows = eval_windows(opened.tokenizer, texts, length, max_windows)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="'--text'") from exc
-    result: dict[str, Any] = {"windows": int(windows.shape[0]), "seq_length": length, "kind": kind,
-                              "streamed": lazy is not None}
+    result: dict[str, Any] = {"windows": int(windows.shape[0]), "seq_length": length,
+                              "kind": opened.kind, "streamed": lazy is not None}
     if reference is None:
         with run.stage("evaluating"):
             score = perplexity_of(loaded, lazy, windows, compute,
@@ -454,61 +461,14 @@ def _perplexity(
         return {"perplexity": score, **result}
     # both read before either is scored: a reference that cannot be compared is refused early
     with run.stage("loading", "loading_reference", message=f"reference {reference}"):
-        other, other_tokenizer, other_kind, other_lazy = _load_for_eval(
-            reference, trust_remote_code, compute, run.transfer_reporter(reference, "loading_reference"))
-    _check_same_tokens(model, reference, loaded, other, tokenizer, other_tokenizer, texts, windows)
-    held, other_held = Held(loaded, lazy), Held(other, other_lazy)
-    with run.stage("evaluating"):
-        states = last_states(held, windows, compute,
-                             run.steps("evaluating", "block" if lazy else "batch"))
-    with run.stage("evaluating", "evaluating_reference", message=f"reference {reference}"):
-        other_states = last_states(other_held, windows, compute,
-                                   run.steps("evaluating", "block" if other_lazy else "batch",
-                                             "evaluating_reference", with_eta=True))
-        scores = compare_models(other_held, held, windows, (other_states, states), compute)
+        other = open_for_scoring(reference, compute, trust_remote_code=trust_remote_code,
+                                 on_transfer=run.transfer_reporter(reference, "loading_reference"))
+    try:
+        check_same_tokens(model, reference, opened, other, texts, windows)
+    except IncomparableModels as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--reference'") from exc
+    scores = score_against(run, opened.held, other.held, windows, compute, f"reference {reference}")
     return {"perplexity": scores["perplexity"], **result,
             "reference": {"model": reference, "perplexity": scores["reference_perplexity"],
-                          "kind": other_kind, "streamed": other_lazy is not None},
+                          "kind": other.kind, "streamed": other.held.lazy is not None},
             "kl_divergence": scores["kl_divergence"], "top1_agreement": scores["top1_agreement"]}
-
-
-def _check_same_tokens(model: str, reference: str, loaded: Any, other: Any, tokenizer: Any,
-                       other_tokenizer: Any, texts: list[str], windows: Any) -> None:
-    """Two models' distributions compare only over one vocabulary, on the same token ids."""
-    from worker.gptq.evaluate import eval_windows
-
-    sizes = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (loaded, other)]
-    same = sizes[0] == sizes[1] and other_tokenizer is not None
-    if same:
-        theirs = eval_windows(other_tokenizer, texts, windows.shape[1], windows.shape[0])
-        same = theirs.shape == windows.shape and bool((theirs == windows).all())
-    if not same:
-        raise typer.BadParameter(
-            f"{reference} does not share {model}'s tokenizer (vocabularies of {sizes[1]} and "
-            f"{sizes[0]} tokens, or other token ids for the text): their next-token "
-            "distributions cannot be compared", param_hint="'--reference'")
-
-
-def _load_for_eval(model: str, trust_remote_code: bool, compute: Any,
-                   on_transfer: Any = None) -> tuple[Any, Any, str, Any]:
-    """(model, tokenizer, kind, lazy): a GPTQ checkpoint through our loader; an original model
-    with safetensors weights as a LazyModel, scored block by block (the same number, in one
-    block's memory), else whole through transformers; on compute, in the dtype a run uses there.
-    on_transfer hears a hub model's download (download.fetch)."""
-    from worker.gptq.api import open_streamed
-    from worker.gptq.loader import is_quantized_dir
-    from worker.gptq.modelio import compute_dtype, load_config, load_model
-    from worker.gptq.residency import open_checkpoint
-
-    path = Path(model).expanduser()
-    if path.is_dir() and is_quantized_dir(path):
-        held = open_checkpoint(path, compute, trust_remote_code=trust_remote_code)
-        return held.model, held.tokenizer, "quantized", held.lazy
-    config, arch = load_config(model, trust_remote_code=trust_remote_code)
-    common = {"revision": None, "token": None, "trust_remote_code": trust_remote_code}
-    streamed, _ = open_streamed(model, config, arch, compute, common, on_transfer)
-    if streamed is not None:
-        return streamed.model, streamed.tokenizer, "original", streamed.lazy
-    result = load_model(model, trust_remote_code=trust_remote_code, config=config,
-                        dtype=compute_dtype(config, compute))
-    return result.model.to(compute), result.tokenizer, "original", None

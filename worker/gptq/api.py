@@ -58,6 +58,9 @@ STAGE_WEIGHTS = {"loading": 5, "calibration": 3, "evaluating_before": 4, "quanti
 # a run that only scores a model (`gptqd eval`, a verification): its share per stage, reading
 # the model (a hub download) then the windows (and any sample text, at the end)
 SCORING_STAGE_ENDS = {"loading": 0.1, "evaluating": 1.0}
+# a model scored against a reference (scoring.score_against): each one's load and pass
+COMPARING_STAGE_ENDS = {"loading": 0.05, "loading_reference": 0.1, "evaluating": 0.55,
+                        "evaluating_reference": 1.0}
 
 
 def stage_ends(with_evaluation: bool) -> dict[str, float]:
